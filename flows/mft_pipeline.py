@@ -1,0 +1,63 @@
+"""The flow `mft-pipeline`: the stages in order, each a cached Prefect task.
+
+Parameters (the same in `mft run`, `prefect deployment run mft-pipeline/<name> -p ...` and
+prefect.yaml):
+  config     path of the pipeline config (relative to the working directory)
+  stages     the stages to run (default: all); a stage not listed is only *located*: its
+             finished output for this config must exist, or the flow fails saying what to run
+  force      stages to recompute even when their output exists
+  overrides  {"dotted.key": value} applied on top of the config file (like `--set`)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from mft_core.config import load_config
+from mft_core.report import pipeline_summary
+from mft_core.stages import STAGE_ORDER, locate_stage
+from tasks._common import results_dir
+from tasks.ingest import ingest_task
+
+STAGE_TASKS = {"ingest": ingest_task}
+assert list(STAGE_TASKS) == STAGE_ORDER, "every stage of mft_core.stages needs its task here"
+
+
+def _check_names(kind: str, names: list[str]) -> None:
+    unknown = [n for n in names if n not in STAGE_ORDER]
+    if unknown:
+        raise ValueError(f"{kind}: unknown stage(s) {unknown}; the stages are {STAGE_ORDER}")
+
+
+@flow(name="mft-pipeline", log_prints=True)
+def mft_pipeline(
+    config: str = "pipeline.yaml",
+    stages: list[str] | None = None,
+    force: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    logger = get_run_logger()
+    cfg = load_config(config, overrides)
+    selected = list(stages) if stages else list(STAGE_ORDER)
+    forced = list(force or [])
+    _check_names("stages", selected)
+    _check_names("force", forced)
+    last = max(STAGE_ORDER.index(name) for name in selected)
+
+    outputs: dict[str, str] = {}
+    upstream: str | None = None
+    for name in STAGE_ORDER[: last + 1]:
+        if name in selected:
+            stage_task = STAGE_TASKS[name].with_options(
+                refresh_cache=name in forced, result_storage=results_dir(cfg)
+            )
+            upstream = stage_task(cfg, upstream, force=name in forced)
+        else:
+            upstream = str(locate_stage(cfg, name))
+            logger.info("%s: not selected, using its existing output %s", name, upstream)
+        outputs[name] = upstream
+    print(pipeline_summary({name: Path(path) for name, path in outputs.items()}))
+    return outputs

@@ -1,0 +1,141 @@
+"""`mft`: the command line.
+
+  mft config show [--config F] [--set k=v ...]      print the resolved config
+  mft run [--stages a,b] [--force a] [--set k=v]     run the flow in-process (Prefect, embedded DB)
+  mft ingest [--force] [--set k=v]                    run one stage without Prefect (each stage has one)
+  mft data demo --out DIR                             build the embedded demo data set
+  mft eval selfcheck | score                          HumanEval-X toolchain check / scoring
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from mft_core.config import ConfigError, config_to_yaml, load_config, parse_override
+
+
+def _overrides(items: list[str] | None) -> dict[str, Any]:
+    return dict(parse_override(item) for item in items or [])
+
+
+def _stage_list(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="pipeline.yaml", help="pipeline config (default: pipeline.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", metavar="KEY=VALUE",
+        help="override a config key, e.g. --set ingest.on_error=skip (repeatable; values are YAML)",
+    )
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, _overrides(args.overrides))
+    print(config_to_yaml(cfg), end="")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # Validate before paying for Prefect's start-up, so config errors come back at once.
+    load_config(args.config, _overrides(args.overrides))
+    from flows.mft_pipeline import mft_pipeline
+
+    outputs = mft_pipeline(
+        config=args.config,
+        stages=_stage_list(args.stages),
+        force=_stage_list(args.force),
+        overrides=_overrides(args.overrides),
+    )
+    if args.json:
+        print(json.dumps(outputs, indent=1))
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from mft_core.report import pipeline_summary
+    from mft_core.stages import run_stage
+
+    cfg = load_config(args.config, _overrides(args.overrides))
+    run = run_stage(cfg, args.stage, force=args.force)
+    print(pipeline_summary({args.stage: run.directory}))
+    return 0
+
+
+def cmd_data_demo(args: argparse.Namespace) -> int:
+    from mft_core.data.demo import build_demo_data
+
+    stats = build_demo_data(Path(args.out), per_task=args.per_task, seed=args.seed)
+    print(json.dumps(stats, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mft_core.stages import STAGE_ORDER
+
+    parser = argparse.ArgumentParser(prog="mft", description="Multi-task fine-tuning pipeline for code LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="inspect the config").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", help="print the resolved config (paths absolute, defaults filled in)")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_config_show)
+
+    run = sub.add_parser("run", help="run the mft-pipeline flow in-process")
+    _add_config_args(run)
+    run.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGE_ORDER)} (default: all)")
+    run.add_argument("--force", help="comma-separated stages to recompute even if cached")
+    run.add_argument("--json", action="store_true", help="print the output directories as JSON")
+    run.set_defaults(func=cmd_run)
+
+    for name in STAGE_ORDER:
+        stage = sub.add_parser(name, help=f"run the {name} stage alone, without Prefect")
+        _add_config_args(stage)
+        stage.add_argument("--force", action="store_true", help="recompute even if the output exists")
+        stage.set_defaults(func=cmd_stage, stage=name)
+
+    data = sub.add_parser("data", help="data utilities").add_subparsers(dest="action", required=True)
+    demo = data.add_parser("demo", help="mine the demo tasks from the Python standard library")
+    demo.add_argument("--out", required=True, help="output directory (one sub-directory per task)")
+    demo.add_argument("--per-task", type=int, default=3000, help="records per task (default 3000)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_data_demo)
+
+    try:
+        from mft_core.eval.commands import add_eval_commands
+    except ImportError:  # the evaluate stage is optional at import time only while it is being built
+        pass
+    else:
+        add_eval_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # 2-core machines are shared: oversubscribed OpenMP threads make runs several times slower.
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    args = build_parser().parse_args(argv)
+    if args.command != "run":  # under Prefect, the task forwards mft.* records to its own logger
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("mft").addHandler(handler)
+        logging.getLogger("mft").setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"mft: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - a clean message, the traceback only with MFT_DEBUG
+        if os.environ.get("MFT_DEBUG"):
+            raise
+        print(f"mft: error: {type(err).__name__}: {err}\n(set MFT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

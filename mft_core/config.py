@@ -1,0 +1,237 @@
+"""The pipeline config: one pydantic schema for `pipeline.yaml`, the CLI's `--set` overrides
+and the flow's `overrides` parameter.
+
+Every key has an effect; unknown keys, wrong types and incompatible combinations are errors that
+name the key path. Relative paths are resolved against the directory of the config file, so a
+config means the same thing whatever the current directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: the message names the key path and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskSpec(_Strict):
+    """One task of the multi-task mix: a directory of JSONL files, or one file."""
+
+    path: Path = Field(description="A directory (all **/*.jsonl and **/*.jsonl.gz below it) or one file.")
+    name: str | None = Field(default=None, description="Task name; default: the path's basename.")
+    weight: float = Field(default=1.0, gt=0, description="Loss weight of the task (used by training).")
+
+    @property
+    def task_name(self) -> str:
+        if self.name:
+            return self.name
+        base = self.path.name
+        for suffix in (".jsonl.gz", ".jsonl"):
+            if base.endswith(suffix):
+                return base[: -len(suffix)]
+        return base
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_plain_word(cls, name: str | None) -> str | None:
+        if name is not None and (not name.strip() or "/" in name or name.startswith(".")):
+            raise ValueError(f"task name {name!r} must be non-empty, without '/' and not start with '.'")
+        return name
+
+
+class DataConfig(_Strict):
+    tasks: list[TaskSpec] = Field(min_length=1, description="The tasks, in task-id order.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "DataConfig":
+        seen: dict[str, int] = {}
+        for i, task in enumerate(self.tasks):
+            name = task.task_name
+            if not name:
+                raise ValueError(f"data.tasks[{i}]: cannot derive a task name from path {str(task.path)!r}; set `name`")
+            if name in seen:
+                raise ValueError(
+                    f"data.tasks[{seen[name]}] and data.tasks[{i}] are both named {name!r} "
+                    "(MFTCoder would silently merge them); give one of them an explicit `name`"
+                )
+            seen[name] = i
+        return self
+
+
+class DecontamConfig(_Strict):
+    enabled: bool = True
+    ngram: int = Field(default=13, ge=4, le=64, description="Word n-gram length of the overlap test.")
+
+
+class IngestConfig(_Strict):
+    on_error: Literal["fail", "skip"] = Field(
+        default="fail", description="fail: stop at invalid records; skip: reject them (counted, kept in rejects.jsonl)."
+    )
+    max_reject_fraction: float = Field(
+        default=0.01, ge=0, le=1, description="With on_error=skip, fail when more than this share of records is invalid."
+    )
+    dedup: bool = Field(default=True, description="Drop exact duplicates within and across tasks (first one wins).")
+    decontaminate: DecontamConfig = DecontamConfig()
+    valid_fraction: float = Field(default=0.05, ge=0, lt=1, description="Share of each task held out for validation.")
+    min_valid: int = Field(default=8, ge=0, description="At least this many validation records per task.")
+    split_seed: int = Field(default=0, description="Seed of the hash-based train/valid split.")
+    row_group_size: int = Field(default=8192, ge=64, description="Records per Parquet row group (memory bound).")
+
+
+class PipelineConfig(_Strict):
+    runs_root: Path = Field(default=Path("runs"), description="Where every stage writes runs/<stage>/<key16>/.")
+    humaneval_dir: Path | None = Field(
+        default=None,
+        description="HumanEval-X data (CodeGeeX layout). Default: $MFT_HUMANEVAL_X_DIR, else ../shared/humaneval-x.",
+    )
+    data: DataConfig
+    ingest: IngestConfig = IngestConfig()
+
+    # Where the config was loaded from (for messages) and the directory relative paths are
+    # resolved against; neither is part of any stage key.
+    source: str = Field(default="<dict>", exclude=True)
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    def stage_section(self, stage: str) -> dict[str, Any]:
+        """The JSON-able part of the config that a stage's output depends on."""
+        return json.loads(getattr(self, stage).model_dump_json())
+
+    def display_path(self, path: Path) -> str:
+        """A path as users should see it in outputs: relative to the config's directory when
+        inside it (so outputs do not depend on where the project is checked out)."""
+        try:
+            return path.resolve().relative_to(self.base_dir).as_posix()
+        except ValueError:
+            return str(path)
+
+    def resolved_humaneval_dir(self) -> Path | None:
+        """The HumanEval-X directory: the config key, else $MFT_HUMANEVAL_X_DIR, else the
+        ../shared/humaneval-x checkout beside the project; None when none exists."""
+        candidates = [self.humaneval_dir] if self.humaneval_dir is not None else default_humaneval_dirs(self.base_dir)
+        return next((p for p in candidates if p is not None and p.is_dir()), None)
+
+
+def default_humaneval_dirs(base_dir: Path) -> list[Path]:
+    env = os.environ.get("MFT_HUMANEVAL_X_DIR")
+    if env:
+        return [Path(env).expanduser().resolve()]
+    return [(base_dir / ".." / "shared" / "humaneval-x").resolve()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, messages
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=c` -> ("a.b", yaml-parsed c). `--set data.tasks=[...]` takes YAML flow syntax."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value (e.g. ingest.on_error=skip)")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key path")
+    return key, yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set dotted key paths in a raw config dict. List items are addressed by index (data.tasks.0.weight)."""
+    raw = copy.deepcopy(raw)
+    for dotted, value in (overrides or {}).items():
+        node: Any = raw
+        parts = dotted.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            node = _child(node, part, dotted, create=True)
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(node, last, dotted)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"override {dotted!r}: {'.'.join(parts[:-1])!r} is not a section")
+    return raw
+
+
+def _index(node: list, part: str, dotted: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {dotted!r}: {part!r} is not an index of a list of {len(node)} items")
+    return int(part)
+
+
+def _child(node: Any, part: str, dotted: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, dotted)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {dotted!r}: cannot descend into {part!r}")
+    if part not in node or node[part] is None:
+        if not create:
+            raise ConfigError(f"override {dotted!r}: no key {part!r}")
+        node[part] = {}
+    return node[part]
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `mft config show` prints every valid key)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
+    cfg.base_dir = base.resolve()
+    def absolute(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    cfg.runs_root = absolute(cfg.runs_root)
+    if cfg.humaneval_dir is not None:
+        cfg.humaneval_dir = absolute(cfg.humaneval_dir)
+    for task in cfg.data.tasks:
+        task.path = absolute(task.path)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any], base_dir: Path, source: str = "<dict>") -> PipelineConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        cfg = PipelineConfig.model_validate({**raw, "source": source, "base_dir": base_dir})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    return _resolve_paths(cfg, base_dir)
+
+
+def load_config(path: str | Path = "pipeline.yaml", overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (run from the project root, or pass --config PATH)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw, path.resolve().parent, source=str(path))
+
+
+def config_to_yaml(cfg: PipelineConfig) -> str:
+    data = json.loads(cfg.model_dump_json())
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,35 @@
+"""Plain-text summaries of stage outputs, printed at the end of a run (`make demo`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _table(headers: list[str], rows: list[list[object]]) -> str:
+    cells = [headers, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def ingest_summary(directory: Path) -> str:
+    stats = json.loads((directory / "stats.json").read_text())
+    headers = ["task", "lines", "rejected", "duplicates", "contaminated", "train", "valid"]
+    rows = [[name, *(s[h] for h in headers[1:])] for name, s in stats["tasks"].items()]
+    totals = stats["totals"]
+    rows.append(["(all)", totals["lines"], totals["rejected"], totals["duplicates"], totals["contaminated"], totals["train"], totals["valid"]])
+    return f"ingest ({directory}; decontamination {stats['decontamination']})\n" + _table(headers, rows)
+
+
+SUMMARIES = {"ingest": ingest_summary}
+
+
+def pipeline_summary(outputs: dict[str, Path]) -> str:
+    parts = ["", "=== mft-pipeline results ==="]
+    for name, directory in outputs.items():
+        summarize = SUMMARIES.get(name)
+        parts.append(summarize(directory) if summarize else f"{name}: {directory}")
+        parts.append("")
+    return "\n".join(parts)

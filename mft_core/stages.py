@@ -1,0 +1,105 @@
+"""The stages of the pipeline, in order, and how each one is keyed, located and built.
+
+This is the contract every stage plugs into (DESIGN.md §1). It has no Prefect in it: the CLI runs
+a stage directly with `run_stage`, and the Prefect tasks in `tasks/` wrap the same calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mft_core import store
+from mft_core.config import PipelineConfig
+from mft_core.data import ingest
+
+log = logging.getLogger("mft.stages")
+
+
+class StageNotReady(RuntimeError):
+    """A stage's upstream output does not exist yet for this config."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: int
+    upstream: str | None
+    # (cfg, upstream dir or None, hash cache) -> (config part, input digests) of the key
+    key_parts: Callable[[PipelineConfig, Path | None, store.FileHashCache], tuple[Any, list[str]]]
+    # (cfg, upstream dir or None, work dir) -> stats (JSON-able) of the build
+    build: Callable[[PipelineConfig, Path | None, Path], dict[str, Any]]
+    resumable: bool = False
+
+
+STAGES: dict[str, Stage] = {
+    "ingest": Stage(
+        name="ingest",
+        version=ingest.STAGE_VERSION,
+        upstream=None,
+        key_parts=lambda cfg, _up, hashes: ingest.ingest_key_parts(cfg, hashes),
+        build=lambda cfg, _up, work: ingest.run_ingest(cfg, work),
+    ),
+}
+STAGE_ORDER: list[str] = list(STAGES)
+
+
+def compute_key(cfg: PipelineConfig, name: str, upstream_dir: Path | None) -> str:
+    stage = STAGES[name]
+    hashes = store.FileHashCache(cfg.runs_root)
+    config_part, inputs = stage.key_parts(cfg, upstream_dir, hashes)
+    if upstream_dir is not None:
+        inputs = [f"upstream:{store.manifest_digest(upstream_dir)}", *inputs]
+    return store.stage_key(name, stage.version, config_part, inputs)
+
+
+def upstream_of(cfg: PipelineConfig, name: str) -> Path | None:
+    """The finished output directory of `name`'s upstream stage, located by key (not by recency)."""
+    parent = STAGES[name].upstream
+    if parent is None:
+        return None
+    directory = locate_stage(cfg, parent)
+    return directory
+
+
+def locate_stage(cfg: PipelineConfig, name: str) -> Path:
+    """The finished output of `name` for this config, or StageNotReady saying what to run first."""
+    upstream = upstream_of(cfg, name)
+    key = compute_key(cfg, name, upstream)
+    directory = store.stage_dir(cfg.runs_root, name, key)
+    if not store.is_complete(directory):
+        raise StageNotReady(
+            f"stage {name!r} has no finished output for this config and its inputs (expected {directory}). "
+            f"Run it first: `mft run --stages {name}` (or include {name!r} in the flow's `stages`)."
+        )
+    return directory
+
+
+def run_stage(cfg: PipelineConfig, name: str, upstream_dir: Path | None = None, force: bool = False) -> store.StageRun:
+    """Build (or reuse) the output of stage `name`. `upstream_dir` defaults to the located upstream."""
+    stage = STAGES[name]
+    if upstream_dir is None and stage.upstream is not None:
+        upstream_dir = locate_stage(cfg, stage.upstream)
+    key = compute_key(cfg, name, upstream_dir)
+    resolved = {"stage": name, "stage_version": stage.version, "config": cfg.model_dump(mode="json")}
+    run = store.build_stage(
+        cfg.runs_root,
+        name,
+        key,
+        lambda work: stage.build(cfg, upstream_dir, work),
+        config_copy=resolved,
+        force=force,
+        resumable=stage.resumable,
+    )
+    log.info("%s: %s %s", name, "built" if run.computed else "reused", run.directory)
+    return run
+
+
+def stage_stats(directory: Path) -> dict[str, Any] | None:
+    import json
+
+    path = directory / "stats.json"
+    return json.loads(path.read_text()) if path.is_file() else None
