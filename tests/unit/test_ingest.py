@@ -183,3 +183,20 @@ def test_changed_raw_file_changes_the_key_and_recomputes(tmp_path):
     assert changed.computed and changed.directory != first.directory
     forced = run_stage(cfg, "ingest", force=True)
     assert forced.computed and forced.directory == changed.directory
+
+
+def test_mft_ingest_runs_the_stage_without_prefect_and_reports_errors(tmp_path):
+    import subprocess
+    import sys
+
+    write_jsonl(tmp_path / "t.jsonl", [chat(f"q{i}", "a") for i in range(20)])
+    (tmp_path / "p.yaml").write_text("data:\n  tasks: [{path: t.jsonl}]\ningest: {decontaminate: {enabled: false}, min_valid: 2}\n")
+    cmd = [sys.executable, "-m", "mft_core.cli", "ingest", "--config", str(tmp_path / "p.yaml")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "ingest (" in done.stdout and "(all)" in done.stdout
+    assert len(list((tmp_path / "runs" / "ingest").glob("*/_SUCCESS"))) == 1
+    (tmp_path / "t.jsonl").write_text('{"prompt": "only a prompt"}\n')
+    failed = subprocess.run(cmd, capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert f"{tmp_path / 't.jsonl'}:1: invalid record (unknown_shape)" in failed.stderr
