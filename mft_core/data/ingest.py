@@ -104,7 +104,8 @@ class _ParquetSink:
 
     def flush(self) -> None:
         if self.rows:
-            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=RECORD_SCHEMA))
+            columns = [pa.array([row[f.name] for row in self.rows], type=f.type) for f in RECORD_SCHEMA]
+            self.writer.write_table(pa.Table.from_arrays(columns, schema=RECORD_SCHEMA))
             self.rows = []
 
     def close(self) -> None:
@@ -144,17 +145,16 @@ def _load_decontaminator(cfg: PipelineConfig):
     or when no benchmark data is found."""
     if not cfg.ingest.decontaminate.enabled:
         return None
-    from mft_core.data.decontam import Decontaminator, load_benchmark_texts
+    from mft_core.data.decontam import Decontaminator
 
     directory = cfg.resolved_humaneval_dir()
-    texts = load_benchmark_texts(directory) if directory else []
-    if not texts:
+    decontaminator = Decontaminator.from_humaneval(directory, n=cfg.ingest.decontaminate.ngram) if directory else None
+    if decontaminator is None:
         log.warning(
             "decontamination is on but no HumanEval-X data was found (humaneval_dir / $MFT_HUMANEVAL_X_DIR); "
             "records are NOT decontaminated"
         )
-        return None
-    return Decontaminator(texts, n=cfg.ingest.decontaminate.ngram)
+    return decontaminator
 
 
 def benchmark_digest(cfg: PipelineConfig) -> str:
@@ -257,7 +257,8 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
                         seen.add(short)
                     if decontaminator is not None and decontaminator.contaminated(record_text(record)):
                         stats.contaminated += 1
-                        reject(stats, source, "contaminated", "overlaps a HumanEval(-X) problem", raw, "filtered")
+                        problems = ", ".join(decontaminator.matches(record_text(record))[:5])
+                        reject(stats, source, "contaminated", f"overlaps HumanEval-X {problems}", raw, "filtered")
                         continue
                     stats.accepted += 1
                     row = {

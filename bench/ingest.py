@@ -1,0 +1,77 @@
+"""Ingest throughput on the demo data: our stage (validate, normalize, dedup, decontaminate,
+split, write Parquet) vs the floor of any JSONL reader, plain `json.loads` line by line over the
+same files, in the same run.
+
+    .venv/bin/python bench/ingest.py [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, best_time, ensure_demo_data, save, table  # noqa: E402
+from mft_core.config import load_config  # noqa: E402
+from mft_core.data.ingest import run_ingest, task_files  # noqa: E402
+
+
+def json_loads_baseline(files: list[Path]) -> int:
+    count = 0
+    for path in files:
+        with open(path, "rb") as fh:
+            for line in fh:
+                if line.strip():
+                    json.loads(line)
+                    count += 1
+    return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    data = ensure_demo_data(REPO / "demo-data")
+    cfg = load_config(REPO / "pipeline.yaml", {"runs_root": tempfile.mkdtemp(prefix="bench-ingest-")})
+    files = [f for task in cfg.data.tasks for f in task_files(task.path)]
+    size_mb = sum(f.stat().st_size for f in files) / 1e6
+
+    base_s, records = best_time(lambda: json_loads_baseline(files), args.repeat)
+
+    def ours(decontaminate: bool) -> float:
+        variant = cfg.model_copy(deep=True)
+        variant.ingest.decontaminate.enabled = decontaminate
+
+        def once():
+            out = Path(tempfile.mkdtemp(prefix="bench-ingest-out-"))
+            try:
+                return run_ingest(variant, out)
+            finally:
+                shutil.rmtree(out)
+
+        seconds, _ = best_time(once, args.repeat)
+        return seconds
+
+    full_s = ours(True)
+    no_decontam_s = ours(False)
+    rows = []
+    for name, seconds in [("json.loads baseline", base_s), ("ingest (full)", full_s), ("ingest, no decontamination", no_decontam_s)]:
+        rows.append([name, records / seconds, size_mb / seconds, base_s / seconds])
+    print(f"{records} records, {size_mb:.1f} MB in {len(files)} files ({data})")
+    print(table(["what", "records/s", "MB/s", "speed vs baseline"], rows))
+    path = save("ingest", {
+        "records": records, "megabytes": size_mb, "baseline": "json.loads per line",
+        "seconds": {"baseline": base_s, "ingest_full": full_s, "ingest_no_decontam": no_decontam_s},
+        "ratio_vs_baseline": {"ingest_full": base_s / full_s, "ingest_no_decontam": base_s / no_decontam_s},
+    })
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""N-gram decontamination against the real HumanEval-X data (shared/humaneval-x)."""
+
+from __future__ import annotations
+
+import gzip
+import inspect
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mft_core.data.decontam import (
+    DEFAULT_NGRAM,
+    ENV_HUMANEVAL_X_DIR,
+    Decontaminator,
+    default_humaneval_dir,
+    load_benchmark_items,
+    load_benchmark_texts,
+    normalize_words,
+    strip_boilerplate,
+)
+
+
+@pytest.fixture(scope="module")
+def humaneval_dir() -> Path:
+    directory = default_humaneval_dir()
+    if not (directory / "python" / "humaneval_python.jsonl.gz").is_file():
+        pytest.skip(f"HumanEval-X data not found at {directory}; set ${ENV_HUMANEVAL_X_DIR}")
+    return directory
+
+
+def _rows(humaneval_dir: Path, language: str) -> list[dict]:
+    with gzip.open(humaneval_dir / language / f"humaneval_{language}.jsonl.gz", "rt") as lines:
+        return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def decontaminator(humaneval_dir: Path) -> Decontaminator:
+    found = Decontaminator.from_humaneval(humaneval_dir)
+    assert found is not None
+    return found
+
+
+def test_normalization_ignores_case_punctuation_and_identifier_style():
+    assert normalize_words("has_close_elements(numbers, 0.5)") == ["has", "close", "elements", "numbers", "0", "5"]
+    assert normalize_words("hasCloseElements") == normalize_words("HasCloseElements") == ["has", "close", "elements"]
+    assert normalize_words("HTTPServer.serve_forever()  # x") == ["http", "server", "serve", "forever", "x"]
+    assert normalize_words("/** >>> */ \n\t") == []
+
+
+def test_loads_all_five_languages_prompt_plus_solution(humaneval_dir: Path):
+    items = load_benchmark_items(humaneval_dir)
+    assert len(items) == 5 * 164
+    names = [name for name, _ in items]
+    assert {name.split("/")[0] for name in names} == {"CPP", "Go", "Java", "JavaScript", "Python"}
+    python0 = _rows(humaneval_dir, "python")[0]
+    text = dict(items)["Python/0"]
+    assert "closer to each other" in text and python0["canonical_solution"].strip() in text
+    assert "from typing import List" not in text  # header lines are stripped
+    assert load_benchmark_texts(humaneval_dir) == [text for _, text in items]
+
+
+def test_real_humaneval_prompt_is_contaminated_in_any_wrapping(humaneval_dir, decontaminator):
+    prompt = _rows(humaneval_dir, "python")[0]["prompt"]  # has_close_elements
+    assert decontaminator.contaminated(prompt)
+    assert "Python/0" in decontaminator.matches(prompt)
+    # Re-indented, fenced, inside a chat instruction: still found.
+    wrapped = "Please implement this:\n```python\n" + textwrap.indent(prompt, "        ") + "```\nThanks!"
+    assert decontaminator.contaminated(wrapped)
+    # Only the docstring sentence, reflowed into one line with different punctuation.
+    sentence = ("check if in given list of numbers -- are any two numbers closer to each "
+                "other than given threshold?")
+    assert "Python/0" in decontaminator.matches(sentence)
+
+
+def test_same_problem_is_found_across_languages(humaneval_dir: Path):
+    python_only = Decontaminator([row["prompt"] for row in _rows(humaneval_dir, "python")])
+    java_prompt = _rows(humaneval_dir, "java")[0]["prompt"]  # hasCloseElements, Java comments
+    assert python_only.matches(java_prompt) == ["benchmark[0]"]
+
+
+def test_unrelated_real_code_is_kept(decontaminator):
+    for function in (textwrap.dedent, json.dumps, inspect.getsource, Path.relative_to):
+        assert not decontaminator.contaminated(inspect.getsource(function)), function
+
+
+def test_language_boilerplate_alone_is_not_contamination(decontaminator):
+    cpp = ("#include<stdio.h>\n#include<math.h>\n#include<vector>\n#include<string>\n"
+           "#include<algorithm>\nusing namespace std;\nvector<float> scale(vector<float> v){ return v; }\n")
+    java = ("import java.util.*;\nimport java.lang.*;\n\nclass Solution {\n    /**\n"
+            "    Write a function that takes a string and returns its reverse.\n     */\n")
+    assert strip_boilerplate(cpp).startswith("vector<float> scale")
+    assert not decontaminator.contaminated(cpp)
+    assert not decontaminator.contaminated(java)
+
+
+def test_texts_shorter_than_n_match_nothing():
+    decontaminator = Decontaminator(["return sorted(set(l))"])
+    assert decontaminator.ngram_count == 0
+    assert not decontaminator.contaminated("return sorted(set(l))")
+    small_n = Decontaminator(["return sorted(set(l))"], n=3, names=["Python/34"])
+    assert small_n.matches("x = sorted(set(l))") == ["Python/34"]
+
+
+def test_bad_arguments_are_explained(tmp_path: Path, monkeypatch):
+    with pytest.raises(ValueError, match="n-gram size"):
+        Decontaminator(["a b c"], n=0)
+    with pytest.raises(ValueError, match="names"):
+        Decontaminator(["a b c"], names=["x", "y"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_benchmark_texts(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=r"no \*/\*\.jsonl\.gz"):
+        load_benchmark_texts(tmp_path)
+    monkeypatch.setenv(ENV_HUMANEVAL_X_DIR, str(tmp_path / "from-env"))
+    assert default_humaneval_dir() == tmp_path / "from-env"
+    with pytest.raises(FileNotFoundError, match=ENV_HUMANEVAL_X_DIR):
+        load_benchmark_texts()
+
+
+def test_malformed_row_names_file_and_line(tmp_path: Path):
+    (tmp_path / "python").mkdir()
+    bad = tmp_path / "python" / "humaneval_python.jsonl.gz"
+    with gzip.open(bad, "wt") as out:
+        out.write(json.dumps({"task_id": "Python/0", "prompt": "def f():\n", "canonical_solution": "  pass\n"}) + "\n")
+        out.write(json.dumps({"task_id": "Python/1", "question": "?"}) + "\n")
+    with pytest.raises(ValueError, match=rf"{bad}:2: expected an object with a string 'prompt'"):
+        load_benchmark_items(tmp_path)
+
+
+def test_default_ngram_is_13():
+    assert DEFAULT_NGRAM == 13
+    assert Decontaminator(["x"]).n == 13
