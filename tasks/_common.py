@@ -57,14 +57,16 @@ def forward_mft_logs() -> Iterator[logging.LoggerAdapter]:
     run_logger = get_run_logger()
     handler = _ToPrefect(run_logger)
     root = logging.getLogger("mft")
-    previous = root.level
+    previous = root.level, root.propagate
     root.setLevel(logging.INFO)
+    root.propagate = False  # the Prefect logger prints it already; no second console line
     root.addHandler(handler)
     try:
         yield run_logger
     finally:
         root.removeHandler(handler)
-        root.setLevel(previous)
+        root.setLevel(previous[0])
+        root.propagate = previous[1]
 
 
 def publish_stats_table(stage: str, rows: list[dict[str, Any]], description: str) -> None:

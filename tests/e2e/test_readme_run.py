@@ -1,0 +1,39 @@
+"""The README's pipeline commands, as a user types them: build the demo data, `mft run`, and a
+rerun that is fully cached (Prefect's embedded backend, no server)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def mft(*args, cwd, env):
+    return subprocess.run([str(Path(sys.prefix) / "bin" / "mft"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_mft_run_on_the_demo_config_then_a_cached_rerun(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(REPO / "pipeline.yaml", project / "pipeline.yaml")
+    shutil.copy(REPO / "prefect.toml", project / "prefect.toml")
+    env = {**os.environ, "MFT_HUMANEVAL_X_DIR": str(REPO.parent / "shared" / "humaneval-x")}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_HOME", None)  # prefect.toml puts it in the project's .prefect/
+
+    demo = mft("data", "demo", "--out", "demo-data", "--per-task", "300", cwd=project, env=env)
+    assert demo.returncode == 0, demo.stderr
+    first = mft("run", cwd=project, env=env)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    output = first.stdout + first.stderr
+    assert "=== mft-pipeline results ===" in output and "text-to-code" in output
+    assert (project / ".prefect").is_dir()
+    second = mft("run", cwd=project, env=env)
+    assert second.returncode == 0
+    assert "Finished in state Cached" in second.stdout + second.stderr
