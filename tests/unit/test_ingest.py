@@ -125,7 +125,8 @@ def test_decontamination_removes_a_humaneval_prompt(tmp_path):
     stats, out = ingest(tmp_path, cfg)
     assert stats["decontamination"] == "on"
     assert stats["tasks"]["t"]["contaminated"] == 1 and stats["tasks"]["t"]["kept"] == 30
-    assert json.loads((out / "rejects.jsonl").read_text())["source"] == "t.jsonl:31"
+    reject = json.loads((out / "rejects.jsonl").read_text())
+    assert reject["source"] == "t.jsonl:31" and "Python/0" in reject["detail"]
 
 
 def test_split_is_deterministic_and_stable_when_records_are_added(tmp_path):
