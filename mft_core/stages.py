@@ -14,7 +14,7 @@ from typing import Any
 
 from mft_core import store
 from mft_core.config import PipelineConfig
-from mft_core.data import ingest
+from mft_core.data import ingest, tokenize
 
 log = logging.getLogger("mft.stages")
 
@@ -42,6 +42,14 @@ STAGES: dict[str, Stage] = {
         upstream=None,
         key_parts=lambda cfg, _up, hashes: ingest.ingest_key_parts(cfg, hashes),
         build=lambda cfg, _up, work: ingest.run_ingest(cfg, work),
+    ),
+    "tokenize": Stage(
+        name="tokenize",
+        version=tokenize.STAGE_VERSION,
+        upstream="ingest",
+        key_parts=lambda cfg, _up, _hashes: tokenize.tokenize_key_parts(cfg),
+        build=lambda cfg, up, work: tokenize.run_tokenize(cfg, up, work),
+        resumable=True,  # finished shards survive a crash; the rerun does the rest
     ),
 }
 STAGE_ORDER: list[str] = list(STAGES)
@@ -73,7 +81,8 @@ def locate_stage(cfg: PipelineConfig, name: str) -> Path:
     if not store.is_complete(directory):
         raise StageNotReady(
             f"stage {name!r} has no finished output for this config and its inputs (expected {directory}). "
-            f"Run it first: `mft run --stages {name}` (or include {name!r} in the flow's `stages`)."
+            f"Run it first: `mft {name}`, or `mft run`, which runs every stage in order "
+            f"(in a flow: include {name!r} in `stages`)."
         )
     return directory
 

@@ -10,7 +10,12 @@ import pytest
 pytestmark = pytest.mark.prefect
 
 
-def write_data(root: Path, answer: str = "a") -> Path:
+@pytest.fixture
+def project(tmp_path, tiny_llama_dir):
+    return lambda answer="a": write_data(tmp_path, tiny_llama_dir, answer)
+
+
+def write_data(root: Path, model_dir: Path, answer: str = "a") -> Path:
     for task in ("alpha", "beta"):
         lines = [
             json.dumps({"chat_rounds": [{"role": "human", "content": f"{task} q{i}"}, {"role": "bot", "content": f"{answer}{i}"}]})
@@ -22,7 +27,9 @@ def write_data(root: Path, answer: str = "a") -> Path:
     config.write_text(
         "runs_root: runs\n"
         "data:\n  tasks: [{path: alpha}, {path: beta}]\n"
+        f"model: {{path: '{model_dir}'}}\n"
         "ingest: {decontaminate: {enabled: false}, min_valid: 2}\n"
+        "tokenize: {seq_length: 64, num_workers: 1}\n"
     )
     return config
 
@@ -42,40 +49,55 @@ def run_flow(config: Path, **params):
     return state, task_states
 
 
-def test_second_run_is_cached_and_a_changed_raw_file_recomputes(prefect_api, tmp_path):
-    config = write_data(tmp_path)
+def test_second_run_is_cached_and_a_changed_raw_file_recomputes(prefect_api, project):
+    config = project()
     state, tasks = run_flow(config)
-    assert state.is_completed() and tasks == {"ingest": "Completed"}
-    first_dir = Path(state.result()["ingest"])
-    assert (first_dir / "_SUCCESS").exists()
+    assert state.is_completed() and tasks == {"ingest": "Completed", "tokenize": "Completed"}
+    first = state.result()
+    assert all((Path(d) / "_SUCCESS").exists() for d in first.values())
 
     state, tasks = run_flow(config)
-    assert state.is_completed() and tasks == {"ingest": "Cached"}
-    assert Path(state.result()["ingest"]) == first_dir
+    assert state.is_completed() and tasks == {"ingest": "Cached", "tokenize": "Cached"}
+    assert state.result() == first
 
-    write_data(tmp_path, answer="b")  # same paths, new content
+    project(answer="b")  # same paths, new content: everything downstream recomputes
     state, tasks = run_flow(config)
-    assert tasks == {"ingest": "Completed"}
-    assert Path(state.result()["ingest"]) != first_dir
+    assert tasks == {"ingest": "Completed", "tokenize": "Completed"}
+    assert all(state.result()[name] != first[name] for name in first)
 
 
-def test_force_recomputes_and_a_deleted_output_is_never_a_stale_hit(prefect_api, tmp_path):
-    config = write_data(tmp_path)
+def test_selected_stage_uses_located_upstream_and_missing_upstream_is_a_clear_error(prefect_api, project):
+    config = project()
+    from flows.mft_pipeline import mft_pipeline
+
+    state = mft_pipeline(config=str(config), stages=["tokenize"], return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="stage 'ingest' has no finished output"):
+        state.result()
+    run_flow(config, stages=["ingest"])
+    state, tasks = run_flow(config, stages=["tokenize"])
+    assert state.is_completed() and tasks == {"tokenize": "Completed"}
+
+
+def test_force_recomputes_and_a_deleted_output_is_never_a_stale_hit(prefect_api, project):
+    config = project()
     state, _ = run_flow(config)
     out = Path(state.result()["ingest"])
     success_time = (out / "_SUCCESS").stat().st_mtime_ns
 
     state, tasks = run_flow(config, force=["ingest"])
-    assert tasks == {"ingest": "Completed"} and Path(state.result()["ingest"]) == out
+    # the forced ingest rebuilds identical content, so tokenize's key is unchanged: cached
+    assert tasks == {"ingest": "Completed", "tokenize": "Cached"} and Path(state.result()["ingest"]) == out
     assert (out / "_SUCCESS").stat().st_mtime_ns != success_time
 
-    shutil.rmtree(out)
+    tokenized = Path(state.result()["tokenize"])
+    shutil.rmtree(tokenized)
     state, tasks = run_flow(config)
-    assert tasks == {"ingest": "Completed"} and (out / "_SUCCESS").exists()
+    assert tasks == {"ingest": "Cached", "tokenize": "Completed"} and (tokenized / "_SUCCESS").exists()
 
 
-def test_unknown_stage_fails_the_flow_with_a_clear_message(prefect_api, tmp_path):
-    config = write_data(tmp_path)
+def test_unknown_stage_fails_the_flow_with_a_clear_message(prefect_api, project):
+    config = project()
     from flows.mft_pipeline import mft_pipeline
 
     state = mft_pipeline(config=str(config), stages=["trian"], return_state=True)
@@ -84,8 +106,8 @@ def test_unknown_stage_fails_the_flow_with_a_clear_message(prefect_api, tmp_path
         state.result()
 
 
-def test_overrides_parameter_and_stats_artifact(prefect_api, tmp_path):
-    config = write_data(tmp_path)
+def test_overrides_parameter_and_stats_artifact(prefect_api, project):
+    config = project()
     state, _ = run_flow(config, overrides={"ingest.min_valid": 5, "ingest.valid_fraction": 0.0})
     out = Path(state.result()["ingest"])
     stats = json.loads((out / "stats.json").read_text())

