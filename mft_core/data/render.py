@@ -217,8 +217,14 @@ def _assemble(plan: list[_Piece], encoded: list[list[int]], eos_id: int) -> Rend
 
 
 def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Batch-encode without special tokens. A Hugging Face fast tokenizer delegates to its Rust
+    backend, which gives the same ids without building a BatchEncoding; a bare
+    `tokenizers.Tokenizer` (what tokenize workers load: no transformers import) works too."""
     if not texts:
         return []
+    backend = getattr(tokenizer, "backend_tokenizer", None) or (tokenizer if hasattr(tokenizer, "encode_batch") else None)
+    if backend is not None:
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 

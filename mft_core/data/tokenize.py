@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -71,23 +72,28 @@ class Chunk:
         return f"{self.split}/{self.task}-{self.index:05d}"
 
 
+MIN_CHUNKS = 16
+
+
 def plan_chunks(ingest_dir: Path, shard_size_mb: float) -> list[Chunk]:
-    """Cut every task's train and valid files into chunks of about `shard_size_mb` of input."""
-    target = shard_size_mb * 1e6
+    """Cut every task's train and valid files into chunks of about `shard_size_mb` of input,
+    and into at least about MIN_CHUNKS chunks in all, so that small inputs still keep every
+    worker busy. The plan depends on the data only, never on the number of workers."""
+    files = [(task, split, f"data/{task['name']}/{split}.parquet") for task in read_tasks(ingest_dir) for split in SPLITS]
+    metas = {rel: pq.ParquetFile(ingest_dir / rel).metadata for _, _, rel in files}
+    total = sum(m.row_group(g).total_byte_size for m in metas.values() for g in range(m.num_row_groups))
+    target = min(shard_size_mb * 1e6, max(1.0, total / MIN_CHUNKS))
     chunks: list[Chunk] = []
-    for task in read_tasks(ingest_dir):
-        for split in SPLITS:
-            rel = f"data/{task['name']}/{split}.parquet"
-            meta = pq.ParquetFile(ingest_dir / rel).metadata
-            index = 0
-            for group in range(meta.num_row_groups):
-                rows = meta.row_group(group).num_rows
-                size = meta.row_group(group).total_byte_size
-                pieces = max(1, math.ceil(size / target))
-                step = math.ceil(rows / pieces)
-                for start in range(0, rows, step):
-                    chunks.append(Chunk(split, task["name"], task["id"], rel, group, start, min(rows, start + step), index))
-                    index += 1
+    for task, split, rel in files:
+        meta = metas[rel]
+        index = 0
+        for group in range(meta.num_row_groups):
+            rows = meta.row_group(group).num_rows
+            pieces = max(1, math.ceil(meta.row_group(group).total_byte_size / target))
+            step = max(1, math.ceil(rows / pieces))
+            for start in range(0, rows, step):
+                chunks.append(Chunk(split, task["name"], task["id"], rel, group, start, min(rows, start + step), index))
+                index += 1
     return chunks
 
 
@@ -112,8 +118,17 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(tokenizer_dir: str, template_name: str, role_markers: dict | None, eos_id: int,
                  seq_length: int, policy: str, ingest_dir: str, out_dir: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process = one core; no nested threads
+    tokenizer_json = Path(tokenizer_dir) / "tokenizer.json"
+    if template_name == "mftcoder" and tokenizer_json.is_file():
+        # The mftcoder rendering only batch-encodes text pieces: the bare Rust tokenizer gives
+        # the same ids and spares each worker the transformers import (seconds per process).
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    else:
+        tokenizer = load_tokenizer(Path(tokenizer_dir))
     _WORKER.update(
-        tokenizer=load_tokenizer(Path(tokenizer_dir)),
+        tokenizer=tokenizer,
         template=make_template(template_name, role_markers),
         eos_id=eos_id, seq_length=seq_length, policy=policy,
         ingest_dir=Path(ingest_dir), out_dir=Path(out_dir),
@@ -127,7 +142,10 @@ def _tokenize_chunk(chunk: Chunk) -> str:
     ).slice(chunk.start, chunk.stop - chunk.start)
     records = table.to_pylist()
     stats = _empty_stats(w["seq_length"])
-    columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
+    ids: list[int] = []
+    mask: list[int] = []
+    lengths: list[int] = []
+    sources: list[str] = []
     width = stats["histogram"]["bin_width"]
     for begin in range(0, len(records), RENDER_BATCH):
         batch = records[begin : begin + RENDER_BATCH]
@@ -140,17 +158,16 @@ def _tokenize_chunk(chunk: Chunk) -> str:
             length = len(fitted.input_ids)
             stats["samples"] += 1
             stats["tokens"] += length
-            stats["trained_tokens"] += sum(fitted.loss_mask)
+            stats["trained_tokens"] += fitted.num_trained
             stats["histogram"]["counts"][min(HISTOGRAM_BINS - 1, (length - 1) // width)] += 1
-            columns["input_ids"].append(fitted.input_ids)
-            columns["loss_mask"].append(fitted.loss_mask)
-            columns["task_id"].append(chunk.task_id)
-            columns["length"].append(length)
-            columns["source"].append(record["source"])
+            ids.extend(fitted.input_ids)
+            mask.extend(fitted.loss_mask)
+            lengths.append(length)
+            sources.append(record["source"])
 
     out = w["out_dir"] / chunk.shard_name
     out.parent.mkdir(parents=True, exist_ok=True)
-    arrays = [pa.array(columns[f.name], type=f.type) for f in SHARD_SCHEMA]
+    arrays = _shard_columns(ids, mask, lengths, chunk.task_id, sources)
     tmp = out.with_name(out.name + ".arrow.tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, SHARD_SCHEMA) as writer:
         writer.write_table(pa.Table.from_arrays(arrays, schema=SHARD_SCHEMA))
@@ -160,6 +177,27 @@ def _tokenize_chunk(chunk: Chunk) -> str:
     stats_tmp.write_text(json.dumps({"chunk": asdict(chunk), "stats": stats}) + "\n")
     os.replace(stats_tmp, out.with_name(out.name + ".stats.json"))
     return chunk.shard_name
+
+
+def _from_numpy(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    # Built from buffers: pa.array() imports pandas (a third of a second per worker process).
+    return pa.Array.from_buffers(arrow_type, len(values), [None, pa.py_buffer(values)])
+
+
+def _shard_columns(ids: list[int], mask: list[int], lengths: list[int], task_id: int, sources: list[str]) -> list[pa.Array]:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    encoded = [s.encode("utf-8") for s in sources]
+    text_offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum([len(b) for b in encoded], out=text_offsets[1:])
+    arrow_offsets = _from_numpy(offsets, pa.int32())
+    return [
+        pa.ListArray.from_arrays(arrow_offsets, _from_numpy(np.array(ids, dtype=np.int32), pa.int32())),
+        pa.ListArray.from_arrays(arrow_offsets, _from_numpy(np.array(mask, dtype=np.uint8), pa.uint8())),
+        _from_numpy(np.full(len(lengths), task_id, dtype=np.int16), pa.int16()),
+        _from_numpy(np.array(lengths, dtype=np.int32), pa.int32()),
+        pa.Array.from_buffers(pa.string(), len(encoded), [None, pa.py_buffer(text_offsets), pa.py_buffer(b"".join(encoded))]),
+    ]
 
 
 def _shard_done(out_dir: Path, chunk: Chunk) -> bool:
@@ -185,7 +223,10 @@ def run_tokenize(cfg: PipelineConfig, ingest_dir: Path, out_dir: Path) -> dict[s
     settings = cfg.tokenize
     tok_dir = tokenizer_folder(cfg)
     tokenizer = load_tokenizer(tok_dir)
-    eos_id, pad_id = resolve_special_tokens(tokenizer)
+    model_config = tok_dir / "config.json"  # absent when only the tokenizer was extracted
+    eos_id, pad_id = resolve_special_tokens(
+        tokenizer, json.loads(model_config.read_text()) if model_config.is_file() else None
+    )
     template = make_template(settings.template, settings.role_markers)
 
     chunks = plan_chunks(ingest_dir, settings.shard_size_mb)

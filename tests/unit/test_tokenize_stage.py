@@ -138,7 +138,8 @@ def test_a_killed_run_keeps_finished_shards_and_the_rerun_does_the_rest(tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = next((cfg.runs_root / "tokenize").glob("*.partial"))
-    finished = {p: p.stat().st_mtime_ns for p in partial.glob("*/*.arrow")}
+    # a shard is finished once its stats file exists (written after the .arrow rename)
+    finished = {p: p.stat().st_mtime_ns for p in partial.glob("*/*.arrow") if p.with_suffix(".stats.json").exists()}
     assert finished and not list((cfg.runs_root / "tokenize").glob("*/_SUCCESS"))
 
     resumed = run_stage(cfg, "tokenize")

@@ -1,0 +1,583 @@
+"""A process sandbox for running one untrusted benchmark program (compile or run step).
+
+What every step gets (see shared/reference/humaneval-x.md section 7 for the measurements):
+- its own fresh directory (`SampleDir`): `work/` (the program's cwd, HOME and TMPDIR, owned by
+  the sandbox uid) and `log/` (stdout/stderr files, root only); both removed afterwards;
+- a new session and process group, stdin from /dev/null, stdout/stderr into files (never pipes:
+  a detached child holding a pipe open would block the reader past the timeout);
+- resource limits via util-linux `prlimit`: address space, CPU seconds, file size (which also
+  caps the output files), processes, open files, no core dumps;
+- a wall-clock timeout enforced by the parent, after which the whole process group (and, with
+  namespaces, the whole PID namespace) is SIGKILLed, then every leftover process of the
+  sandbox uid is swept;
+- `setpriv --pdeathsig KILL` at the root of the chain, so nothing outlives a crashed executor.
+
+Isolation levels, detected once per process (override with MFT_SANDBOX_ISOLATION):
+- `namespaces` (root and `unshare` works): `unshare -n -p -f -m --mount-proc --kill-child`
+  (no network, own PID namespace, own /proc), private tmpfs over the world-writable
+  directories (/tmp, /var/tmp, /dev/shm, /run/lock), optional read-only bind mounts, then
+  `setpriv` to an unprivileged uid with no_new_privs.
+- `uid` (root, no working unshare): the unprivileged uid and the sweeps, but network access
+  and writes to world-writable directories stay possible.
+- `process_group` (not root): process group kill plus a sweep of processes that carry this
+  step's environment marker; RLIMIT_NPROC is not set (it would count all of the user's
+  processes).
+
+Unprivileged uids: each parallel worker leases a *slot*, i.e. its own uid (MFT_SANDBOX_UID_BASE,
+default 64000, plus the slot index) held with an flock in /run/lock, so two executors on one
+machine never share a uid and a sweep only ever kills that worker's own leftovers. A uid that
+has an account (getpwuid) or running processes when first seen is skipped. Every slot also has
+a second "service" uid (slot uid + 64) for long-lived helpers such as the Java compile server;
+both share the slot's gid so the helper can write into the slot's work directories.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import functools
+import logging
+import os
+import pwd
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MAX_SLOTS = 64
+SERVICE_UID_OFFSET = 64
+DEFAULT_UID_BASE = 64000
+TAIL_BYTES = 4096
+SETUP_FAILED_EXIT = 125
+SETUP_FAILED_MARKER = "mft-sandbox: setup failed"
+WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself could not be set up (never a verdict about the program)."""
+
+
+class Isolation(str, enum.Enum):
+    NAMESPACES = "namespaces"
+    UID = "uid"
+    PROCESS_GROUP = "process_group"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-step resource limits. `cpu_seconds` should sit slightly above the wall timeout."""
+
+    address_space_bytes: int | None = 1 << 30
+    cpu_seconds: int = 11
+    file_size_bytes: int = 16 << 20
+    processes: int = 256
+    open_files: int = 256
+
+    def prlimit_argv(self, with_nproc: bool) -> list[str]:
+        argv = ["prlimit", f"--cpu={self.cpu_seconds}", f"--fsize={self.file_size_bytes}",
+                f"--nofile={self.open_files}", "--core=0"]
+        if self.address_space_bytes is not None:
+            argv.append(f"--as={self.address_space_bytes}")
+        if with_nproc:
+            argv.append(f"--nproc={self.processes}")
+        return argv + ["--"]
+
+
+@dataclass
+class StepResult:
+    """How one sandboxed command ended. `returncode` is None when it was killed on timeout."""
+
+    returncode: int | None
+    timed_out: bool
+    wall_s: float
+    cpu_s: float
+    stdout_bytes: int
+    stderr_bytes: int
+    stdout_tail: str
+    stderr_tail: str
+
+    @property
+    def passed_exit(self) -> bool:
+        return not self.timed_out and self.returncode == 0
+
+    def output_tail(self, max_chars: int = 2000) -> str:
+        parts = [text for text in (self.stderr_tail, self.stdout_tail) if text]
+        joined = "\n".join(parts)
+        return joined[-max_chars:]
+
+
+@dataclass(frozen=True)
+class SampleDir:
+    root: Path
+    work: Path
+    log: Path
+
+
+# --------------------------------------------------------------------------------------------
+# Isolation detection
+
+# Runs as pid 1 of the new namespaces (as root): one `mount -a` over a generated fstab (private
+# tmpfs over the world-writable dirs, read-only bind mounts; one process for all mounts), then the
+# unprivileged command as a child. It deliberately does not `exec` the command: pid 1 ignores
+# default-action signals (an abort() would misbehave), and when this shell exits the kernel
+# kills everything left in the namespace.
+_NAMESPACE_INIT = r"""
+uid=$1; gid=$2; fstab=$3; shift 3
+mount -a -T "$fstab" || { echo "mft-sandbox: setup failed: mount -a -T $fstab" >&2; exit 125; }
+setpriv --reuid="$uid" --regid="$gid" --clear-groups --no-new-privs -- "$@"
+exit $?
+"""
+
+
+def _fstab_text(readonly_paths: Sequence[Path]) -> str:
+    def escape(path: str) -> str:  # fstab(5) octal escapes
+        return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
+
+    lines = [f"mft-sandbox {escape(d)} tmpfs size=16m,mode=1777,nosuid,nodev 0 0"
+             for d in WORLD_WRITABLE_DIRS if os.path.isdir(d)]
+    lines += [f"{escape(str(p))} {escape(str(p))} none bind,ro 0 0" for p in readonly_paths]
+    return "\n".join(lines) + "\n"
+
+
+_UNSHARE = ["unshare", "--net", "--pid", "--fork", "--mount", "--mount-proc",
+            "--propagation", "private", "--kill-child"]
+
+
+def _probe_namespaces() -> str | None:
+    """None when the namespace wrapper works here, else the reason it does not."""
+    for tool in ("unshare", "setpriv", "prlimit"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found (Debian package util-linux)"
+    probe_dir = Path(tempfile.mkdtemp(prefix="mft-sandbox-probe-"))
+    fstab = probe_dir / "fstab"
+    fstab.write_text(_fstab_text([]))
+    probe_marker = Path("/tmp") / f".mft-probe-{secrets.token_hex(4)}"
+    argv = _UNSHARE + ["--", "/bin/sh", "-c", _NAMESPACE_INIT, "sh", "65534", "65534", str(fstab),
+                       "/bin/sh", "-c", f"test ! -e {probe_marker}"]
+    try:
+        probe_marker.touch()
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=20,
+                              env={"PATH": SYSTEM_PATH})
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"unshare probe failed: {error}"
+    finally:
+        probe_marker.unlink(missing_ok=True)
+        shutil.rmtree(probe_dir, ignore_errors=True)
+    if done.returncode != 0:
+        return (f"unshare probe exited {done.returncode}: "
+                f"{done.stderr.decode(errors='replace').strip()[-300:]}")
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def detect_isolation() -> Isolation:
+    """The strongest isolation that works on this machine (cached; logged once)."""
+    forced = os.environ.get("MFT_SANDBOX_ISOLATION")
+    if forced:
+        try:
+            isolation = Isolation(forced)
+        except ValueError:
+            raise SandboxError(f"MFT_SANDBOX_ISOLATION={forced!r} is not one of "
+                               f"{[i.value for i in Isolation]}") from None
+        if isolation is not Isolation.PROCESS_GROUP and os.geteuid() != 0:
+            raise SandboxError(f"MFT_SANDBOX_ISOLATION={forced} needs root; use process_group")
+        log.info("sandbox isolation forced to %s by MFT_SANDBOX_ISOLATION", isolation.value)
+        return isolation
+    for tool in ("setpriv", "prlimit"):
+        if shutil.which(tool) is None:
+            raise SandboxError(f"sandbox: {tool} not found; install util-linux "
+                               "(scripts/install-toolchains.sh)")
+    if os.geteuid() != 0:
+        log.warning("sandbox: not running as root, so no unprivileged uid and no namespaces; "
+                    "programs run as this user in their own process group (isolation=process_group)")
+        return Isolation.PROCESS_GROUP
+    reason = _probe_namespaces()
+    if reason is None:
+        log.info("sandbox: isolation=namespaces (unshare net/pid/mount, private /tmp, setpriv)")
+        return Isolation.NAMESPACES
+    log.warning("sandbox: namespaces unavailable (%s); falling back to isolation=uid "
+                "(unprivileged uid and process sweeps, but network and /tmp stay reachable)",
+                reason)
+    return Isolation.UID
+
+
+# --------------------------------------------------------------------------------------------
+# Process sweeps (no psutil: /proc only)
+
+def _proc_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _real_uid_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
+
+
+def processes_of_uid(uid: int, include_zombies: bool = False) -> list[int]:
+    """Pids whose real uid is `uid`. Zombies (dead, waiting to be reaped) only when asked."""
+    return [pid for pid in _proc_pids() if _real_uid_of(pid) == uid
+            and (include_zombies or not _is_zombie(pid))]
+
+
+def processes_with_marker(marker: str) -> list[int]:
+    """Pids whose environment contains MFT_SANDBOX_MARKER=<marker> (same-user processes)."""
+    needle = f"MFT_SANDBOX_MARKER={marker}".encode()
+    found = []
+    for pid in _proc_pids():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                if needle in environ.read().split(b"\0"):
+                    found.append(pid)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def _is_zombie(pid: int) -> bool:
+    """True for a dead process awaiting its reaper, and for one that is gone already."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _sweep(find_pids, what: str, rounds: int = 50) -> None:
+    """SIGKILL whatever `find_pids()` returns until nothing alive is left (fork bursts respawn)."""
+    for _ in range(rounds):
+        alive = [pid for pid in find_pids() if not _is_zombie(pid)]
+        if not alive:
+            return
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.005)
+    log.warning("sandbox: processes of %s still alive after %d kill rounds", what, rounds)
+
+
+def kill_processes_of_uid(uid: int) -> None:
+    if uid == 0:
+        raise SandboxError("refusing to sweep uid 0")
+    _sweep(lambda: processes_of_uid(uid), f"uid {uid}")
+
+
+# --------------------------------------------------------------------------------------------
+# Slots: one unprivileged uid per parallel worker, leased with an flock
+
+def _lock_dir() -> Path:
+    base = Path("/run/lock") if os.access("/run/lock", os.W_OK) else Path(tempfile.gettempdir())
+    directory = base / "mft-eval-sandbox"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory
+
+
+def uid_base() -> int:
+    raw = os.environ.get("MFT_SANDBOX_UID_BASE", str(DEFAULT_UID_BASE))
+    try:
+        base = int(raw)
+    except ValueError:
+        raise SandboxError(f"MFT_SANDBOX_UID_BASE={raw!r} is not an integer") from None
+    if not 1000 <= base <= 2**31 - 2 * MAX_SLOTS:
+        raise SandboxError(f"MFT_SANDBOX_UID_BASE={base} must be in [1000, 2^31 - {2 * MAX_SLOTS}]")
+    return base
+
+
+def _uid_is_foreign(uid: int) -> bool:
+    """True when the uid belongs to someone else: an account exists or processes run as it."""
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        pass
+    return bool(processes_of_uid(uid, include_zombies=True))
+
+
+class SandboxSlot:
+    """One parallel worker's identity: a uid (None when not root), a gid, a service uid."""
+
+    def __init__(self, isolation: Isolation, index: int | None, lock_file=None):
+        self.isolation = isolation
+        self.index = index
+        self._lock_file = lock_file
+        if index is None:
+            self.uid = self.gid = self.service_uid = None
+        else:
+            self.uid = uid_base() + index
+            self.gid = self.uid
+            self.service_uid = self.uid + SERVICE_UID_OFFSET
+
+    @property
+    def drops_privileges(self) -> bool:
+        return self.uid is not None
+
+    def release(self) -> None:
+        if self.uid is not None:
+            kill_processes_of_uid(self.uid)
+            kill_processes_of_uid(self.service_uid)
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
+
+    # ---- directories ------------------------------------------------------------------------
+
+    @contextmanager
+    def sample_dir(self, parent: Path) -> Iterator[SampleDir]:
+        """A fresh per-sample directory under `parent`, always removed afterwards."""
+        parent.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix="s-", dir=parent))
+        try:
+            os.chmod(root, 0o711)
+            work, logs = root / "work", root / "log"
+            work.mkdir()
+            logs.mkdir(mode=0o700)
+            if self.uid is not None:
+                os.chown(work, self.uid, self.gid)
+                os.chmod(work, 0o770)
+            yield SampleDir(root=root, work=work, log=logs)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+            if root.exists():  # a leftover process kept writing: sweep and retry once
+                if self.uid is not None:
+                    kill_processes_of_uid(self.uid)
+                shutil.rmtree(root, ignore_errors=True)
+
+    def owned_dir(self, path: Path, mode: int = 0o700) -> Path:
+        """A persistent directory owned by this slot's uid (e.g. its Go build cache)."""
+        path.mkdir(parents=True, exist_ok=True)
+        if self.uid is not None:
+            os.chown(path, self.uid, self.gid)
+        os.chmod(path, mode)
+        return path
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    def _argv(self, argv: Sequence[str], limits: Limits, readonly_paths: Sequence[Path],
+              as_service: bool, fstab_dir: Path) -> list[str]:
+        uid = self.service_uid if as_service else self.uid
+        limited = limits.prlimit_argv(with_nproc=self.uid is not None) + list(argv)
+        prefix = ["setpriv", "--pdeathsig", "KILL", "--"]
+        if self.isolation is Isolation.NAMESPACES:
+            fstab = fstab_dir / "sandbox.fstab"
+            fstab.write_text(_fstab_text(readonly_paths))
+            return (prefix + _UNSHARE + ["--", "/bin/sh", "-c", _NAMESPACE_INIT, "sh",
+                                         str(uid), str(self.gid), str(fstab)] + limited)
+        if self.isolation is Isolation.UID:
+            return ["setpriv", "--pdeathsig", "KILL", f"--reuid={uid}", f"--regid={self.gid}",
+                    "--clear-groups", "--no-new-privs", "--"] + limited
+        return prefix + limited
+
+    def _env(self, home: Path, extra: dict[str, str] | None, marker: str) -> dict[str, str]:
+        env = {"PATH": SYSTEM_PATH, "HOME": str(home), "TMPDIR": str(home), "LANG": "C.UTF-8",
+               "LC_ALL": "C.UTF-8", "MFT_SANDBOX_MARKER": marker}
+        env.update(extra or {})
+        return env
+
+    def _kill_leftovers(self, pgid: int, marker: str, as_service: bool) -> None:
+        """SIGKILL the process group, then every remaining process of this step's identity."""
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.isolation is Isolation.NAMESPACES:
+            return  # the PID namespace died with its init: nothing of this step can be left
+        if self.uid is not None:
+            kill_processes_of_uid(self.service_uid if as_service else self.uid)
+        else:
+            _sweep(lambda: processes_with_marker(marker), f"marker {marker}")
+
+    def run(self, argv: Sequence[str], *, sample: SampleDir, step: str, timeout_s: float,
+            limits: Limits, env: dict[str, str] | None = None,
+            readonly_paths: Sequence[Path] = ()) -> StepResult:
+        """Run one command in `sample.work` under the sandbox and wait at most `timeout_s`."""
+        marker = secrets.token_hex(8)
+        stdout_path, stderr_path = sample.log / f"{step}.stdout", sample.log / f"{step}.stderr"
+        with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+            start = time.perf_counter()
+            proc = subprocess.Popen(self._argv(argv, limits, readonly_paths, as_service=False,
+                                               fstab_dir=sample.log),
+                                    cwd=sample.work, env=self._env(sample.work, env, marker),
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True, close_fds=True)
+        try:
+            timed_out = not _wait_exit(proc.pid, timeout_s)
+            # The leader is now a zombie or still running, so its pid (the group id) cannot be
+            # recycled yet: kill the group and sweep leftovers first, reap afterwards.
+            self._kill_leftovers(proc.pid, marker, as_service=False)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - start
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            if proc.returncode is None:  # interrupted: kill it, but never leave a zombie
+                self._kill_leftovers(proc.pid, marker, as_service=False)
+                _reap(proc)
+        stderr_tail = _tail(stderr_path)
+        if (self.isolation is Isolation.NAMESPACES and proc.returncode == SETUP_FAILED_EXIT
+                and SETUP_FAILED_MARKER in stderr_tail):
+            raise SandboxError(stderr_tail.strip())
+        return StepResult(
+            returncode=None if timed_out else proc.returncode, timed_out=timed_out, wall_s=wall,
+            cpu_s=usage.ru_utime + usage.ru_stime,
+            stdout_bytes=stdout_path.stat().st_size, stderr_bytes=stderr_path.stat().st_size,
+            stdout_tail=_tail(stdout_path), stderr_tail=stderr_tail)
+
+    def start_service(self, argv: Sequence[str], *, cwd: Path, limits: Limits,
+                      env: dict[str, str] | None = None, stderr_path: Path) -> subprocess.Popen:
+        """Start a long-lived helper under the service uid with stdin/stdout pipes.
+
+        The caller owns the returned process: it must call `stop_service` on it.
+        """
+        marker = secrets.token_hex(8)
+        env_all = self._env(cwd, env, marker)
+        with open(stderr_path, "wb") as err:
+            proc = subprocess.Popen(self._argv(argv, limits, (), as_service=True,
+                                               fstab_dir=stderr_path.parent), cwd=cwd,
+                                    env=env_all, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=err, start_new_session=True, close_fds=True)
+        proc.mft_marker = marker  # type: ignore[attr-defined]
+        return proc
+
+    def stop_service(self, proc: subprocess.Popen) -> None:
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                if stream:
+                    stream.close()
+            except OSError:
+                pass
+        if proc.returncode is None:
+            self._kill_leftovers(proc.pid, getattr(proc, "mft_marker", ""), as_service=True)
+        _reap(proc)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    if proc.returncode is not None:  # already reaped: its pid may belong to someone else now
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        log.error("sandbox: pid %d did not die after SIGKILL", proc.pid)
+
+
+def _wait_exit(pid: int, timeout_s: float) -> bool:
+    """Block until `pid` exits (True) or the timeout passes (False), without reaping it."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    if pidfd is not None:
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            return bool(poller.poll(max(0.0, timeout_s) * 1000))
+        finally:
+            os.close(pidfd)
+    deadline = time.monotonic() + timeout_s  # old kernels: poll waitid without reaping
+    while time.monotonic() < deadline:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def _tail(path: Path, max_bytes: int = TAIL_BYTES) -> str:
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, size - max_bytes))
+        return handle.read().decode("utf-8", errors="replace")
+
+
+# --------------------------------------------------------------------------------------------
+# Leasing
+
+def acquire_slots(count: int, isolation: Isolation | None = None) -> list[SandboxSlot]:
+    """Lease `count` slots (uids) for parallel workers; release each with `slot.release()`.
+
+    `isolation` defaults to the detected one; a weaker level may be asked for (tests of the
+    fallbacks), a stronger one than the machine supports fails at the first run.
+    """
+    isolation = isolation or detect_isolation()
+    if isolation is not Isolation.PROCESS_GROUP and os.geteuid() != 0:
+        raise SandboxError(f"isolation={isolation.value} needs root")
+    if isolation is Isolation.PROCESS_GROUP:
+        return [SandboxSlot(isolation, None) for _ in range(count)]
+    if count > MAX_SLOTS:
+        raise SandboxError(f"asked for {count} sandbox workers; at most {MAX_SLOTS}")
+    lock_dir = _lock_dir()
+    slots: list[SandboxSlot] = []
+    try:
+        for index in range(MAX_SLOTS):
+            if len(slots) == count:
+                break
+            lock_file = open(lock_dir / f"slot-{index}.lock", "a+")
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock_file.close()
+                continue
+            slot = SandboxSlot(isolation, index, lock_file)
+            marker_path = lock_dir / f"slot-{index}.ours"
+            if not marker_path.exists() and (_uid_is_foreign(slot.uid)
+                                             or _uid_is_foreign(slot.service_uid)):
+                log.warning("sandbox: uid %d or %d is in use by something else; skipping it",
+                            slot.uid, slot.service_uid)
+                lock_file.close()
+                continue
+            marker_path.touch()  # from now on its leftovers are ours to kill
+            kill_processes_of_uid(slot.uid)  # leftovers of a crashed earlier run
+            kill_processes_of_uid(slot.service_uid)
+            slots.append(slot)
+    except BaseException:
+        for slot in slots:
+            slot.release()
+        raise
+    if len(slots) < count:
+        for slot in slots:
+            slot.release()
+        raise SandboxError(f"could not lease {count} sandbox uids from base {uid_base()} "
+                           f"(all {MAX_SLOTS} busy or foreign); set MFT_SANDBOX_UID_BASE")
+    return slots
+
+
+@contextmanager
+def leased_slots(count: int, isolation: Isolation | None = None) -> Iterator[list[SandboxSlot]]:
+    slots = acquire_slots(count, isolation)
+    try:
+        yield slots
+    finally:
+        for slot in slots:
+            slot.release()
+
+
+def check_reachable(path: Path, isolation: Isolation | None = None) -> None:
+    """Raise a clear error when an unprivileged uid cannot traverse to `path`."""
+    isolation = isolation or detect_isolation()
+    if isolation is Isolation.PROCESS_GROUP:
+        return
+    path = path.resolve()
+    for directory in [*reversed(path.parents), path]:
+        if directory.exists() and not os.stat(directory).st_mode & 0o001:
+            raise SandboxError(
+                f"the sandbox uids cannot reach {path}: {directory} is not world-executable. "
+                f"Put the toolchain folder elsewhere (MFT_TOOLCHAINS_DIR=/var/lib/mft-toolchains, "
+                f"then rerun scripts/install-toolchains.sh) or `chmod o+x {directory}`")
