@@ -123,6 +123,87 @@ class TokenizeConfig(_Strict):
         return self
 
 
+class LoraConfig(_Strict):
+    r: int = Field(default=16, ge=1, description="LoRA rank.")
+    alpha: float = Field(default=32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    targets: list[str] | Literal["all-linear"] = Field(
+        default="all-linear", description="Module names to adapt, or all-linear (every linear layer but the output head)."
+    )
+    dora: bool = Field(default=False, description="Weight-decomposed LoRA (DoRA).")
+
+
+class LaunchConfig(_Strict):
+    """How the trainer process(es) start: `accelerate launch` for several processes, DeepSpeed or
+    FSDP; plain `python -m` for one process. The same keys describe one machine or many."""
+
+    num_processes: int = Field(default=1, ge=1, description="Processes per machine (GPUs, or CPU processes on gloo).")
+    backend: Literal["ddp", "deepspeed", "fsdp"] = Field(
+        default="ddp", description="ddp (or a single process), deepspeed (ZeRO), fsdp (GPU only)."
+    )
+    zero_stage: Literal[2, 3] = Field(default=2, description="DeepSpeed ZeRO stage (backend: deepspeed).")
+    num_machines: int = Field(default=1, ge=1)
+    machine_rank: int = Field(default=0, ge=0)
+    main_process_ip: str | None = Field(default=None, description="Address of machine 0 (several machines).")
+    main_process_port: int | None = Field(default=None, ge=1, le=65535, description="Default: a free port.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LaunchConfig":
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("num_machines > 1 needs main_process_ip (the address of machine 0)")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank {self.machine_rank} must be < num_machines {self.num_machines}")
+        return self
+
+
+class TrainConfig(_Strict):
+    method: Literal["lora", "qlora", "full"] = Field(default="lora", description="qlora: 4-bit nf4 base (bitsandbytes, GPU).")
+    lora: LoraConfig = LoraConfig()
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 on GPU; on CPU bf16 autocast only with native bf16 (AMX/AVX512-BF16)."
+    )
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        default="auto", description="auto: flash_attention_2 when installed on CUDA, else sdpa."
+    )
+    gradient_checkpointing: bool = False
+    loss: Literal["case1", "case2", "case3", "case4", "focal_sample", "focal_task"] = Field(
+        default="case3", description="MFTCoder's loss modes (case3: task-level token mean) and the paper's focal losses."
+    )
+    focal_gamma: float = Field(default=2.0, ge=0)
+    sampling: Literal["proportional", "temperature", "weights"] = Field(
+        default="proportional",
+        description="Per-epoch task mix: as is, p ∝ n^alpha, or by the task weights (which then do not weigh the loss too).",
+    )
+    sampling_alpha: float = Field(default=0.5, ge=0, le=1, description="Temperature exponent (sampling: temperature).")
+    rows_per_micro_batch: int = Field(default=1, ge=1, description="Packed rows of tokenize.seq_length per micro-batch.")
+    grad_accum: int = Field(default=4, ge=1, description="Micro-batches per optimizer step, per process.")
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    lr: float = Field(default=2e-4, gt=0)
+    min_lr: float = Field(default=2e-5, ge=0, description="True floor of the schedule, reached at the last step.")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(default=10, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    seed: int = 42
+    eval_every: int = Field(default=50, ge=1, description="Per-task validation loss every N optimizer steps (and at the end).")
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, description="Stop after N evaluations without a better weighted validation loss."
+    )
+    checkpoint_every: int = Field(default=50, ge=1, description="Full-state checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(default=2, ge=1, description="Keep the newest N checkpoints (and the best).")
+    threads: int | None = Field(default=None, ge=1, description="Torch threads per process (default: cores / processes).")
+    launch: LaunchConfig = LaunchConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.method == "full" and self.lora.dora:
+            raise ValueError("lora.dora applies to method lora/qlora, not full")
+        return self
+
+
 class PipelineConfig(_Strict):
     runs_root: Path = Field(default=Path("runs"), description="Where every stage writes runs/<stage>/<key16>/.")
     humaneval_dir: Path | None = Field(
@@ -133,6 +214,7 @@ class PipelineConfig(_Strict):
     model: ModelConfig = ModelConfig()
     ingest: IngestConfig = IngestConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
+    train: TrainConfig = TrainConfig()
 
     # Where the config was loaded from (for messages) and the directory relative paths are
     # resolved against; neither is part of any stage key.

@@ -34,7 +34,26 @@ def tokenize_summary(directory: Path) -> str:
     return f"tokenize ({directory}; seq_length {stats['seq_length']}, {stats['shards']} shards)\n" + _table(headers, rows)
 
 
-SUMMARIES = {"ingest": ingest_summary, "tokenize": tokenize_summary}
+def train_summary(directory: Path) -> str:
+    summary = json.loads((directory / "train_summary.json").read_text())
+    metrics = [json.loads(l) for l in (directory / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    steps = [m for m in metrics if "loss" in m]
+    first, last = (steps[0], steps[-1]) if steps else ({}, {})
+    valid = summary.get("final_valid_task_loss") or {}
+    headers = ["task", "first train loss", "last train loss", "final valid loss"]
+    rows = [[t, _fmt(first.get("task_loss", {}).get(t)), _fmt(last.get("task_loss", {}).get(t)), _fmt(valid.get(t))]
+            for t in summary["tasks"]]
+    speed = sum(m["trained_tokens_per_s"] for m in steps) / max(len(steps), 1)
+    head = (f"train ({directory}; {summary['steps']} steps, {summary['trained_tokens']} trained tokens, "
+            f"~{speed:.0f} tokens/s, best weighted valid loss {_fmt(summary.get('best_valid_loss'))})")
+    return head + "\n" + _table(headers, rows)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+SUMMARIES = {"ingest": ingest_summary, "tokenize": tokenize_summary, "train": train_summary}
 
 
 def pipeline_summary(outputs: dict[str, Path]) -> str:

@@ -15,8 +15,12 @@ from typing import Any
 from mft_core import store
 from mft_core.config import PipelineConfig
 from mft_core.data import ingest, tokenize
+from mft_core.train import stage as train_stage
 
 log = logging.getLogger("mft.stages")
+
+
+Progress = Callable[[int, int], None]  # (done, total), e.g. optimizer steps
 
 
 class StageNotReady(RuntimeError):
@@ -30,8 +34,8 @@ class Stage:
     upstream: str | None
     # (cfg, upstream dir or None, hash cache) -> (config part, input digests) of the key
     key_parts: Callable[[PipelineConfig, Path | None, store.FileHashCache], tuple[Any, list[str]]]
-    # (cfg, upstream dir or None, work dir) -> stats (JSON-able) of the build
-    build: Callable[[PipelineConfig, Path | None, Path], dict[str, Any]]
+    # (cfg, upstream dir or None, work dir, progress callback or None) -> stats (JSON-able)
+    build: Callable[[PipelineConfig, Path | None, Path, Progress | None], dict[str, Any]]
     resumable: bool = False
 
 
@@ -41,15 +45,23 @@ STAGES: dict[str, Stage] = {
         version=ingest.STAGE_VERSION,
         upstream=None,
         key_parts=lambda cfg, _up, hashes: ingest.ingest_key_parts(cfg, hashes),
-        build=lambda cfg, _up, work: ingest.run_ingest(cfg, work),
+        build=lambda cfg, _up, work, _progress: ingest.run_ingest(cfg, work),
     ),
     "tokenize": Stage(
         name="tokenize",
         version=tokenize.STAGE_VERSION,
         upstream="ingest",
         key_parts=lambda cfg, _up, _hashes: tokenize.tokenize_key_parts(cfg),
-        build=lambda cfg, up, work: tokenize.run_tokenize(cfg, up, work),
+        build=lambda cfg, up, work, _progress: tokenize.run_tokenize(cfg, up, work),
         resumable=True,  # finished shards survive a crash; the rerun does the rest
+    ),
+    "train": Stage(
+        name="train",
+        version=train_stage.STAGE_VERSION,
+        upstream="tokenize",
+        key_parts=lambda cfg, _up, hashes: train_stage.train_key_parts(cfg, hashes),
+        build=lambda cfg, up, work, progress: train_stage.run_train(cfg, up, work, progress),
+        resumable=True,  # checkpoints survive a crash; the rerun resumes from the newest
     ),
 }
 STAGE_ORDER: list[str] = list(STAGES)
@@ -87,7 +99,8 @@ def locate_stage(cfg: PipelineConfig, name: str) -> Path:
     return directory
 
 
-def run_stage(cfg: PipelineConfig, name: str, upstream_dir: Path | None = None, force: bool = False) -> store.StageRun:
+def run_stage(cfg: PipelineConfig, name: str, upstream_dir: Path | None = None, force: bool = False,
+              progress: Progress | None = None) -> store.StageRun:
     """Build (or reuse) the output of stage `name`. `upstream_dir` defaults to the located upstream."""
     stage = STAGES[name]
     if upstream_dir is None and stage.upstream is not None:
@@ -98,7 +111,7 @@ def run_stage(cfg: PipelineConfig, name: str, upstream_dir: Path | None = None, 
         cfg.runs_root,
         name,
         key,
-        lambda work: stage.build(cfg, upstream_dir, work),
+        lambda work: stage.build(cfg, upstream_dir, work, progress),
         config_copy=resolved,
         force=force,
         resumable=stage.resumable,

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import select
@@ -50,9 +52,10 @@ from pathlib import Path
 
 from mft_core.eval.assemble import Program, assemble_program
 from mft_core.eval.problems import (LANGUAGES, Problem, language_of_task, normalize_language,
-                                    normalize_task_id, repo_root, select_problems)
+                                    normalize_task_id, select_problems)
 from mft_core.eval.sandbox import (Isolation, Limits, SampleDir, SandboxError, SandboxSlot,
-                                   acquire_slots, check_reachable, detect_isolation)
+                                   acquire_slots, check_reachable, detect_isolation,
+                                   toolchains_dir)
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +90,17 @@ SINGLE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                      "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
 
 
+def cpu_limit_for(timeout_s: float) -> int:
+    """RLIMIT_CPU for a step: a backstop behind the wall-clock timeout, never before it.
+
+    The limit counts the CPU of all threads of a process, and a JVM or a Go binary can burn
+    several cores at once, so it is the timeout times the number of cores, plus a second.
+    """
+    return math.ceil(timeout_s) * (os.cpu_count() or 1) + 1
+
+
 class ToolchainMissing(RuntimeError):
     """A language's toolchain is not installed; the message says how to install it."""
-
-
-def toolchains_dir() -> Path:
-    return Path(os.environ.get("MFT_TOOLCHAINS_DIR") or repo_root() / ".toolchains")
 
 
 def _default_workers() -> dict[str, int]:
@@ -136,7 +144,7 @@ class ExecutionConfig:
     def limits(self, language: str, step: str) -> Limits:
         timeout = self.compile_timeout_s if step == "compile" else self.run_timeout_for(language)
         return Limits(address_space_bytes=ADDRESS_SPACE[(language, step)],
-                      cpu_seconds=int(timeout) + 1,
+                      cpu_seconds=cpu_limit_for(timeout),
                       file_size_bytes=(64 if step == "compile" else 16) * MIB)
 
 
@@ -154,8 +162,9 @@ def missing_toolchain(language: str, toolchains: Path | None = None) -> str | No
 
     checks: list[str | None]
     if language == "python":
-        checks = [None if _python_candidates() else
-                  f"no python3 interpreter found (apt packages python3 python3-numpy; {fix})"]
+        checks = [None if _plausible_sandbox_pythons() else
+                  f"no python3 with numpy that an unprivileged uid can run (tried "
+                  f"{', '.join(_python_candidates())}; apt packages python3 python3-numpy; {fix})"]
     elif language == "cpp":
         checks = [need_binary("g++", "g++"),
                   None if Path("/usr/include/boost/any.hpp").is_file()
@@ -184,6 +193,24 @@ def _python_candidates() -> list[str]:
         if candidate and os.path.exists(candidate) and candidate not in seen:
             seen.append(candidate)
     return seen
+
+
+@functools.lru_cache(maxsize=1)
+def _plausible_sandbox_pythons() -> tuple[str, ...]:
+    """Candidates that import numpy and, when we are root, sit in world-reachable folders.
+
+    A cheap pre-check for `missing_toolchain`; `sandbox_python` makes the real test.
+    """
+    plausible = []
+    for candidate in _python_candidates():
+        real = Path(os.path.realpath(candidate))
+        if os.geteuid() == 0 and any(not os.stat(d).st_mode & 0o001 for d in real.parents):
+            continue  # e.g. a pyenv under /root (mode 700): the sandbox uid cannot run it
+        done = subprocess.run([candidate, "-I", "-c", "import numpy"], capture_output=True,
+                              timeout=60, env={"PATH": "/usr/bin:/bin", **SINGLE_THREAD_ENV})
+        if done.returncode == 0:
+            plausible.append(candidate)
+    return tuple(plausible)
 
 
 _python_choice: dict[Isolation, str] = {}
@@ -287,6 +314,7 @@ def java_compile_server_classes(toolchains: Path) -> Path:
         for path in (staging, *staging.iterdir()):
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
         os.replace(staging, target)
+    os.chmod(target.parent, 0o755)  # the server runs as an unprivileged uid
     return target
 
 
@@ -354,11 +382,12 @@ class JavaCompileServer:
         return data
 
     def compile(self, source: Path, out_dir: Path, timeout_s: float) -> CompileOutcome:
+        """Compile `source` into `out_dir`; a hang past `timeout_s` kills the server."""
+        if self._proc is None or self._compilations >= self.max_compilations or self._cpu_s > 300:
+            self.close()  # bounded memory growth and RLIMIT_CPU: start afresh now and then
+            self._start(timeout_s=120)
         start = time.perf_counter()
         deadline = time.monotonic() + timeout_s
-        if self._proc is None or self._compilations >= self.max_compilations or self._cpu_s > 300:
-            self.close()
-            self._start(timeout_s)
         assert self._proc is not None and self._proc.stdin is not None
         try:
             self._proc.stdin.write(f"{source}\t{out_dir}\n".encode())
@@ -627,7 +656,7 @@ class ProgramRunner:
                         and self.isolation is Isolation.NAMESPACES else [])
             limits = config.limits(language, "run")
             if run_timeout_s:
-                limits = dataclasses.replace(limits, cpu_seconds=int(run_timeout) + 1)
+                limits = dataclasses.replace(limits, cpu_seconds=cpu_limit_for(run_timeout))
             step = slot.run(argv, sample=sample, step="run", timeout_s=run_timeout,
                             limits=limits, env=env, readonly_paths=readonly)
             cpu += step.cpu_s
@@ -651,13 +680,6 @@ def _chown_tree(root: Path, uid: int | None, gid: int | None) -> None:
         os.chown(directory, uid, gid)
         for name in files:
             os.chown(os.path.join(directory, name), uid, gid, follow_symlinks=False)
-
-
-def run_program(program: Program, config: ExecutionConfig | None = None,
-                key: tuple[str, int] = ("program", 0)) -> dict:
-    """Run a single program with a one-off runner (convenient, but pays all warm-ups)."""
-    with ProgramRunner(config, workers=1) as runner:
-        return runner.run(program, key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -784,19 +806,23 @@ def execute_samples(samples: Iterable[dict], results_path: str | Path, *,
     if unknown:
         raise ValueError(f"{len(unknown)} sample task id(s) have no problem: {unknown[:10]}")
 
-    done = read_results(results_path)
-    pending = [s for s in wanted if s.key not in done]
-    if done:
-        log.info("%s: %d of %d samples already done; running %d", results_path,
-                 len(wanted) - len(pending), len(wanted), len(pending))
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    write_lock = threading.Lock()
     with open(results_path, "a", encoding="utf-8") as results_file:
+        try:  # two runs appending to one file would duplicate samples
+            fcntl.flock(results_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{results_path} is being written by another run; wait for it "
+                               f"or use another results file") from None
+        done = read_results(results_path)
+        pending = [s for s in wanted if s.key not in done]
+        if done:
+            log.info("%s: %d of %d samples already done; running %d", results_path,
+                     len(wanted) - len(pending), len(wanted), len(pending))
         for language in languages:
             todo = [s for s in pending if by_id[s.task_id].language == language]
             if todo:
                 _execute_language(language, todo, by_id, config, truncate, results_file,
-                                  write_lock, done, on_result)
+                                  done, on_result)
         results_file.flush()
         os.fsync(results_file.fileno())
     return [done[s.key] for s in wanted]
@@ -813,8 +839,9 @@ def _completed_or_cancel(futures):
 
 
 def _execute_language(language: str, todo: list[Sample], by_id: dict[str, Problem],
-                      config: ExecutionConfig, truncate: bool, results_file, write_lock,
-                      done: dict, on_result) -> None:
+                      config: ExecutionConfig, truncate: bool, results_file, done: dict,
+                      on_result) -> None:
+    """Run one language's pending samples in parallel; results are written by this thread."""
     workers = min(config.workers_for(language), len(todo))
     passed = finished = 0
     started = time.perf_counter()
@@ -836,10 +863,9 @@ def _execute_language(language: str, todo: list[Sample], by_id: dict[str, Proble
             futures = [pool.submit(work, sample) for sample in todo]
             for future in _completed_or_cancel(futures):
                 record = future.result()
-                with write_lock:
-                    results_file.write(json.dumps(record) + "\n")
-                    results_file.flush()
-                    done[(record["task_id"], record["sample_index"])] = record
+                results_file.write(json.dumps(record) + "\n")
+                results_file.flush()  # a crash loses at most the samples still running
+                done[(record["task_id"], record["sample_index"])] = record
                 finished += 1
                 passed += record["passed"]
                 if on_result:

@@ -259,10 +259,6 @@ def select_problems(languages: list[str] | None = None, task_ids: list[str] | No
     return selected
 
 
-def problems_by_task_id(problems: list[Problem]) -> dict[str, Problem]:
-    return {problem.task_id: problem for problem in problems}
-
-
 def benchmark_prompts(humaneval_dir: str | Path | None = None) -> list[str]:
     """Every prompt of every available language (for decontaminating training data).
 

@@ -30,6 +30,7 @@ def write_data(root: Path, model_dir: Path, answer: str = "a") -> Path:
         f"model: {{path: '{model_dir}'}}\n"
         "ingest: {decontaminate: {enabled: false}, min_valid: 2}\n"
         "tokenize: {seq_length: 64, num_workers: 1}\n"
+        "train: {max_steps: 2, warmup_steps: 0, grad_accum: 1, eval_every: 1, precision: fp32, threads: 1}\n"
     )
     return config
 
@@ -52,18 +53,18 @@ def run_flow(config: Path, **params):
 def test_second_run_is_cached_and_a_changed_raw_file_recomputes(prefect_api, project):
     config = project()
     state, tasks = run_flow(config)
-    assert state.is_completed() and tasks == {"ingest": "Completed", "tokenize": "Completed"}
+    assert state.is_completed() and tasks == {"ingest": "Completed", "tokenize": "Completed", "train": "Completed"}
     first = state.result()
     assert all((Path(d) / "_SUCCESS").exists() for d in first.values())
 
     state, tasks = run_flow(config)
-    assert state.is_completed() and tasks == {"ingest": "Cached", "tokenize": "Cached"}
+    assert state.is_completed() and tasks == {"ingest": "Cached", "tokenize": "Cached", "train": "Cached"}
     assert state.result() == first
 
     project(answer="b")  # same paths, new content: everything downstream recomputes
-    state, tasks = run_flow(config)
+    state, tasks = run_flow(config, stages=["ingest", "tokenize"])
     assert tasks == {"ingest": "Completed", "tokenize": "Completed"}
-    assert all(state.result()[name] != first[name] for name in first)
+    assert all(state.result()[name] != first[name] for name in ("ingest", "tokenize"))
 
 
 def test_selected_stage_uses_located_upstream_and_missing_upstream_is_a_clear_error(prefect_api, project):
@@ -81,18 +82,18 @@ def test_selected_stage_uses_located_upstream_and_missing_upstream_is_a_clear_er
 
 def test_force_recomputes_and_a_deleted_output_is_never_a_stale_hit(prefect_api, project):
     config = project()
-    state, _ = run_flow(config)
+    state, _ = run_flow(config, stages=["ingest", "tokenize"])
     out = Path(state.result()["ingest"])
     success_time = (out / "_SUCCESS").stat().st_mtime_ns
 
-    state, tasks = run_flow(config, force=["ingest"])
+    state, tasks = run_flow(config, stages=["ingest", "tokenize"], force=["ingest"])
     # the forced ingest rebuilds identical content, so tokenize's key is unchanged: cached
     assert tasks == {"ingest": "Completed", "tokenize": "Cached"} and Path(state.result()["ingest"]) == out
     assert (out / "_SUCCESS").stat().st_mtime_ns != success_time
 
     tokenized = Path(state.result()["tokenize"])
     shutil.rmtree(tokenized)
-    state, tasks = run_flow(config)
+    state, tasks = run_flow(config, stages=["ingest", "tokenize"])
     assert tasks == {"ingest": "Cached", "tokenize": "Completed"} and (tokenized / "_SUCCESS").exists()
 
 
@@ -108,7 +109,7 @@ def test_unknown_stage_fails_the_flow_with_a_clear_message(prefect_api, project)
 
 def test_overrides_parameter_and_stats_artifact(prefect_api, project):
     config = project()
-    state, _ = run_flow(config, overrides={"ingest.min_valid": 5, "ingest.valid_fraction": 0.0})
+    state, _ = run_flow(config, stages=["ingest"], overrides={"ingest.min_valid": 5, "ingest.valid_fraction": 0.0})
     out = Path(state.result()["ingest"])
     stats = json.loads((out / "stats.json").read_text())
     assert stats["tasks"]["alpha"]["valid"] == 5

@@ -1,0 +1,128 @@
+"""Starting the trainer as a subprocess: plain `python -m` for one process, `accelerate launch`
+for several (DDP on GPUs or on CPU with gloo), DeepSpeed ZeRO-2/3 or FSDP; the same command
+spans several machines (num_machines, machine_rank, main_process_ip).
+
+CPU traps this avoids (measured, reference/ml-stack.md §2-3): `accelerate launch --cpu
+--num_processes 2` silently runs ONE process; several CPU processes need ACCELERATE_USE_CPU=true
+with --multi_gpu; with DeepSpeed on CPU, ACCELERATE_USE_CPU must NOT be set (it disables
+DeepSpeed) and the trainer must ask for the gloo backend. The trainer asserts the world size it
+sees, so any other silent single-process mode fails loudly.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from mft_core.config import TrainConfig
+
+log = logging.getLogger("mft.train")
+
+PROGRESS = re.compile(r"^progress step=(\d+) total=(\d+)")
+
+
+class TrainerFailed(RuntimeError):
+    pass
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
+    """ZeRO config with every value explicit (we prepare no dataloader, so no "auto" can be filled)."""
+    zero: dict = {"stage": cfg.launch.zero_stage, "overlap_comm": False}
+    if cfg.launch.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": cfg.rows_per_micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of the trainer for this config."""
+    launch = cfg.launch
+    on_gpu = cuda_available()
+    if launch.backend == "fsdp" and not on_gpu:
+        raise ValueError("train.launch.backend=fsdp needs GPUs (accelerate enables FSDP only on GPU-like devices); "
+                         "use ddp or deepspeed on CPU")
+    cores = os.cpu_count() or 1
+    threads = cfg.threads or max(1, cores // launch.num_processes)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MFT_TRAIN_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    recipe = ["-m", "mft_core.train.recipe", "--work-dir", str(work_dir)]
+    single = launch.num_processes * launch.num_machines == 1
+    if single and launch.backend == "ddp":
+        return [sys.executable, *recipe], env
+
+    argv = [sys.executable, "-m", "accelerate.commands.launch",
+            "--num_processes", str(launch.num_processes * launch.num_machines),
+            "--num_machines", str(launch.num_machines),
+            "--machine_rank", str(launch.machine_rank),
+            "--main_process_port", str(launch.main_process_port or free_port()),
+            "--mixed_precision", "bf16" if bf16 else "no"]
+    if launch.main_process_ip:
+        argv += ["--main_process_ip", launch.main_process_ip]
+    if launch.backend == "deepspeed":
+        ds_path = work_dir / "deepspeed.json"
+        ds_path.write_text(json.dumps(deepspeed_config(cfg, bf16), indent=1) + "\n")
+        argv += ["--use_deepspeed", "--deepspeed_config_file", str(ds_path)]
+    elif launch.backend == "fsdp":
+        argv += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                 "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_reshard_after_forward", "true"]
+    else:
+        argv += ["--multi_gpu"]
+        if not on_gpu:
+            env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo
+    return [*argv, *recipe], env
+
+
+def run_trainer(argv: list[str], env: dict[str, str], log_path: Path,
+                on_progress: Callable[[int, int], None] | None = None) -> None:
+    """Run the trainer, streaming its output line by line into the log (and `log_path`);
+    a non-zero exit raises TrainerFailed with the tail of the output."""
+    log.info("launching trainer: %s", " ".join(argv))
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    # Not a new session: cancelling the flow run kills the worker's process group, trainer included.
+    with open(log_path, "a", encoding="utf-8") as log_file, subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        try:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                log_file.write(line + "\n")
+                tail.append(line)
+                match = PROGRESS.match(line)
+                if match and on_progress is not None:
+                    on_progress(int(match.group(1)), int(match.group(2)))
+                log.info("[trainer] %s", line)
+        except BaseException:
+            proc.kill()
+            raise
+        code = proc.wait()
+    if code != 0:
+        raise TrainerFailed(f"trainer exited with code {code}; last lines:\n" + "\n".join(tail))

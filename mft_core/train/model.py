@@ -1,0 +1,171 @@
+"""Building the model to train: any Hugging Face causal LM, its precision and attention, LoRA /
+DoRA / QLoRA / full fine-tuning, and a wrapper whose forward returns per-token losses.
+
+The wrapper is what gets handed to accelerate (DDP, DeepSpeed, FSDP): its forward runs the
+model with `logits_to_keep=1` (no full logits tensor) and computes the loss from the last hidden
+state in chunks, so fp32 logits over the whole vocabulary are never materialized.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mft_core.config import TrainConfig
+from mft_core.train.losses import token_losses, token_losses_through_module
+
+log = logging.getLogger("mft.train")
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX-BF16 or AVX512-BF16: bf16 matmuls run natively (about 2x faster than fp32). Without
+    them (AVX2-only machines) bf16 autocast was measured about 20x *slower* than fp32."""
+    try:
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(choice: str, on_gpu: bool) -> str:
+    """'bf16' or 'fp32' (fp32 master weights; bf16 means autocast), logged with the reason."""
+    if choice == "auto":
+        if on_gpu:
+            resolved, why = ("bf16", "GPU") if torch.cuda.is_bf16_supported() else ("fp32", "GPU without bf16")
+        elif cpu_has_native_bf16():
+            resolved, why = "bf16", "CPU with native bf16 (AMX/AVX512-BF16)"
+        else:
+            resolved, why = "fp32", "CPU without native bf16: bf16 autocast would be far slower"
+        log.info("precision auto -> %s (%s)", resolved, why)
+        return resolved
+    return choice
+
+
+def resolve_attention(choice: str, on_gpu: bool) -> str:
+    if choice == "auto":
+        has_flash = on_gpu and importlib.util.find_spec("flash_attn") is not None
+        resolved = "flash_attention_2" if has_flash else "sdpa"
+        log.info("attention auto -> %s", resolved)
+        return resolved
+    if choice == "flash_attention_2" and not (on_gpu and importlib.util.find_spec("flash_attn")):
+        raise ValueError("train.attention=flash_attention_2 needs CUDA and the flash-attn package; use auto or sdpa")
+    return choice
+
+
+def is_moe(config: Any) -> bool:
+    return any(getattr(config, key, None) for key in ("num_local_experts", "num_experts"))
+
+
+def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str, on_gpu: bool) -> nn.Module:
+    """The model with its trainable parameters set up per `cfg.method`."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"attn_implementation": attention, "dtype": torch.float32}
+    if cfg.method == "qlora":
+        if not on_gpu:
+            log.warning("QLoRA on CPU runs bitsandbytes' CPU backend: correct but slow (for testing the path)")
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if precision == "bf16" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=True,
+            # bf16 storage of the packed 4-bit weights lets ZeRO-3 / FSDP shard them
+            bnb_4bit_quant_storage=torch.bfloat16,
+        )
+        kwargs["dtype"] = compute
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.config.use_cache = False
+    if is_moe(model.config):
+        model.config.output_router_logits = True  # the router's load-balancing loss joins the loss
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method == "full":
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.targets,
+        use_dora=cfg.lora.dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("%s: %d trainable of %d parameters (%.2f%%)", cfg.method, trainable, total, 100 * trainable / total)
+    return model
+
+
+def _logit_transform(config: Any):
+    """Some families scale or soft-cap their logits; apply the same inside the chunked loss."""
+    scale = getattr(config, "logit_scale", None) or (1 / config.logits_scaling if getattr(config, "logits_scaling", None) else None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if scale is None and cap is None:
+        return None
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
+@dataclass
+class ForwardOutput:
+    token_loss: torch.Tensor  # [N] fp32, one per trained position, in row-major order
+    aux_loss: torch.Tensor | None  # MoE router load-balancing loss (already weighted), or None
+
+
+class TokenLossModel(nn.Module):
+    """Wraps a causal LM; forward(batch) -> per-token losses of the trained positions."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        config = model.config
+        self.transform = _logit_transform(config)
+        self.moe = is_moe(config)
+        self.aux_coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> ForwardOutput:
+        # position_ids restart per packed sample, attention_mask None and use_cache False: that is
+        # what makes transformers isolate packed samples (with the cache on they leak silently).
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=None,
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=1,
+            output_router_logits=self.moe or None,
+        )
+        hidden = out.hidden_states[-1]
+        head = self.model.get_output_embeddings()
+        if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3: the weight is only whole inside the module's call
+            losses = token_losses_through_module(hidden, head, labels, chunk_size=self.chunk_size, transform=self.transform)
+        else:
+            losses = token_losses(hidden, head.weight, labels, bias=getattr(head, "bias", None),
+                                  chunk_size=self.chunk_size, transform=self.transform)
+        aux = getattr(out, "aux_loss", None) if self.moe else None
+        return ForwardOutput(losses, None if aux is None else aux * self.aux_coef)

@@ -1,0 +1,324 @@
+"""The multi-task fine-tuning recipe: setup -> train -> save, top to bottom.
+
+Run by the train stage as a subprocess (`python -m mft_core.train.recipe --work-dir DIR`, or
+under `accelerate launch` for several processes / DeepSpeed / FSDP). Everything it needs is in
+DIR/train_job.json, written by the stage. Everything it writes goes into DIR:
+
+  metrics.jsonl          one line per optimizer step (and per evaluation)
+  tensorboard/           the same as TensorBoard events
+  checkpoints/step-N/    full-state checkpoints (resume continues from the newest complete one)
+  model/                 the final adapter (LoRA/QLoRA) or full model, Hugging Face format
+  best-model/            the weights of the best validation loss (when validation ran)
+  hyperparameters.json, train_summary.json, loss_curves.png
+
+One optimizer step = `grad_accum` micro-batches on each of the `world_size` processes. Per-task
+token and sample counts of the whole step are all-reduced before any loss is computed, so the
+objective of a step is the same whatever the process count and accumulation (MFTCoder balances
+inside one micro-batch on one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from mft_core.config import TrainConfig
+from mft_core.train import checkpoint as ckpt
+from mft_core.train import losses
+from mft_core.train.data import TokenizedSplit, collate, epoch_plan, validation_plan
+from mft_core.train.launch import cuda_available
+from mft_core.train.metrics import MetricsLog, plot_loss_curves
+from mft_core.train.model import TokenLossModel, load_model, resolve_attention, resolve_precision
+from mft_core.train.optim import make_scheduler, param_groups
+
+log = logging.getLogger("mft.train")
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_accelerator(precision: str):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Without it, DeepSpeed on CPU runs every rank as its own world of one (silently).
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # step_scheduler_with_optimizer=False: otherwise accelerate steps a prepared scheduler once per
+    # process at every step, and the schedule ends after 1/N of training (MFTCoder's LR defect).
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", kwargs_handlers=handlers,
+                       step_scheduler_with_optimizer=False)
+
+
+def check_world(accelerator, cfg: TrainConfig) -> None:
+    expected = cfg.launch.num_processes * cfg.launch.num_machines
+    seen_env = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != expected or seen_env != expected:
+        raise RuntimeError(
+            f"the trainer sees {accelerator.num_processes} process(es) (WORLD_SIZE={seen_env}) but "
+            f"train.launch asks for {expected}: the launcher fell into a single-process mode"
+        )
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_accum = accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
+        if ds_accum != cfg.grad_accum:
+            raise RuntimeError(f"DeepSpeed runs with gradient_accumulation_steps={ds_accum}, the config says "
+                               f"train.grad_accum={cfg.grad_accum}: they must agree")
+
+
+def main(work_dir: Path) -> None:
+    job = json.loads((work_dir / "train_job.json").read_text())
+    cfg = TrainConfig.model_validate(job["train"])
+    torch.set_num_threads(int(os.environ.get("MFT_TRAIN_THREADS", os.cpu_count() or 1)))
+    on_gpu = cuda_available()
+    precision = resolve_precision(cfg.precision, on_gpu)
+    attention = resolve_attention(cfg.attention, on_gpu)
+    accelerator = make_accelerator(precision)
+    check_world(accelerator, cfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    is_main = accelerator.is_main_process
+    from accelerate.utils import DistributedType, set_seed
+
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    set_seed(cfg.seed)  # the same initial weights (LoRA init) on every rank
+
+    tokenize_dir = Path(job["tokenize_dir"])
+    template = json.loads((tokenize_dir / "template.json").read_text())
+    seq_length, pad_id = template["seq_length"], template["pad_id"]
+    train_split = TokenizedSplit(tokenize_dir, "train")
+    valid_split = TokenizedSplit(tokenize_dir, "valid")
+    task_names = [t["name"] for t in job["tasks"]]
+    task_weights = torch.tensor([t["weight"] for t in job["tasks"]], dtype=torch.float32)
+    # sampling=weights already puts the weights into the task mix; weighing the loss again would
+    # apply them twice.
+    loss_weights = torch.ones_like(task_weights) if cfg.sampling == "weights" else task_weights
+
+    def plan_for(epoch: int):
+        return epoch_plan(train_split, epoch=epoch, seed=cfg.seed, seq_length=seq_length,
+                          rows_per_micro_batch=cfg.rows_per_micro_batch, world_size=world,
+                          grad_accum=cfg.grad_accum, sampling=cfg.sampling, alpha=cfg.sampling_alpha,
+                          task_weights=task_weights.tolist())
+
+    steps_per_epoch = plan_for(0).num_optimizer_steps
+    total_steps = min(cfg.max_steps or math.inf, steps_per_epoch * cfg.epochs)
+    if total_steps < 1:
+        raise RuntimeError(f"no optimizer step fits the data: {len(train_split)} training samples give "
+                           f"{steps_per_epoch} steps per epoch at grad_accum={cfg.grad_accum} x {world} process(es); "
+                           "lower train.grad_accum or train.rows_per_micro_batch, or add data")
+    if len(valid_split) == 0:
+        log.warning("no validation data (ingest.valid_fraction and min_valid are 0): no validation, "
+                    "no early stopping, no best model")
+        valid_batches = None
+    else:
+        valid_batches = validation_plan(valid_split, seq_length=seq_length,
+                                        rows_per_micro_batch=cfg.rows_per_micro_batch, world_size=world)[rank]
+
+    model = load_model(Path(job["model_dir"]), cfg, precision, attention, on_gpu)
+    wrapper = TokenLossModel(model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = make_scheduler(optimizer, kind=cfg.schedule, warmup_steps=cfg.warmup_steps,
+                               total_steps=int(total_steps), min_lr=cfg.min_lr)
+    wrapper, optimizer, scheduler = accelerator.prepare(wrapper, optimizer, scheduler)
+    if not deepspeed:
+        ckpt.install_trainable_only_hooks(accelerator)
+    trainable = ckpt.trainable_names(wrapper)
+
+    state = {"step": 0, "epoch": 0, "group": 0, "best_loss": None, "best_step": None,
+             "evals_without_improvement": 0, "trained_tokens": 0}
+    resume_from = ckpt.latest_checkpoint(work_dir)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(accelerator, resume_from, trainable)
+        log.info("resumed from %s (step %d)", resume_from, state["step"])
+    metrics = MetricsLog(work_dir, enabled=is_main, resume_step=state["step"])
+    if is_main:
+        (work_dir / "hyperparameters.json").write_text(json.dumps({
+            **job, "precision": precision, "attention": attention, "world_size": world,
+            "steps_per_epoch": steps_per_epoch, "total_steps": int(total_steps)}, indent=1) + "\n")
+        print(f"progress step={state['step']} total={int(total_steps)}", flush=True)
+
+    # ------------------------------------------------------------------------- evaluation
+
+    def evaluate() -> dict[str, float]:
+        """Per-task token-mean validation loss over all validation data, all ranks together."""
+        wrapper.eval()
+        sums = torch.zeros(len(task_names), dtype=torch.float64)
+        counts = torch.zeros(len(task_names), dtype=torch.float64)
+        with torch.no_grad():
+            for rows in valid_batches:
+                batch = collate(valid_split, rows, seq_length, pad_id)
+                out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"])
+                task_of_token = losses.trained_values(batch["task_ids"], batch["labels"])
+                s, c = losses.per_task_loss_sums(out.token_loss.double(), task_of_token, len(task_names))
+                sums += s.cpu()
+                counts += c.cpu()
+        sums, counts = losses.all_reduce_sum(sums), losses.all_reduce_sum(counts)
+        wrapper.train()
+        return {name: (sums[k] / counts[k]).item() for k, name in enumerate(task_names) if counts[k] > 0}
+
+    def group_task_means(batches) -> torch.Tensor:
+        """focal_task weighs each task by its mean loss over the whole step, known only after
+        every micro-batch: a no-grad pass computes it first (all ranks), at one forward's cost."""
+        sums = torch.zeros(len(task_names), dtype=torch.float64)
+        counts = torch.zeros(len(task_names), dtype=torch.float64)
+        with torch.no_grad():
+            for batch in batches:
+                out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"])
+                s, c = losses.per_task_loss_sums(out.token_loss.double(),
+                                                 losses.trained_values(batch["task_ids"], batch["labels"]), len(task_names))
+                sums += s.cpu()
+                counts += c.cpu()
+        return losses.task_mean_losses(losses.all_reduce_sum(sums), losses.all_reduce_sum(counts)).float()
+
+    def weighted(per_task: dict[str, float]) -> float:
+        pairs = [(task_weights[task_names.index(n)].item(), v) for n, v in per_task.items()]
+        return sum(w * v for w, v in pairs) / sum(w for w, _ in pairs)
+
+    # ------------------------------------------------------------------------- train
+
+    wrapper.train()
+    stop = False
+    tick = time.perf_counter()
+    for epoch in range(state["epoch"], cfg.epochs):
+        plan = plan_for(epoch)
+        micro_batches = plan.micro_batches(rank)
+        groups = [micro_batches[i : i + cfg.grad_accum] for i in range(0, len(micro_batches), cfg.grad_accum)]
+        for group_index in range(state["group"], len(groups)):
+            batches = [collate(train_split, rows, seq_length, pad_id) for rows in groups[group_index]]
+            counts = losses.all_reduce_counts(losses.group_counts(batches, len(task_names)))
+            reference = group_task_means(batches) if cfg.loss == "focal_task" else None
+            objective = torch.zeros((), dtype=torch.float64)
+            task_sums = torch.zeros(len(task_names), dtype=torch.float64)
+            task_tokens = torch.zeros(len(task_names), dtype=torch.float64)
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                with accelerator.no_sync(wrapper) if not (last or deepspeed) else _nothing():
+                    out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"])
+                    token_task = losses.trained_values(batch["task_ids"], batch["labels"])
+                    token_sample = losses.trained_values(batch["sample_ids"], batch["labels"])
+                    contribution = losses.mft_loss(cfg.loss, out.token_loss, token_task, token_sample, counts,
+                                                   loss_weights, gamma=cfg.focal_gamma, task_reference_loss=reference)
+                    # Gradients are averaged over ranks (x world) and DeepSpeed divides each
+                    # micro-step by its accumulation steps (x grad_accum): undo both, so the step's
+                    # gradient is that of the summed contributions, the global objective.
+                    scale = world * (cfg.grad_accum if deepspeed else 1)
+                    loss = contribution * scale
+                    if out.aux_loss is not None:
+                        loss = loss + out.aux_loss * scale / (world * len(batches))
+                    accelerator.backward(loss)
+                objective += contribution.detach().double().cpu()
+                s, c = losses.per_task_loss_sums(out.token_loss.detach().double(), token_task, len(task_names))
+                task_sums += s.cpu()
+                task_tokens += c.cpu()
+            lr_used = scheduler.get_last_lr()[0]  # the lr of this update (scheduler.step() moves to the next)
+            grad_norm = accelerator.clip_grad_norm_(wrapper.parameters(), cfg.max_grad_norm)
+            if grad_norm is None and deepspeed:
+                grad_norm = wrapper.get_global_grad_norm()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state["step"] += 1
+            state["epoch"], state["group"] = epoch, group_index + 1
+            objective = losses.all_reduce_sum(objective)
+            task_sums, task_tokens = losses.all_reduce_sum(task_sums), losses.all_reduce_sum(task_tokens)
+            step_tokens = int(task_tokens.sum().item())
+            state["trained_tokens"] += step_tokens
+            now = time.perf_counter()
+            metrics.write({
+                "step": state["step"], "epoch": epoch, "lr": lr_used,
+                "loss": objective.item(),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "task_loss": {n: (task_sums[k] / task_tokens[k]).item() for k, n in enumerate(task_names) if task_tokens[k] > 0},
+                "task_tokens": {n: int(task_tokens[k].item()) for k, n in enumerate(task_names)},
+                "trained_tokens_per_s": step_tokens / max(now - tick, 1e-9),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                **({"cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20} if on_gpu else {}),
+            })
+            if is_main:
+                print(f"progress step={state['step']} total={int(total_steps)}", flush=True)
+
+            last_step = state["step"] >= total_steps
+            if valid_batches is not None and (state["step"] % cfg.eval_every == 0 or last_step):
+                per_task = evaluate()
+                score = weighted(per_task)
+                improved = state["best_loss"] is None or score < state["best_loss"]
+                if improved:
+                    state["best_loss"], state["best_step"] = score, state["step"]
+                    state["evals_without_improvement"] = 0
+                    save_weights(accelerator, wrapper, work_dir / "best-model", deepspeed)
+                else:
+                    state["evals_without_improvement"] += 1
+                metrics.write({"step": state["step"], "valid_loss": score, "valid_task_loss": per_task})
+                patience = cfg.early_stopping_patience
+                if patience and state["evals_without_improvement"] >= patience:
+                    log.info("early stopping at step %d: no better validation loss in %d evaluations", state["step"], patience)
+                    stop = True
+            if state["step"] % cfg.checkpoint_every == 0 or last_step or stop:
+                ckpt.save_checkpoint(accelerator, work_dir, state["step"], state, cfg.keep_checkpoints,
+                                     protect=state["best_step"])
+            tick = time.perf_counter()
+            if last_step or stop:
+                stop = True
+                break
+        if stop:
+            break
+        state["group"] = 0
+
+    # ------------------------------------------------------------------------- save
+
+    save_weights(accelerator, wrapper, work_dir / "model", deepspeed)
+    if is_main:
+        summary = {
+            "steps": state["step"], "total_steps": int(total_steps), "trained_tokens": state["trained_tokens"],
+            "best_valid_loss": state["best_loss"], "best_step": state["best_step"],
+            "final_valid_task_loss": metrics.last_validation(), "tasks": task_names,
+            "early_stopped": state["step"] < total_steps,
+        }
+        (work_dir / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        plot_loss_curves(work_dir / "metrics.jsonl", work_dir / "loss_curves.png")
+    metrics.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def save_weights(accelerator, wrapper, out: Path, deepspeed: bool) -> None:
+    """The adapter (LoRA) or the full model in Hugging Face format, gathered from every rank."""
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(wrapper)  # gathers ZeRO-3 / FSDP shards
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(wrapper).model
+        prefix = "model."
+        inner = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=inner, safe_serialization=True)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="mft-pipeline trainer (started by the train stage)")
+    parser.add_argument("--work-dir", required=True, type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(args.work_dir)

@@ -1,0 +1,82 @@
+"""Train stage: tokenized shards + base model -> fine-tuned adapter or model.
+
+The stage writes `train_job.json` into its work directory and runs the trainer (recipe.py) as a
+subprocess. The work directory survives a crash (the store keeps `<key>.partial/`), so the next
+run with the same key resumes from the newest complete checkpoint. When training succeeds, the
+checkpoints (optimizer state: large) are removed; the model, metrics and summary are published.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mft_core.config import PipelineConfig
+from mft_core.modeling import resolve_model
+from mft_core.store import FileHashCache
+from mft_core.train.launch import cuda_available, run_trainer, trainer_command
+
+log = logging.getLogger("mft.train")
+
+STAGE_VERSION = 1
+# Keys that change how training runs, not what it computes.
+_NOT_IN_KEY = ("threads", "checkpoint_every", "keep_checkpoints")
+_LAUNCH_NOT_IN_KEY = ("machine_rank", "main_process_ip", "main_process_port")
+
+
+def model_digest(model_dir: Path, hashes: FileHashCache) -> str:
+    """Content of the base model: weights and config (by (size, mtime)-cached sha256)."""
+    parts = []
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and (path.suffix in (".safetensors", ".bin") or path.name == "config.json"):
+            parts.append(f"{path.name}:{hashes.digest(path)}")
+    return ";".join(parts)
+
+
+def train_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[str, Any], list[str]]:
+    section = cfg.stage_section("train")
+    for key in _NOT_IN_KEY:
+        section.pop(key)
+    for key in _LAUNCH_NOT_IN_KEY:
+        section["launch"].pop(key)
+    section["task_weights"] = {t.task_name: t.weight for t in cfg.data.tasks}
+    model_dir = resolve_model(cfg.model.path, cfg.runs_root)
+    return section, [f"model:{model_digest(model_dir, hashes)}"]
+
+
+def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
+              on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    model_dir = resolve_model(cfg.model.path, cfg.runs_root)
+    weights = {t.task_name: t.weight for t in cfg.data.tasks}
+    tasks = [{"name": t["name"], "id": t["id"], "weight": weights[t["name"]]} for t in _tokenized_tasks(tokenize_dir)]
+    job = {
+        "model_dir": str(model_dir),
+        "tokenize_dir": str(tokenize_dir),
+        "tasks": tasks,
+        "train": cfg.stage_section("train"),
+    }
+    (work_dir / "train_job.json").write_text(json.dumps(job, indent=1) + "\n")
+    from mft_core.train.model import resolve_precision  # imports torch: only when training
+
+    bf16 = resolve_precision(cfg.train.precision, cuda_available()) == "bf16"
+    argv, env = trainer_command(cfg.train, work_dir, bf16)
+    run_trainer(argv, env, work_dir / "train.log", on_progress)
+    for required in ("model", "train_summary.json", "metrics.jsonl"):
+        if not (work_dir / required).exists():
+            raise RuntimeError(f"the trainer exited 0 but wrote no {required} in {work_dir}")
+    shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
+    (work_dir / "train.log").unlink(missing_ok=True)  # streamed into the run's log already
+    (work_dir / "deepspeed.json").unlink(missing_ok=True)
+    return json.loads((work_dir / "train_summary.json").read_text())
+
+
+def _tokenized_tasks(tokenize_dir: Path) -> list[dict[str, Any]]:
+    """Task names and ids in id order, from the shard index of the tokenize stage."""
+    seen: dict[int, str] = {}
+    for shard in json.loads((tokenize_dir / "shards.json").read_text()):
+        seen[shard["task_id"]] = shard["task"]
+    return [{"id": i, "name": seen[i]} for i in sorted(seen)]
