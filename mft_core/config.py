@@ -204,6 +204,17 @@ class TrainConfig(_Strict):
         return self
 
 
+class MergeConfig(_Strict):
+    dtype: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="dtype of the merged weights (the base is loaded in it; fp32 is exact)."
+    )
+    check_samples: int = Field(default=8, ge=1, description="Validation samples on which merged logits must equal base + adapter.")
+    tolerance: float | None = Field(
+        default=None, gt=0, description="Max |logit difference| allowed; default 1e-4 for fp32 and a documented bf16 bound."
+    )
+    max_shard_size: str = Field(default="2GB", description="safetensors shard size of the saved model.")
+
+
 class PipelineConfig(_Strict):
     runs_root: Path = Field(default=Path("runs"), description="Where every stage writes runs/<stage>/<key16>/.")
     humaneval_dir: Path | None = Field(
@@ -215,6 +226,7 @@ class PipelineConfig(_Strict):
     ingest: IngestConfig = IngestConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     train: TrainConfig = TrainConfig()
+    merge: MergeConfig = MergeConfig()
 
     # Where the config was loaded from (for messages) and the directory relative paths are
     # resolved against; neither is part of any stage key.
