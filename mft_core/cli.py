@@ -109,12 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_data_demo)
 
-    try:
-        from mft_core.eval.commands import add_eval_commands
-    except ImportError:  # the evaluate stage is optional at import time only while it is being built
-        pass
-    else:
-        add_eval_commands(sub)
+    from mft_core.eval.commands import add_eval_commands
+
+    add_eval_commands(sub)
     return parser
 
 

@@ -10,6 +10,7 @@ Wire into the main parser with `add_eval_commands(subparsers)`; every leaf parse
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import logging
@@ -17,9 +18,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from mft_core.eval.execute import ExecutionConfig, execute_samples, normalize_samples
+from mft_core.eval.execute import (ExecutionConfig, ResultsFileBusy, ToolchainMissing,
+                                   execute_samples, normalize_samples)
 from mft_core.eval.passk import format_pass_at_k_table, pass_at_k_table
-from mft_core.eval.problems import LANGUAGES, language_of_task, normalize_language
+from mft_core.eval.problems import (LANGUAGES, ProblemDataError, language_of_task,
+                                    normalize_language)
+from mft_core.eval.sandbox import SandboxError
 from mft_core.eval.selfcheck import run_selfcheck
 
 
@@ -115,6 +119,19 @@ def _ensure_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
 
+def _fail_cleanly(command):
+    """Known failures (bad input, missing data or toolchains) end as one `error:` line."""
+    @functools.wraps(command)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (ValueError, ProblemDataError, ToolchainMissing, SandboxError,
+                ResultsFileBusy) as error:
+            raise SystemExit(f"error: {error}") from None
+    return wrapper
+
+
+@_fail_cleanly
 def selfcheck_command(args: argparse.Namespace) -> int:
     _ensure_logging()
     languages = None
@@ -158,13 +175,11 @@ def read_samples_file(path: Path) -> list[dict]:
     return records
 
 
+@_fail_cleanly
 def score_command(args: argparse.Namespace) -> int:
     _ensure_logging()
     records = read_samples_file(args.samples)
-    try:
-        normalize_samples(records, source=str(args.samples))
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    normalize_samples(records, source=str(args.samples))  # duplicates, bad indices
     stem = args.samples.name.removesuffix(".gz").removesuffix(".jsonl")
     out = args.out or args.samples.with_name(f"{stem}-eval")
     out.mkdir(parents=True, exist_ok=True)

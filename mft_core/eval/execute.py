@@ -103,6 +103,10 @@ class ToolchainMissing(RuntimeError):
     """A language's toolchain is not installed; the message says how to install it."""
 
 
+class ResultsFileBusy(RuntimeError):
+    """Another run is appending to the same results file."""
+
+
 def _default_workers() -> dict[str, int]:
     cores = os.cpu_count() or 1
     return {language: max(1, min(cores, 4)) for language in LANGUAGES}
@@ -811,8 +815,8 @@ def execute_samples(samples: Iterable[dict], results_path: str | Path, *,
         try:  # two runs appending to one file would duplicate samples
             fcntl.flock(results_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"{results_path} is being written by another run; wait for it "
-                               f"or use another results file") from None
+            raise ResultsFileBusy(f"{results_path} is being written by another run; wait for "
+                                  f"it or use another results file") from None
         done = read_results(results_path)
         pending = [s for s in wanted if s.key not in done]
         if done:

@@ -23,7 +23,9 @@ Isolation levels, detected once per process (override with MFT_SANDBOX_ISOLATION
   /dev/shm, /run/lock), optional read-only bind mounts, then an unprivileged uid with
   no_new_privs.
 - `uid` (root, no working unshare): the unprivileged uid and the sweeps, but network access
-  and writes to world-writable directories stay possible.
+  and writes to world-writable directories stay possible, and killed orphans are reaped by
+  the machine's init (until then they count against RLIMIT_NPROC: after a fork burst the
+  next sample may fail, never falsely pass).
 - `process_group` (not root): process group kill plus a sweep of processes that carry this
   step's environment marker; RLIMIT_NPROC is not set (it would count all of the user's
   processes).
