@@ -215,6 +215,40 @@ class MergeConfig(_Strict):
     max_shard_size: str = Field(default="2GB", description="safetensors shard size of the saved model.")
 
 
+class EvaluateConfig(_Strict):
+    languages: list[Literal["python", "cpp", "java", "js", "go"]] = Field(
+        default=["python", "cpp", "java", "js", "go"], min_length=1, description="HumanEval-X languages to run."
+    )
+    limit: int | None = Field(default=None, ge=1, description="Only the first N problems of each language (null: all 164).")
+    task_ids: list[str] | None = Field(default=None, description="Only these problems (e.g. Python/0, CPP/12).")
+    prompt_mode: Literal["auto", "chat", "completion"] = Field(
+        default="auto",
+        description="chat: the training template around an instruction and the prompt; completion: continue the raw "
+        "prompt; auto: chat for the fine-tuned model, completion for the base model.",
+    )
+    samples_per_problem: int = Field(default=1, ge=1, description="n: generations per problem (pass@k needs n >= k).")
+    temperature: float = Field(default=0.0, ge=0, description="0: greedy (then samples_per_problem must be 1).")
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    max_new_tokens: int = Field(default=384, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="Prompts per generation batch (left-padded).")
+    ks: list[int] = Field(default=[1], min_length=1, description="pass@k values to report (only k <= n).")
+    evaluate_base: bool = Field(default=True, description="Also evaluate the base model, for a before/after table.")
+    workers: int | None = Field(default=None, ge=1, description="Parallel sandboxed executions (default: cores).")
+    run_timeout_s: float = Field(default=10.0, gt=0, description="Wall-clock limit of one program's run.")
+    compile_timeout_s: float = Field(default=60.0, gt=0, description="Wall-clock limit of one compilation.")
+    seed: int = 1234
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EvaluateConfig":
+        if self.temperature == 0 and self.samples_per_problem > 1:
+            raise ValueError("temperature 0 is greedy decoding: every sample would be the same; "
+                             "set samples_per_problem 1 or a temperature > 0")
+        too_big = [k for k in self.ks if k > self.samples_per_problem]
+        if too_big:
+            raise ValueError(f"ks {too_big} exceed samples_per_problem={self.samples_per_problem}: pass@k needs n >= k")
+        return self
+
+
 class PipelineConfig(_Strict):
     runs_root: Path = Field(default=Path("runs"), description="Where every stage writes runs/<stage>/<key16>/.")
     humaneval_dir: Path | None = Field(
@@ -227,6 +261,7 @@ class PipelineConfig(_Strict):
     tokenize: TokenizeConfig = TokenizeConfig()
     train: TrainConfig = TrainConfig()
     merge: MergeConfig = MergeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     # Where the config was loaded from (for messages) and the directory relative paths are
     # resolved against; neither is part of any stage key.
