@@ -43,9 +43,26 @@ def train_summary(directory: Path) -> str:
     headers = ["task", "first train loss", "last train loss", "final valid loss"]
     rows = [[t, _fmt(first.get("task_loss", {}).get(t)), _fmt(last.get("task_loss", {}).get(t)), _fmt(valid.get(t))]
             for t in summary["tasks"]]
-    speed = sum(m["trained_tokens_per_s"] for m in steps) / max(len(steps), 1)
+    timed = steps[1:] or steps  # the first step carries start-up costs
+    seconds = sum(m.get("step_seconds", 0) for m in timed)
+    speed = sum(m.get("tokens", 0) for m in timed) / seconds if seconds else 0.0
     head = (f"train ({directory}; {summary['steps']} steps, {summary['trained_tokens']} trained tokens, "
             f"~{speed:.0f} tokens/s, best weighted valid loss {_fmt(summary.get('best_valid_loss'))})")
+    return head + "\n" + _table(headers, rows)
+
+
+def merge_summary(directory: Path) -> str:
+    report = json.loads((directory / "merge_report.json").read_text())
+    check = report["check"]
+    effect = check["finetune_effect"]
+    headers = ["logits vs", "max |diff|", "mean |diff|", "argmax agreement"]
+    rows = [
+        [check["reference"], f"{check['max_abs_diff']:.3g}", f"{check['mean_abs_diff']:.3g}", f"{check['argmax_agreement']:.2%}"],
+        ["the base (fine-tune effect)", f"{effect['max_abs_diff']:.3g}", f"{effect['mean_abs_diff']:.3g}", f"{1 - effect['argmax_changed']:.2%}"],
+    ]
+    head = (f"merge ({directory / report['model_dir']}; {report['method']}, {report['dtype']}, "
+            f"{report['weight_shards']} shard(s), {report['weight_bytes'] / 1e6:.1f} MB; check on {check['samples']} "
+            f"{check['split']} samples: {'passed' if check['passed'] else 'FAILED'}, tolerance {check['tolerance']:.3g})")
     return head + "\n" + _table(headers, rows)
 
 
@@ -53,7 +70,7 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-SUMMARIES = {"ingest": ingest_summary, "tokenize": tokenize_summary, "train": train_summary}
+SUMMARIES = {"ingest": ingest_summary, "tokenize": tokenize_summary, "train": train_summary, "merge": merge_summary}
 
 
 def pipeline_summary(outputs: dict[str, Path]) -> str:

@@ -108,7 +108,7 @@ def run_trainer(argv: list[str], env: dict[str, str], log_path: Path,
     log.info("launching trainer: %s", " ".join(argv))
     tail: collections.deque[str] = collections.deque(maxlen=40)
     # Not a new session: cancelling the flow run kills the worker's process group, trainer included.
-    with open(log_path, "a", encoding="utf-8") as log_file, subprocess.Popen(
+    with open(log_path, "a", encoding="utf-8", buffering=1) as log_file, subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     ) as proc:
         try:

@@ -200,6 +200,7 @@ def main(work_dir: Path) -> None:
             objective = torch.zeros((), dtype=torch.float64)
             task_sums = torch.zeros(len(task_names), dtype=torch.float64)
             task_tokens = torch.zeros(len(task_names), dtype=torch.float64)
+            input_tokens = torch.tensor(float(sum(int((b["task_ids"] >= 0).sum()) for b in batches)), dtype=torch.float64)
             for i, batch in enumerate(batches):
                 last = i == len(batches) - 1
                 with accelerator.no_sync(wrapper) if not (last or deepspeed) else _nothing():
@@ -233,6 +234,7 @@ def main(work_dir: Path) -> None:
             objective = losses.all_reduce_sum(objective)
             task_sums, task_tokens = losses.all_reduce_sum(task_sums), losses.all_reduce_sum(task_tokens)
             step_tokens = int(task_tokens.sum().item())
+            input_tokens = int(losses.all_reduce_sum(input_tokens).item())
             state["trained_tokens"] += step_tokens
             now = time.perf_counter()
             metrics.write({
@@ -242,6 +244,9 @@ def main(work_dir: Path) -> None:
                 "task_loss": {n: (task_sums[k] / task_tokens[k]).item() for k, n in enumerate(task_names) if task_tokens[k] > 0},
                 "task_tokens": {n: int(task_tokens[k].item()) for k, n in enumerate(task_names)},
                 "trained_tokens_per_s": step_tokens / max(now - tick, 1e-9),
+                "tokens": input_tokens,  # non-padding tokens that went through the model
+                "tokens_per_s": input_tokens / max(now - tick, 1e-9),
+                "step_seconds": now - tick,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 **({"cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20} if on_gpu else {}),
             })
