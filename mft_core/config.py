@@ -156,6 +156,17 @@ class LaunchConfig(_Strict):
         return self
 
 
+class CoBaConfig(_Strict):
+    """Convergence balancing (loss: coba): task weights follow validation-loss slopes."""
+
+    warmup_steps: int = Field(default=20, ge=0, description="Uniform weights before this optimizer step.")
+    history_length: int = Field(default=50, ge=2, description="Validation measurements in the slope window.")
+    tau: float = Field(default=5.0, gt=0, description="Temperature of the divergence factor.")
+    update_interval: int = Field(default=1, ge=1, description="Measure and re-weight every N optimizer steps.")
+    min_weight: float | None = Field(default=None, gt=0, description="Floor of every weight (default 1/(10 K)).")
+    valid_batches: int = Field(default=1, ge=1, description="Validation micro-batches per measurement (per process), cycled.")
+
+
 class TrainConfig(_Strict):
     method: Literal["lora", "qlora", "full"] = Field(default="lora", description="qlora: 4-bit nf4 base (bitsandbytes, GPU).")
     lora: LoraConfig = LoraConfig()
@@ -166,9 +177,12 @@ class TrainConfig(_Strict):
         default="auto", description="auto: flash_attention_2 when installed on CUDA, else sdpa."
     )
     gradient_checkpointing: bool = False
-    loss: Literal["case1", "case2", "case3", "case4", "focal_sample", "focal_task"] = Field(
-        default="case3", description="MFTCoder's loss modes (case3: task-level token mean) and the paper's focal losses."
+    loss: Literal["case1", "case2", "case3", "case4", "focal_sample", "focal_task", "coba"] = Field(
+        default="case3",
+        description="MFTCoder's loss modes (case3: task-level token mean), the paper's focal losses, and coba "
+        "(case3 with convergence-balanced task weights).",
     )
+    coba: CoBaConfig = CoBaConfig()
     focal_gamma: float = Field(default=2.0, ge=0)
     sampling: Literal["proportional", "temperature", "weights"] = Field(
         default="proportional",
@@ -250,6 +264,8 @@ class EvaluateConfig(_Strict):
 
 
 class PipelineConfig(_Strict):
+    """The whole pipeline. Cross-section rules are checked in `_cross_checks`."""
+
     runs_root: Path = Field(default=Path("runs"), description="Where every stage writes runs/<stage>/<key16>/.")
     humaneval_dir: Path | None = Field(
         default=None,
@@ -267,6 +283,16 @@ class PipelineConfig(_Strict):
     # resolved against; neither is part of any stage key.
     source: str = Field(default="<dict>", exclude=True)
     base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PipelineConfig":
+        weighted = [t.task_name for t in self.data.tasks if t.weight != 1.0]
+        if self.train.loss == "coba" and weighted:
+            raise ValueError(f"train.loss=coba sets the task weights itself; data.tasks weights of {weighted} would be "
+                             "ignored: remove them or choose another loss")
+        if self.train.loss == "coba" and self.ingest.valid_fraction == 0 and self.ingest.min_valid == 0:
+            raise ValueError("train.loss=coba needs validation data: ingest.valid_fraction or ingest.min_valid must be > 0")
+        return self
 
     def stage_section(self, stage: str) -> dict[str, Any]:
         """The JSON-able part of the config that a stage's output depends on."""

@@ -72,7 +72,11 @@ def plot_loss_curves(metrics_path: Path, png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    weights = [r for r in records if "task_weight" in r]
+    if weights:  # convergence balancing: the task weights under the losses
+        fig, (ax, wax) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     tasks = sorted({t for r in records for t in r.get("task_loss", {})} | {t for r in records for t in r.get("valid_task_loss", {})})
     for index, task in enumerate(tasks):
         color = f"C{index % 10}"
@@ -88,6 +92,14 @@ def plot_loss_curves(metrics_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     if tasks:
         ax.legend(fontsize=8)
+    if weights:
+        for index, task in enumerate(tasks):
+            points = [(r["step"], r["task_weight"][task]) for r in weights if task in r["task_weight"]]
+            if points:
+                wax.plot(*zip(*points), color=f"C{index % 10}", linewidth=1.5, label=task)
+        wax.set_ylabel("task weight")
+        wax.set_xlabel("optimizer step")
+        wax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)

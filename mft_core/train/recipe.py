@@ -34,6 +34,7 @@ import torch
 from mft_core.config import TrainConfig
 from mft_core.train import checkpoint as ckpt
 from mft_core.train import losses
+from mft_core.train.coba import CoBa
 from mft_core.train.data import TokenizedSplit, collate, epoch_plan, validation_plan
 from mft_core.train.launch import cuda_available
 from mft_core.train.metrics import MetricsLog, plot_loss_curves
@@ -135,10 +136,18 @@ def main(work_dir: Path) -> None:
     trainable = ckpt.trainable_names(wrapper)
 
     state = {"step": 0, "epoch": 0, "group": 0, "best_loss": None, "best_step": None,
-             "evals_without_improvement": 0, "trained_tokens": 0}
+             "evals_without_improvement": 0, "trained_tokens": 0, "coba": None, "coba_cursor": 0}
+    balancer = None
+    if cfg.loss == "coba":
+        if valid_batches is None:
+            raise RuntimeError("train.loss=coba needs validation data")
+        balancer = CoBa(len(task_names), warmup_steps=cfg.coba.warmup_steps, history_length=cfg.coba.history_length,
+                        tau=cfg.coba.tau, update_interval=cfg.coba.update_interval, min_weight=cfg.coba.min_weight)
     resume_from = ckpt.latest_checkpoint(work_dir)
     if resume_from is not None:
         state = ckpt.load_checkpoint(accelerator, resume_from, trainable)
+        if balancer is not None:
+            balancer.load_state_dict(tensors_from_json(state["coba"]))
         log.info("resumed from %s (step %d)", resume_from, state["step"])
     metrics = MetricsLog(work_dir, enabled=is_main, resume_step=state["step"])
     if is_main:
@@ -180,6 +189,31 @@ def main(work_dir: Path) -> None:
                 counts += c.cpu()
         return losses.task_mean_losses(losses.all_reduce_sum(sums), losses.all_reduce_sum(counts)).float()
 
+    def coba_measure() -> torch.Tensor:
+        """Per-task validation losses on the next `coba.valid_batches` validation micro-batches
+        (cycled; every rank takes the same number), token-weighted and all-reduced; nan where a
+        task had no token."""
+        sums = torch.zeros(len(task_names), dtype=torch.float64)
+        counts = torch.zeros(len(task_names), dtype=torch.float64)
+        wrapper.eval()
+        with torch.no_grad():
+            for _ in range(cfg.coba.valid_batches):
+                rows = valid_batches[state["coba_cursor"] % len(valid_batches)]
+                state["coba_cursor"] += 1
+                batch = collate(valid_split, rows, seq_length, pad_id)
+                out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"])
+                s, c = losses.per_task_loss_sums(out.token_loss.double(),
+                                                 losses.trained_values(batch["task_ids"], batch["labels"]), len(task_names))
+                sums += s.cpu()
+                counts += c.cpu()
+        wrapper.train()
+        return losses.task_mean_losses(losses.all_reduce_sum(sums), losses.all_reduce_sum(counts))
+
+    if balancer is not None and resume_from is None:
+        # The normalizers are the losses before any training: one full validation pass.
+        before = evaluate()
+        balancer.update(0, torch.tensor([before.get(n, float("nan")) for n in task_names], dtype=torch.float64))
+
     def weighted(per_task: dict[str, float]) -> float:
         pairs = [(task_weights[task_names.index(n)].item(), v) for n, v in per_task.items()]
         return sum(w * v for w, v in pairs) / sum(w for w, _ in pairs)
@@ -197,6 +231,9 @@ def main(work_dir: Path) -> None:
             batches = [collate(train_split, rows, seq_length, pad_id) for rows in groups[group_index]]
             counts = losses.all_reduce_counts(losses.group_counts(batches, len(task_names)))
             reference = group_task_means(batches) if cfg.loss == "focal_task" else None
+            # CoBa's weights hold for every micro-step of the step (changed only between steps)
+            step_weights = balancer.weights.float() if balancer is not None else loss_weights
+            mode = "case3" if balancer is not None else cfg.loss
             objective = torch.zeros((), dtype=torch.float64)
             task_sums = torch.zeros(len(task_names), dtype=torch.float64)
             task_tokens = torch.zeros(len(task_names), dtype=torch.float64)
@@ -207,8 +244,8 @@ def main(work_dir: Path) -> None:
                     out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"])
                     token_task = losses.trained_values(batch["task_ids"], batch["labels"])
                     token_sample = losses.trained_values(batch["sample_ids"], batch["labels"])
-                    contribution = losses.mft_loss(cfg.loss, out.token_loss, token_task, token_sample, counts,
-                                                   loss_weights, gamma=cfg.focal_gamma, task_reference_loss=reference)
+                    contribution = losses.mft_loss(mode, out.token_loss, token_task, token_sample, counts,
+                                                   step_weights, gamma=cfg.focal_gamma, task_reference_loss=reference)
                     # Gradients are averaged over ranks (x world) and DeepSpeed divides each
                     # micro-step by its accumulation steps (x grad_accum): undo both, so the step's
                     # gradient is that of the summed contributions, the global objective.
@@ -249,7 +286,10 @@ def main(work_dir: Path) -> None:
                 "step_seconds": now - tick,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 **({"cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20} if on_gpu else {}),
+                **({"task_weight": dict(zip(task_names, step_weights.tolist()))} if balancer is not None else {}),
             })
+            if balancer is not None and balancer.should_update(state["step"]):
+                balancer.update(state["step"], coba_measure())
             if is_main:
                 print(f"progress step={state['step']} total={int(total_steps)}", flush=True)
 
@@ -270,6 +310,8 @@ def main(work_dir: Path) -> None:
                     log.info("early stopping at step %d: no better validation loss in %d evaluations", state["step"], patience)
                     stop = True
             if state["step"] % cfg.checkpoint_every == 0 or last_step or stop:
+                if balancer is not None:
+                    state["coba"] = tensors_to_json(balancer.state_dict())
                 ckpt.save_checkpoint(accelerator, work_dir, state["step"], state, cfg.keep_checkpoints,
                                      protect=state["best_step"])
             tick = time.perf_counter()
@@ -295,6 +337,23 @@ def main(work_dir: Path) -> None:
     metrics.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def tensors_to_json(value):
+    """CoBa's state (tensors inside dicts) as JSON-able data, for trainer_state.json."""
+    if isinstance(value, torch.Tensor):
+        return {"__tensor__": value.tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, dict):
+        return {k: tensors_to_json(v) for k, v in value.items()}
+    return value
+
+
+def tensors_from_json(value):
+    if isinstance(value, dict) and "__tensor__" in value:
+        return torch.tensor(value["__tensor__"], dtype=getattr(torch, value["dtype"]))
+    if isinstance(value, dict):
+        return {k: tensors_from_json(v) for k, v in value.items()}
+    return value
 
 
 class _nothing:

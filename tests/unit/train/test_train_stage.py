@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.slow
 
 
-def make_project(root: Path, model_dir: Path, **train) -> Path:
+def make_project(root: Path, model_dir: Path, beta_weight: float = 2.0, **train) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for name in ("alpha", "beta"):
         (root / name).mkdir(exist_ok=True)
@@ -33,7 +33,7 @@ def make_project(root: Path, model_dir: Path, **train) -> Path:
                 "checkpoint_every": 2, "warmup_steps": 1, "lr": 5e-3, "min_lr": 1e-4, "precision": "fp32",
                 "threads": 1, **train}
     config = {
-        "data": {"tasks": [{"path": "alpha"}, {"path": "beta", "weight": 2.0}]},
+        "data": {"tasks": [{"path": "alpha"}, {"path": "beta", "weight": beta_weight}]},
         "model": {"path": str(model_dir)},
         "ingest": {"decontaminate": {"enabled": False}, "min_valid": 8},
         "tokenize": {"seq_length": 96, "num_workers": 1},
@@ -146,3 +146,33 @@ def test_focal_task_loss_and_temperature_sampling_run(tmp_path, tiny_llama_dir):
                              sampling_alpha=0.0)).directory
     steps = [m for m in metrics(out) if "loss" in m]
     assert len(steps) == 3 and all(m["loss"] > 0 for m in steps)
+
+
+def test_coba_resumed_after_warmup_equals_uninterrupted(tmp_path, tiny_llama_dir):
+    settings = dict(max_steps=6, checkpoint_every=3, loss="coba", lora={"dropout": 0.0},
+                    coba={"warmup_steps": 2, "history_length": 4, "valid_batches": 1})
+    reference = train(make_project(tmp_path / "ref", tiny_llama_dir, beta_weight=1.0, **settings)).directory
+    weights = [m["task_weight"] for m in metrics(reference) if "task_weight" in m]
+    assert len(weights) == 6 and all(abs(sum(w.values()) - 1) < 1e-6 for w in weights)
+    assert weights[-1] != weights[0]  # re-weighted after warmup
+
+    # the same run in two halves: stop after step 3 (a checkpoint after warmup), then resume
+    path = make_project(tmp_path / "halves", tiny_llama_dir, beta_weight=1.0, **settings)
+    cfg = load_config(path)
+    run_stage(cfg, "ingest")
+    run_stage(cfg, "tokenize")
+    proc = subprocess.Popen([sys.executable, "-m", "mft_core.cli", "train", "--config", str(path)],
+                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "halves" / "runs" / "train").glob("*.partial/checkpoints/step-0000003/COMPLETE")):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list((tmp_path / "halves" / "runs" / "train").glob("*/_SUCCESS")), "killed too late"
+    resumed = run_stage(cfg, "train").directory
+    again = [m["task_weight"] for m in metrics(resumed) if "task_weight" in m]
+    assert len(again) == 6
+    for a, b in zip(weights, again):
+        assert a == pytest.approx(b, rel=1e-6)
+    assert [m["loss"] for m in metrics(reference) if "loss" in m] == pytest.approx(
+        [m["loss"] for m in metrics(resumed) if "loss" in m], rel=1e-6)
