@@ -1,6 +1,7 @@
 """`mft`: the command line.
 
   mft config show [--config F] [--set k=v ...]      print the resolved config
+  mft config reference                               every key, its default and effect (markdown)
   mft run [--stages a,b] [--force a] [--set k=v]     run the flow in-process (Prefect, embedded DB)
   mft ingest [--force] [--set k=v]                    run one stage without Prefect (each stage has one)
   mft data demo --out DIR                             build the embedded demo data set
@@ -39,6 +40,13 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def cmd_config_show(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args.overrides))
     print(config_to_yaml(cfg), end="")
+    return 0
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from mft_core.config import reference_markdown
+
+    print(reference_markdown(), end="")
     return 0
 
 
@@ -88,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = config.add_parser("show", help="print the resolved config (paths absolute, defaults filled in)")
     _add_config_args(show)
     show.set_defaults(func=cmd_config_show)
+    reference = config.add_parser("reference", help="every config key with its default and effect (markdown)")
+    reference.set_defaults(func=cmd_config_reference)
 
     run = sub.add_parser("run", help="run the mft-pipeline flow in-process")
     _add_config_args(run)

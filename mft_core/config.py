@@ -71,7 +71,7 @@ class DataConfig(_Strict):
 
 
 class DecontamConfig(_Strict):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="Drop records sharing a word n-gram with a HumanEval-X prompt or solution.")
     ngram: int = Field(default=13, ge=4, le=64, description="Word n-gram length of the overlap test.")
 
 
@@ -126,7 +126,7 @@ class TokenizeConfig(_Strict):
 class LoraConfig(_Strict):
     r: int = Field(default=16, ge=1, description="LoRA rank.")
     alpha: float = Field(default=32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(default=0.05, ge=0, lt=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
     targets: list[str] | Literal["all-linear"] = Field(
         default="all-linear", description="Module names to adapt, or all-linear (every linear layer but the output head)."
     )
@@ -142,8 +142,8 @@ class LaunchConfig(_Strict):
         default="ddp", description="ddp (or a single process), deepspeed (ZeRO), fsdp (GPU only)."
     )
     zero_stage: Literal[2, 3] = Field(default=2, description="DeepSpeed ZeRO stage (backend: deepspeed).")
-    num_machines: int = Field(default=1, ge=1)
-    machine_rank: int = Field(default=0, ge=0)
+    num_machines: int = Field(default=1, ge=1, description="Machines taking part (each runs the same command).")
+    machine_rank: int = Field(default=0, ge=0, description="This machine's index (0 = the main one).")
     main_process_ip: str | None = Field(default=None, description="Address of machine 0 (several machines).")
     main_process_port: int | None = Field(default=None, ge=1, le=65535, description="Default: a free port.")
 
@@ -176,14 +176,14 @@ class TrainConfig(_Strict):
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         default="auto", description="auto: flash_attention_2 when installed on CUDA, else sdpa."
     )
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward: about half the memory, 10-50% more time.")
     loss: Literal["case1", "case2", "case3", "case4", "focal_sample", "focal_task", "coba"] = Field(
         default="case3",
         description="MFTCoder's loss modes (case3: task-level token mean), the paper's focal losses, and coba "
         "(case3 with convergence-balanced task weights).",
     )
     coba: CoBaConfig = CoBaConfig()
-    focal_gamma: float = Field(default=2.0, ge=0)
+    focal_gamma: float = Field(default=2.0, ge=0, description="γ of the focal losses (0: no focusing).")
     sampling: Literal["proportional", "temperature", "weights"] = Field(
         default="proportional",
         description="Per-epoch task mix: as is, p ∝ n^alpha, or by the task weights (which then do not weigh the loss too).",
@@ -191,15 +191,17 @@ class TrainConfig(_Strict):
     sampling_alpha: float = Field(default=0.5, ge=0, le=1, description="Temperature exponent (sampling: temperature).")
     rows_per_micro_batch: int = Field(default=1, ge=1, description="Packed rows of tokenize.seq_length per micro-batch.")
     grad_accum: int = Field(default=4, ge=1, description="Micro-batches per optimizer step, per process.")
-    epochs: int = Field(default=1, ge=1)
+    epochs: int = Field(default=1, ge=1, description="Passes over the (re-sampled) training data.")
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
-    lr: float = Field(default=2e-4, gt=0)
+    lr: float = Field(default=2e-4, gt=0, description="Peak learning rate (AdamW, betas 0.9/0.95).")
     min_lr: float = Field(default=2e-5, ge=0, description="True floor of the schedule, reached at the last step.")
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(default=10, ge=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    seed: int = 42
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="Decay after warmup; its horizon is exactly the run's optimizer steps."
+    )
+    warmup_steps: int = Field(default=10, ge=0, description="Linear warmup, in optimizer steps (fewer than the run's steps).")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (never on biases and norm weights).")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping, on every backend.")
+    seed: int = Field(default=42, description="Seeds the weights' init (LoRA), the data plan and dropout.")
     eval_every: int = Field(default=50, ge=1, description="Per-task validation loss every N optimizer steps (and at the end).")
     early_stopping_patience: int | None = Field(
         default=None, ge=1, description="Stop after N evaluations without a better weighted validation loss."
@@ -224,7 +226,7 @@ class MergeConfig(_Strict):
     )
     check_samples: int = Field(default=8, ge=1, description="Validation samples on which merged logits must equal base + adapter.")
     tolerance: float | None = Field(
-        default=None, gt=0, description="Max |logit difference| allowed; default 1e-4 for fp32 and a documented bf16 bound."
+        default=None, gt=0, description="Max absolute logit difference allowed; default 1e-4 for fp32 and a documented bf16 bound."
     )
     max_shard_size: str = Field(default="2GB", description="safetensors shard size of the saved model.")
 
@@ -242,15 +244,15 @@ class EvaluateConfig(_Strict):
     )
     samples_per_problem: int = Field(default=1, ge=1, description="n: generations per problem (pass@k needs n >= k).")
     temperature: float = Field(default=0.0, ge=0, description="0: greedy (then samples_per_problem must be 1).")
-    top_p: float = Field(default=0.95, gt=0, le=1)
-    max_new_tokens: int = Field(default=384, ge=1)
+    top_p: float = Field(default=0.95, gt=0, le=1, description="Nucleus sampling (temperature > 0 only).")
+    max_new_tokens: int = Field(default=384, ge=1, description="Generation length limit (stop rules usually end it sooner).")
     batch_size: int = Field(default=8, ge=1, description="Prompts per generation batch (left-padded).")
     ks: list[int] = Field(default=[1], min_length=1, description="pass@k values to report (only k <= n).")
     evaluate_base: bool = Field(default=True, description="Also evaluate the base model, for a before/after table.")
     workers: int | None = Field(default=None, ge=1, description="Parallel sandboxed executions (default: cores).")
     run_timeout_s: float = Field(default=10.0, gt=0, description="Wall-clock limit of one program's run.")
     compile_timeout_s: float = Field(default=60.0, gt=0, description="Wall-clock limit of one compilation.")
-    seed: int = 1234
+    seed: int = Field(default=1234, description="Seed of sampled generations.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "EvaluateConfig":
@@ -428,3 +430,32 @@ def load_config(path: str | Path = "pipeline.yaml", overrides: dict[str, Any] | 
 def config_to_yaml(cfg: PipelineConfig) -> str:
     data = json.loads(cfg.model_dump_json())
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def reference_rows(model: type[BaseModel] = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key path, default, description) of every config key, in schema order: the README's
+    configuration reference is generated from this (`mft config reference`), so it cannot drift."""
+    model = model or PipelineConfig
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        path = f"{prefix}{name}"
+        annotation = field.annotation
+        nested = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if name == "tasks":
+            rows.append((path, "(required)", "list of {path, name, weight}: " + (field.description or "")))
+            rows.extend(reference_rows(TaskSpec, f"{path}[]."))
+            continue
+        if nested is not None:
+            rows.extend(reference_rows(nested, f"{path}."))
+            continue
+        default = "(required)" if field.is_required() else json.dumps(field.default, default=str)
+        rows.append((path, default, field.description or ""))
+    return rows
+
+
+def reference_markdown() -> str:
+    lines = ["| key | default | effect |", "| --- | --- | --- |"]
+    lines += [f"| `{key}` | `{default}` | {text.replace('|', '/')} |" for key, default, text in reference_rows()]
+    return "\n".join(lines) + "\n"

@@ -87,3 +87,12 @@ def test_mft_config_show_prints_the_resolved_config_with_overrides(tmp_path):
 def test_the_shipped_pipeline_yaml_is_valid():
     cfg = load_config(REPO / "pipeline.yaml")
     assert [t.task_name for t in cfg.data.tasks] == ["text-to-code", "code-completion", "docstring-generation"]
+
+
+def test_readme_configuration_reference_is_the_generated_one():
+    from mft_core.config import reference_markdown
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("<!-- config-reference:")
+    block = readme[readme.index("\n", start) + 1 : readme.index("<!-- config-reference end -->")]
+    assert block == reference_markdown(), "README is stale: paste the output of `mft config reference`"
