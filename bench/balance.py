@@ -126,11 +126,11 @@ def main() -> None:
     rows = [[mode, *(f"{r['valid_loss'][t]:.4f} ({r['reduction'][t]:+.1%})" for t in TASKS), f"{r['mean_reduction']:+.1%}", f"{r['spread']:.1%}"]
             for mode, r in results.items()]
     headers = ["loss", *(f"{t} (n={sizes[t]})" for t in TASKS), "mean gain", "spread"]
-    print(f"\nbase model validation loss: " + ", ".join(f"{t} {before[t]:.4f}" for t in TASKS))
+    print("\nbase model validation loss: " + ", ".join(f"{t} {before[t]:.4f}" for t in TASKS))
     print(table(headers, rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(results, {"sizes": sizes}, RESULTS / "balance.png")
-    report = [f"# Task balancing on unbalanced demo tasks\n",
+    report = ["# Task balancing on unbalanced demo tasks\n",
               f"SmolLM2-135M-Instruct, LoRA, {args.steps} optimizer steps of 2 x {args.seq_length} tokens, seed 7. "
               f"Validation loss per task after training (relative reduction from the base model's).\n",
               "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

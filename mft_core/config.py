@@ -311,15 +311,21 @@ class PipelineConfig(_Strict):
     def resolved_humaneval_dir(self) -> Path | None:
         """The HumanEval-X directory: the config key, else $MFT_HUMANEVAL_X_DIR, else the
         ../shared/humaneval-x checkout beside the project; None when none exists."""
-        candidates = [self.humaneval_dir] if self.humaneval_dir is not None else default_humaneval_dirs(self.base_dir)
-        return next((p for p in candidates if p is not None and p.is_dir()), None)
+        directory = self.humaneval_dir if self.humaneval_dir is not None else default_humaneval_dir(self.base_dir)
+        return directory if directory.is_dir() else None
 
 
-def default_humaneval_dirs(base_dir: Path) -> list[Path]:
-    env = os.environ.get("MFT_HUMANEVAL_X_DIR")
+ENV_HUMANEVAL_X_DIR = "MFT_HUMANEVAL_X_DIR"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_humaneval_dir(base_dir: Path | None = None) -> Path:
+    """Where HumanEval-X is looked for when no directory is configured: $MFT_HUMANEVAL_X_DIR,
+    else `shared/humaneval-x` beside the project (the layout of this project's CI)."""
+    env = os.environ.get(ENV_HUMANEVAL_X_DIR)
     if env:
-        return [Path(env).expanduser().resolve()]
-    return [(base_dir / ".." / "shared" / "humaneval-x").resolve()]
+        return Path(env).expanduser().resolve()
+    return ((base_dir or REPO_ROOT).parent / "shared" / "humaneval-x").resolve()
 
 
 # ---------------------------------------------------------------------------------------------

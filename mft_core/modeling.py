@@ -17,8 +17,6 @@ module (e.g. from the CLI) stays cheap.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -28,7 +26,9 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
+
+from mft_core.store import FileHashCache, exclusive_lock
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ TOKENIZER_FILES = (
     "vocab.txt",
 )
 
-_SHA_SIDE_FILE = "gguf-sha256.json"
 
 
 # ----------------------------------------------------------------------------- model folders
@@ -139,30 +138,12 @@ def find_smollm2_gguf() -> Path:
 
 
 def file_sha256(path: Path, cache_root: Path) -> str:
-    """sha256 of a file, remembered in a side file keyed by (path, size, mtime_ns).
-
-    Hashing the 98 MB SmolLM2 GGUF costs ~0.3 s; the side file makes repeated resolution free
-    while still noticing a changed file (its size or mtime changes).
-    """
-    path = Path(path).resolve()
-    stat = path.stat()
-    side_file = Path(cache_root) / _SHA_SIDE_FILE
-    known = _read_json(side_file)
-    entry = known.get(str(path))
-    if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
-        return str(entry["sha256"])
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    sha = digest.hexdigest()
-    # Re-read under a lock so that concurrent callers hashing different files keep each other's entries.
-    side_file.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(side_file.with_name(side_file.name + ".lock")):
-        known = _read_json(side_file)
-        known[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha}
-        _write_json_atomic(side_file, known)
-    return sha
+    """sha256 of a file, remembered by (size, mtime) in the runs root's hash cache: hashing the
+    98 MB SmolLM2 GGUF costs ~0.3 s, and a changed file is still noticed."""
+    cache = FileHashCache(Path(cache_root))
+    digest = cache.digest(Path(path))
+    cache.save()
+    return digest
 
 
 def build_folder_once(
@@ -179,7 +160,7 @@ def build_folder_once(
     if (final_dir / CONVERSION_MARKER).is_file():
         return final_dir
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(final_dir.parent / f".{final_dir.name}.lock"):
+    with exclusive_lock(final_dir.parent / f".{final_dir.name}.lock"):
         if (final_dir / CONVERSION_MARKER).is_file():
             return final_dir  # another process finished it while we waited
         if final_dir.exists():
@@ -347,35 +328,3 @@ def tokenizer_content_hash(folder: Path) -> str:
             f"{folder} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})"
         )
     return digest.hexdigest()
-
-
-# ----------------------------------------------------------------------------- small helpers
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """An exclusive advisory lock held for the block (flock: also exclusive between threads)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for %s (another process holds it)", lock_path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}  # missing or damaged side file: recompute, it is only a cache
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)

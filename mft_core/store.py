@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -27,6 +28,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("mft.store")
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
@@ -116,10 +119,15 @@ def write_manifest(directory: Path, stage: str, key: str) -> dict:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (fcntl.flock) held for the block; says so when it must wait."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for %s (another process holds it)", lock_path)
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -159,7 +167,7 @@ def build_stage(
     itself must know how to continue from it); otherwise start from an empty directory.
     """
     final = stage_dir(runs_root, stage, key)
-    with _locked(final.with_name(final.name + ".lock")):
+    with exclusive_lock(final.with_name(final.name + ".lock")):
         if is_complete(final) and not force:
             return StageRun(final, key, computed=False)
         work = final.with_name(final.name + ".partial")

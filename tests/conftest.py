@@ -145,3 +145,14 @@ def smollm2_dir(test_cache_root) -> Path:
         return resolve_model(SMOLLM2_ALIAS, test_cache_root)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def humaneval_dir() -> Path:
+    """The HumanEval-X data beside the project (or $MFT_HUMANEVAL_X_DIR); skips when absent."""
+    from mft_core.config import ENV_HUMANEVAL_X_DIR, default_humaneval_dir
+
+    directory = default_humaneval_dir()
+    if not (directory / "python" / "humaneval_python.jsonl.gz").is_file():
+        pytest.skip(f"HumanEval-X data not found at {directory}; set ${ENV_HUMANEVAL_X_DIR}")
+    return directory

@@ -31,9 +31,10 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from mft_core.config import ENV_HUMANEVAL_X_DIR, default_humaneval_dir
+
 DEFAULT_NGRAM = 13
 
-ENV_HUMANEVAL_X_DIR = "MFT_HUMANEVAL_X_DIR"
 
 # ALLCAPS runs (not followed by lowercase: "HTTPServer" -> "HTTP", "Server"), Capitalized or
 # lowercase words, digit runs. Everything else separates words.
@@ -53,18 +54,6 @@ _BOILERPLATE_LINE_RE = re.compile(
 def normalize_words(text: str) -> list[str]:
     """The normalized word stream that n-grams are taken over (see the module docstring)."""
     return [word.lower() for word in _WORD_RE.findall(text)]
-
-
-def default_humaneval_dir() -> Path:
-    """Where HumanEval-X is looked for when no directory is given.
-
-    $MFT_HUMANEVAL_X_DIR if set, else ``<repo root>/../shared/humaneval-x``.
-    """
-    from_env = os.environ.get(ENV_HUMANEVAL_X_DIR)
-    if from_env:
-        return Path(from_env)
-    repo_root = Path(__file__).resolve().parents[2]
-    return repo_root.parent / "shared" / "humaneval-x"
 
 
 def strip_boilerplate(text: str) -> str:

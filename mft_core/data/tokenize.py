@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from mft_core.config import PipelineConfig
 from mft_core.data.ingest import read_tasks
-from mft_core.data.render import FitStatus, fit_to_length, generation_chat_template, make_template, render_records
+from mft_core.data.render import fit_to_length, generation_chat_template, make_template, render_records
 from mft_core.modeling import load_tokenizer, resolve_special_tokens, resolve_tokenizer_folder, tokenizer_content_hash
 
 log = logging.getLogger("mft.tokenize")

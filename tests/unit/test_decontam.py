@@ -22,12 +22,6 @@ from mft_core.data.decontam import (
 )
 
 
-@pytest.fixture(scope="module")
-def humaneval_dir() -> Path:
-    directory = default_humaneval_dir()
-    if not (directory / "python" / "humaneval_python.jsonl.gz").is_file():
-        pytest.skip(f"HumanEval-X data not found at {directory}; set ${ENV_HUMANEVAL_X_DIR}")
-    return directory
 
 
 def _rows(humaneval_dir: Path, language: str) -> list[dict]:

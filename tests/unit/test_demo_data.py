@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from mft_core.data.decontam import ENV_HUMANEVAL_X_DIR, default_humaneval_dir
 from mft_core.data.demo import (
     MAX_RECORD_CHARS,
     TASKS,
@@ -30,12 +29,6 @@ from mft_core.data.records import parse_line
 SUBSET = stdlib_dir() / "email"
 
 
-@pytest.fixture(scope="module")
-def humaneval_dir() -> Path:
-    directory = default_humaneval_dir()
-    if not (directory / "python" / "humaneval_python.jsonl.gz").is_file():
-        pytest.skip(f"HumanEval-X data not found at {directory}; set ${ENV_HUMANEVAL_X_DIR}")
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -65,9 +65,9 @@ def test_file_sha256_is_remembered_by_size_and_mtime(tmp_path):
     assert file_sha256(data_file, cache) == hashlib.sha256(b"first version").hexdigest()
 
     # The side file is what answers next time: poison it and the poisoned value comes back.
-    side_file = cache / "gguf-sha256.json"
+    side_file = cache / ".file-hashes.json"
     entries = json.loads(side_file.read_text())
-    entries[str(data_file.resolve())]["sha256"] = "remembered"
+    entries[str(data_file.resolve())][2] = "remembered"
     side_file.write_text(json.dumps(entries))
     assert file_sha256(data_file, cache) == "remembered"
 
