@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA := demo-data
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-data test test-fast bench toolchains prefect-up prefect-down clean
+.PHONY: setup demo demo-data test test-fast bench balance toolchains prefect-up prefect-down clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,10 @@ test-fast: setup
 
 bench: setup toolchains demo-data
 	$(PY) bench/run_all.py
+
+# What task balancing buys: case1 / case3 / focal / CoBa on unbalanced demo tasks (SmolLM2, CPU: ~15 min).
+balance: setup demo-data
+	$(PY) bench/balance.py
 
 prefect-up: setup demo-data
 	scripts/prefect-up.sh

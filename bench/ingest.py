@@ -14,7 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The project root replaces this folder on sys.path (bench/tokenize.py would shadow the stdlib).
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import REPO, best_time, ensure_demo_data, save, table  # noqa: E402
 from mft_core.config import load_config  # noqa: E402
