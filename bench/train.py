@@ -34,24 +34,25 @@ def prepare(runs: Path, precision: str) -> dict:
     from mft_core.config import load_config
     from mft_core.stages import run_stage
 
-    cfg = load_config(REPO / "pipeline.yaml", {"runs_root": str(runs), "tokenize.seq_length": SEQ})
-    ingest_dir = run_stage(cfg, "ingest").directory
-    tokenize_dir = run_stage(cfg, "tokenize", upstream_dir=ingest_dir).directory
     from mft_core.modeling import resolve_model
 
-    return {"tokenize_dir": str(tokenize_dir), "model_dir": str(resolve_model(cfg.model.path, REPO / "runs")),
-            "precision": precision}
+    model = str(resolve_model("smollm2-135m-instruct", REPO / "runs"))
+    cfg = load_config(REPO / "pipeline.yaml", {"runs_root": str(runs), "tokenize.seq_length": SEQ, "model.path": model})
+    ingest_dir = run_stage(cfg, "ingest").directory
+    tokenize_dir = run_stage(cfg, "tokenize", upstream_dir=ingest_dir).directory
+    return {"tokenize_dir": str(tokenize_dir), "model_dir": model, "precision": precision}
 
 
 def run_ours(runs: Path, steps: int, precision: str) -> dict:
     from mft_core.config import load_config
+    from mft_core.modeling import resolve_model
     from mft_core.stages import run_stage
 
     overrides = {
         "runs_root": str(runs), "tokenize.seq_length": SEQ, "train.max_steps": steps, "train.warmup_steps": 0,
         "train.rows_per_micro_batch": 1, "train.grad_accum": SLOTS_PER_STEP // SEQ, "train.eval_every": 10**6,
         "train.checkpoint_every": 10**6, "train.precision": precision, "train.lora.dropout": 0.0,
-        "model.path": str(REPO / "runs" / "models" / next(p.name for p in (REPO / "runs" / "models").iterdir())),
+        "model.path": str(resolve_model("smollm2-135m-instruct", REPO / "runs")),
     }
     cfg = load_config(REPO / "pipeline.yaml", overrides)
     out = run_stage(cfg, "train").directory

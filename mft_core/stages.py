@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mft_core import store
+from mft_core import merge, store
 from mft_core.config import PipelineConfig
 from mft_core.data import ingest, tokenize
 from mft_core.train import stage as train_stage
@@ -62,6 +62,13 @@ STAGES: dict[str, Stage] = {
         key_parts=lambda cfg, _up, hashes: train_stage.train_key_parts(cfg, hashes),
         build=lambda cfg, up, work, progress: train_stage.run_train(cfg, up, work, progress),
         resumable=True,  # checkpoints survive a crash; the rerun resumes from the newest
+    ),
+    "merge": Stage(
+        name="merge",
+        version=merge.STAGE_VERSION,
+        upstream="train",
+        key_parts=lambda cfg, _up, hashes: merge.merge_key_parts(cfg, hashes),
+        build=lambda cfg, up, work, _progress: merge.run_merge(cfg, up, work),
     ),
 }
 STAGE_ORDER: list[str] = list(STAGES)

@@ -3,6 +3,7 @@ stale outputs, stage selection, artifacts."""
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -40,11 +41,21 @@ def run_flow(config: Path, **params):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    from mft_core.stages import STAGE_ORDER
+
     state = mft_pipeline(config=str(config), return_state=True, **params)
+    expected = len(params.get("stages") or STAGE_ORDER)
+    # Task run states reach the server as events, a moment after the flow returns: wait for all.
+    deadline = time.monotonic() + 15
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        )
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
+            settled = len(runs) >= expected and all(run.state is not None and run.state.is_final() for run in runs)
+            if settled or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     # task run names are "<task name>-<suffix>"
     task_states = {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
     return state, task_states
@@ -53,12 +64,14 @@ def run_flow(config: Path, **params):
 def test_second_run_is_cached_and_a_changed_raw_file_recomputes(prefect_api, project):
     config = project()
     state, tasks = run_flow(config)
-    assert state.is_completed() and tasks == {"ingest": "Completed", "tokenize": "Completed", "train": "Completed"}
+    assert state.is_completed() and tasks == {"ingest": "Completed", "tokenize": "Completed", "train": "Completed",
+                                              "merge": "Completed"}
     first = state.result()
     assert all((Path(d) / "_SUCCESS").exists() for d in first.values())
 
     state, tasks = run_flow(config)
-    assert state.is_completed() and tasks == {"ingest": "Cached", "tokenize": "Cached", "train": "Cached"}
+    assert state.is_completed() and tasks == {"ingest": "Cached", "tokenize": "Cached", "train": "Cached",
+                                              "merge": "Cached"}
     assert state.result() == first
 
     project(answer="b")  # same paths, new content: everything downstream recomputes

@@ -1,0 +1,406 @@
+"""Merge stage: the train stage's adapter + the base model -> a plain Hugging Face model folder,
+proven equal to what was trained.
+
+Output directory (`runs/merge/<key16>/`):
+  model/              a plain HF causal-LM folder, usable anywhere (transformers, vLLM, llama.cpp
+                      conversion): safetensors weights in `merge.dtype` (sharded above
+                      `merge.max_shard_size`), config.json, generation_config.json (the training
+                      EOS and pad), the tokenizer of the tokenize stage (its chat template renders
+                      the training prompt) and a model card README.md
+  template.json       the tokenize stage's template.json (rendering, role markers, eos/pad ids)
+  merge_report.json   what was merged and the equivalence check: max / mean |logit difference|
+                      and argmax agreement of the saved model vs the trained one, and how far the
+                      fine-tune moved the logits from the base (so a passing check means something)
+
+(The model lives in `model/` because the store writes its own config.json, the resolved pipeline
+config, at the top of every stage directory.)
+
+LoRA / DoRA / QLoRA: a fresh *unquantized* base in `merge.dtype` + `PeftModel.from_pretrained` +
+`merge_and_unload`. A QLoRA adapter is folded into the full-precision base, never into a
+de-quantized nf4 one (reference/peers.md §3: merging into a quantized base changes outputs).
+Full fine-tuning: nothing to merge; the trained weights are saved in `merge.dtype` with the same
+folder contract and checked the same way.
+
+The check: the saved folder is loaded back (so what is on disk is what is checked) and run next
+to the reference: base + adapter unmerged (`PeftModel.from_pretrained` on a fresh base in
+`merge.dtype`), or the trained full model; on `merge.check_samples` validation samples taken
+round-robin over the tasks, one unpacked sample at a time (a plain causal forward over prompt and
+answer: no packing, so no position-id or block-mask subtlety can enter the comparison). Every
+logit of every position counts. The stage fails with the numbers when the max |difference|
+exceeds `merge.tolerance` (default: FP32_TOLERANCE / BF16_TOLERANCE).
+
+Both models hold the weights they have in `merge.dtype` but compute in float64, so that the check
+sees what the merge wrote into the weights and not the arithmetic. fp32 arithmetic alone moves
+SmolLM2-135M's logits by up to 1.2e-4 between two thread counts, 2e-4 away from float64, and once
+1.8e-2 between two processes (8 demo validation samples; outlier activations amplify rounding):
+a same-precision comparison at 1e-4 fails correct merges at random. In float64 it is
+deterministic. Cost: 8 bytes per parameter for each of the two models held during the check, and
+float64 matmuls (SmolLM2-135M, 8 demo samples, 2 cores: ~40 s vs ~17 s in fp32).
+
+Measured (SmolLM2-135M, the demo's LoRA r 16 on all linear layers after 16 steps at lr 2e-4, which
+moves the logits by up to 8.7; 32 demo validation samples, 7041 tokens):
+  fp32 merge: max 3.2e-5, mean 1.8e-6, argmax agreement 100 %  -> FP32_TOLERANCE 1e-4
+  bf16 merge: max 2.31, mean 0.13, argmax agreement 97.4 %     -> BF16_TOLERANCE 4.0
+In bf16, W + BA is rounded to bf16 once, and an update smaller than W's bf16 spacing (2^-8 of
+|W|) is partly rounded away (PEFT #1388 / #1836): the same adapter scaled x4 loses less (max 0.72),
+the tiny test Llama ~0.01. So bf16 is for size, not exactness: its bound only catches gross
+errors (a missing or doubled adapter moves logits by the adapter's whole effect), while the fp32
+check catches any merge defect (a LoRA on a tied output head: errors of 6 on the tiny model).
+
+Timings (load, merge, save, check) are logged, not written into the output: the output must be a
+pure function of the inputs, so that a rebuilt merge leaves the downstream keys unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mft_core import store
+from mft_core.config import PipelineConfig
+from mft_core.modeling import SMOLLM2_ALIAS, load_tokenizer, resolve_model
+from mft_core.store import FileHashCache
+from mft_core.train.stage import model_digest
+
+log = logging.getLogger("mft.merge")
+
+STAGE_VERSION = 1
+MODEL_DIR = "model"
+REPORT = "merge_report.json"
+FP32_TOLERANCE = 1e-4
+BF16_TOLERANCE = 4.0  # measured bound, see the module docstring
+ADAPTER_METHODS = ("lora", "qlora")
+# Hub ids of the model aliases, for the model card's `base_model` metadata.
+HUB_IDS = {SMOLLM2_ALIAS: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+class MergeCheckFailed(RuntimeError):
+    """The saved model's logits differ from the trained model's by more than the tolerance."""
+
+
+def default_tolerance(dtype: str) -> float:
+    return FP32_TOLERANCE if dtype == "fp32" else BF16_TOLERANCE
+
+
+def merge_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[str, Any], list[str]]:
+    """The merge section and the base model's content. The train output (adapter, tokenizer path,
+    losses) enters the key through its manifest; the base weights are not in that manifest, and
+    the merge reads them again, so they are hashed here (cheap: the hash cache knows them)."""
+    model_dir = resolve_model(cfg.model.path, cfg.runs_root)
+    return cfg.stage_section("merge"), [f"model:{model_digest(model_dir, hashes)}"]
+
+
+# ----------------------------------------------------------------------------- the train output
+
+
+def read_train_output(train_dir: Path, runs_root: Path) -> dict[str, Any]:
+    """hyperparameters.json and train_summary.json of a finished train output, checked, with the
+    tokenize output that trained it."""
+    for required in ("hyperparameters.json", "train_summary.json", MODEL_DIR):
+        if not (train_dir / required).exists():
+            raise FileNotFoundError(
+                f"{train_dir} has no {required}: it is not a finished train output; run the train stage "
+                "(`mft train`) and merge its output"
+            )
+    hyper = json.loads((train_dir / "hyperparameters.json").read_text())
+    method = hyper["train"]["method"]
+    if method in ADAPTER_METHODS and not (train_dir / MODEL_DIR / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{train_dir / MODEL_DIR} has no adapter_config.json although train.method is {method!r}: "
+            "the train output is damaged; rerun the train stage with --force"
+        )
+    tokenize_dir = Path(hyper["tokenize_dir"])
+    if not store.is_complete(tokenize_dir):  # recorded as an absolute path: the runs root may have moved
+        tokenize_dir = runs_root / "tokenize" / tokenize_dir.name
+    if not store.is_complete(tokenize_dir):
+        raise FileNotFoundError(
+            f"the tokenize output {tokenize_dir} that trained this model is gone or unfinished (named in "
+            f"{train_dir / 'hyperparameters.json'}); rerun `mft tokenize`, which rebuilds the same key"
+        )
+    summary = json.loads((train_dir / "train_summary.json").read_text())
+    return {**hyper, "summary": summary, "tokenize_dir": tokenize_dir}
+
+
+def check_sample_ids(tokenize_dir: Path, count: int) -> tuple[str, list[list[int]]]:
+    """Up to `count` samples' token ids, taken round-robin over the tasks (every task is checked),
+    from the validation split; the train split only when there is no validation data."""
+    from mft_core.train.data import TokenizedSplit
+
+    with_samples = {shard["split"] for shard in json.loads((tokenize_dir / "shards.json").read_text()) if shard["rows"]}
+    split = TokenizedSplit(tokenize_dir, "valid" if "valid" in with_samples else "train")
+    per_task = [[int(i) for i in (split.task_ids == task).nonzero()[0]] for task in range(split.num_tasks)]
+    chosen: list[int] = []
+    for round_index in range(max((len(ids) for ids in per_task), default=0)):
+        chosen += [ids[round_index] for ids in per_task if round_index < len(ids)]
+    return split.split, [split.sample(i)["input_ids"].tolist() for i in chosen[:count]]
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run_merge(cfg: PipelineConfig, train_dir: Path, out_dir: Path) -> dict[str, Any]:
+    import torch
+
+    settings = cfg.merge
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[settings.dtype]
+    tolerance = settings.tolerance if settings.tolerance is not None else default_tolerance(settings.dtype)
+    trained = read_train_output(train_dir, cfg.runs_root)
+    method = trained["train"]["method"]
+    base_dir = resolve_model(cfg.model.path, cfg.runs_root)
+    template = json.loads((trained["tokenize_dir"] / "template.json").read_text())
+    model_out = out_dir / MODEL_DIR
+    shutil.rmtree(model_out, ignore_errors=True)
+
+    started = time.perf_counter()
+    if method in ADAPTER_METHODS:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(load_causal_lm(base_dir, dtype), train_dir / MODEL_DIR)
+        loaded = time.perf_counter()
+        model = peft_model.merge_and_unload()
+        del peft_model
+    else:
+        model = load_causal_lm(train_dir / MODEL_DIR, dtype)
+        loaded = time.perf_counter()
+    merged = time.perf_counter()
+    model.generation_config.eos_token_id = template["eos_id"]
+    model.generation_config.pad_token_id = template["pad_id"]
+    model.save_pretrained(model_out, max_shard_size=settings.max_shard_size)
+    del model
+    save_tokenizer(trained["tokenize_dir"] / "tokenizer", model_out, template)
+    # Beside the model, not in it: how training rendered prompts, for exact prompts at evaluation.
+    shutil.copyfile(trained["tokenize_dir"] / "template.json", out_dir / "template.json")
+    saved = time.perf_counter()
+
+    split, samples = check_sample_ids(trained["tokenize_dir"], settings.check_samples)
+    check = check_equivalence(method, base_dir, train_dir / MODEL_DIR, model_out, dtype, samples)
+    checked = time.perf_counter()
+    check.update(split=split, tolerance=tolerance, passed=check["max_abs_diff"] <= tolerance)
+    log.info("merge: load %.2f s, merge %.2f s, save %.2f s, check %.2f s (%d samples, %d tokens)",
+             loaded - started, merged - loaded, saved - merged, checked - saved, check["samples"], check["tokens"])
+
+    report: dict[str, Any] = {
+        "method": method,
+        "merged": method in ADAPTER_METHODS,
+        "dtype": settings.dtype,
+        "base_model": cfg.model.path if cfg.model.path == SMOLLM2_ALIAS else cfg.display_path(base_dir),
+        "base_quantized_in_training": method == "qlora",
+        "model_dir": MODEL_DIR,
+        "weight_shards": len(list(model_out.glob("*.safetensors"))),
+        "weight_bytes": sum(p.stat().st_size for p in model_out.glob("*.safetensors")),
+        "check": check,
+    }
+    if check["passed"]:
+        (model_out / "README.md").write_text(model_card(cfg, trained, template, report))
+    report["files"] = sorted(p.name for p in model_out.iterdir())
+    (out_dir / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    if not check["passed"]:
+        raise MergeCheckFailed(failure_message(report, adapter_targets(train_dir / MODEL_DIR), out_dir / REPORT))
+    return report
+
+
+def load_causal_lm(folder: Path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+def save_tokenizer(tokenizer_dir: Path, model_out: Path, template: dict[str, Any]) -> None:
+    """The tokenize stage's tokenizer (its chat template renders the training prompt). EOS and pad
+    are filled in from training only where the tokenizer has none (MFTCoder pads with EOS), so a
+    tokenizer that has them is saved unchanged."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer.eos_token_id is None:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(template["eos_id"])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(template["pad_id"])
+    tokenizer.save_pretrained(model_out)
+
+
+# ----------------------------------------------------------------------------- the check
+
+
+LogitFn = Callable[["Any"], "Any"]  # token ids [1, T] -> logits [T, V] (float64)
+
+
+def load_for_check(folder: Path, dtype):
+    """A model whose weights hold the values they have in `dtype`, computing in float64."""
+    import torch
+
+    return load_causal_lm(folder, dtype).to(torch.float64)
+
+
+def check_equivalence(method: str, base_dir: Path, trained_dir: Path, saved_dir: Path, dtype,
+                      samples: list[list[int]]) -> dict[str, Any]:
+    """Saved model vs the trained one (base + adapter unmerged, or the trained full model), and,
+    to know the check means something, the trained model vs the base."""
+    saved = load_for_check(saved_dir, dtype)
+    if method in ADAPTER_METHODS:
+        from peft import PeftModel
+
+        reference = PeftModel.from_pretrained(load_for_check(base_dir, dtype), trained_dir).eval()
+
+        def base_logits(ids):
+            with reference.disable_adapter():
+                return logits_of(reference)(ids)
+
+        equal = compare_logits(logits_of(saved), logits_of(reference), samples)
+        effect = compare_logits(logits_of(reference), base_logits, samples)
+    else:
+        reference = load_for_check(trained_dir, dtype)
+        equal = compare_logits(logits_of(saved), logits_of(reference), samples)
+        del reference
+        effect = compare_logits(logits_of(saved), logits_of(load_for_check(base_dir, dtype)), samples)
+    return {
+        "reference": "base + adapter, unmerged" if method in ADAPTER_METHODS else "the trained model",
+        "samples": len(samples),
+        "tokens": sum(len(s) for s in samples),
+        "max_abs_diff": equal["max_abs_diff"],
+        "mean_abs_diff": equal["mean_abs_diff"],
+        "argmax_agreement": equal["argmax_agreement"],
+        "finetune_effect": {
+            "max_abs_diff": effect["max_abs_diff"],
+            "mean_abs_diff": effect["mean_abs_diff"],
+            "argmax_changed": 1.0 - effect["argmax_agreement"],
+        },
+    }
+
+
+def logits_of(model) -> LogitFn:
+    import torch
+
+    def run(ids):
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits[0]
+
+    return run
+
+
+def compare_logits(first: LogitFn, second: LogitFn, samples: list[list[int]]) -> dict[str, float]:
+    """Max and mean |difference| over every logit of every position, and the share of positions
+    whose argmax agrees; one sample at a time, so memory is one sample's logits."""
+    import torch
+
+    max_diff, diff_sum, values, agree, positions = 0.0, 0.0, 0, 0, 0
+    for sample in samples:
+        ids = torch.tensor([sample], dtype=torch.long)
+        a, b = first(ids), second(ids)
+        diff = (a - b).abs()
+        max_diff = max(max_diff, diff.max().item())
+        diff_sum += diff.double().sum().item()
+        values += diff.numel()
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum().item())
+        positions += a.shape[0]
+    if not positions:
+        raise ValueError("no samples to check the merge on: the tokenize output holds no sample")
+    return {"max_abs_diff": max_diff, "mean_abs_diff": diff_sum / values, "argmax_agreement": agree / positions}
+
+
+def adapter_targets(model_dir: Path) -> list[str]:
+    """The module names an adapter was trained on ([] for a full model)."""
+    config = model_dir / "adapter_config.json"
+    targets = json.loads(config.read_text()).get("target_modules") if config.is_file() else None
+    return [targets] if isinstance(targets, str) else list(targets or [])
+
+
+def failure_message(report: dict[str, Any], targets: list[str], report_path: Path) -> str:
+    check = report["check"]
+    message = (
+        f"merge check failed: the saved {report['dtype']} model differs from {check['reference']} by up to "
+        f"{check['max_abs_diff']:.3g} in a logit, above merge.tolerance {check['tolerance']:.3g} "
+        f"(mean |diff| {check['mean_abs_diff']:.3g}, argmax agreement {check['argmax_agreement']:.2%}, "
+        f"{check['samples']} {check['split']} samples; the fine-tune itself moved the logits by up to "
+        f"{check['finetune_effect']['max_abs_diff']:.3g}). Details: {report_path}."
+    )
+    if "lm_head" in targets:
+        message += (
+            " Likely cause: the adapter trains lm_head; when the model ties lm_head to the input "
+            "embeddings, merging changes both. Train without lm_head in train.lora.targets."
+        )
+    elif report["dtype"] == "bf16":
+        message += " bf16 merging rounds the weights; merge in fp32 (merge.dtype: fp32) for an exact model."
+    else:
+        message += (" Nothing was published; check that the train output and the base model belong together "
+                    "(the base is the one named by model.path).")
+    return message
+
+
+# ----------------------------------------------------------------------------- model card
+
+
+def model_card(cfg: PipelineConfig, trained: dict[str, Any], template: dict[str, Any], report: dict[str, Any]) -> str:
+    summary, check = trained["summary"], report["check"]
+    losses = summary.get("final_valid_task_loss") or {}
+    method = report["method"]
+    base = report["base_model"]
+    front = {"library_name": "transformers", "pipeline_tag": "text-generation",
+             "tags": ["mft-pipeline", "multi-task-fine-tuning", "code", method]}
+    if base in HUB_IDS:
+        front["base_model"] = HUB_IDS[base]
+    loss = lambda name: f"{losses[name]:.4f}" if name in losses else "-"
+    rows = "\n".join(f"| {t['name']} | {t['id']} | {t['weight']:g} | {loss(t['name'])} |" for t in trained["tasks"])
+    how = ("merged into the base (`merge_and_unload`)" if report["merged"] else "full fine-tuning, no adapter")
+    if method == "qlora":
+        how += "; trained on a 4-bit nf4 base, merged into the unquantized base"
+    prompt = (
+        f"MFTCoder rendering, role markers {json.dumps(template['role_markers'])}, each answer closed by EOS"
+        if template["template"] == "mftcoder" else "the base tokenizer's own chat template"
+    )
+    train_yaml = yaml.safe_dump(trained["train"], sort_keys=False).rstrip()
+    return f"""---
+{yaml.safe_dump(front, sort_keys=False).rstrip()}
+---
+
+# Multi-task fine-tune of {base}
+
+Trained with mft-pipeline on {len(trained['tasks'])} tasks at once: method **{method}**, {how}.
+Weights: safetensors, {report['dtype']}.
+
+## Tasks and final validation loss
+
+| task | id | weight | final validation loss (per-task token mean) |
+|---|---|---|---|
+{rows}
+
+{summary.get('steps')} optimizer steps, {summary.get('trained_tokens')} trained tokens, precision
+{trained.get('precision')}, {trained.get('world_size')} process(es).
+
+## Prompt format
+
+{prompt}. The tokenizer's chat template reproduces the training prompt token for token:
+`tokenizer.apply_chat_template(messages, add_generation_prompt=True)`. Generation stops at EOS
+(id {template['eos_id']}); padding uses id {template['pad_id']} (both in generation_config.json).
+
+## Merge check
+
+The saved weights were loaded back and compared with {check['reference']} on {check['samples']}
+{check['split']} samples ({check['tokens']} tokens, every logit, float64 arithmetic): max |difference|
+{check['max_abs_diff']:.3g} (tolerance {check['tolerance']:.3g}), mean {check['mean_abs_diff']:.3g},
+argmax agreement {check['argmax_agreement']:.2%}. The fine-tune moved the logits from the base by up
+to {check['finetune_effect']['max_abs_diff']:.3g}.
+
+## Usage
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
+ids = tokenizer.apply_chat_template([{{"role": "user", "content": "Write a function that adds two numbers."}}],
+                                    add_generation_prompt=True, return_tensors="pt", return_dict=False)
+print(tokenizer.decode(model.generate(ids, max_new_tokens=128)[0][ids.shape[1]:], skip_special_tokens=True))
+```
+
+## Training config
+
+```yaml
+{train_yaml}
+```
+"""
