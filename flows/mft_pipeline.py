@@ -20,12 +20,19 @@ from mft_core.config import load_config
 from mft_core.report import pipeline_summary
 from mft_core.stages import STAGE_ORDER, locate_stage
 from tasks._common import results_dir
+from tasks.evaluate import evaluate_task
 from tasks.ingest import ingest_task
 from tasks.merge import merge_task
 from tasks.tokenize import tokenize_task
 from tasks.train import train_task
 
-STAGE_TASKS = {"ingest": ingest_task, "tokenize": tokenize_task, "train": train_task, "merge": merge_task}
+STAGE_TASKS = {
+    "ingest": ingest_task,
+    "tokenize": tokenize_task,
+    "train": train_task,
+    "merge": merge_task,
+    "evaluate": evaluate_task,
+}
 assert list(STAGE_TASKS) == STAGE_ORDER, "every stage of mft_core.stages needs its task here"
 
 

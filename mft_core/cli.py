@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "run":  # under Prefect, the task forwards mft.* records to its own logger
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("mft").addHandler(handler)
-        logging.getLogger("mft").setLevel(logging.INFO)
+        for name in ("mft", "mft_core"):
+            logging.getLogger(name).addHandler(handler)
+            logging.getLogger(name).setLevel(logging.INFO)
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as err:

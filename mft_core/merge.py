@@ -67,7 +67,7 @@ from mft_core import store
 from mft_core.config import PipelineConfig
 from mft_core.modeling import SMOLLM2_ALIAS, load_tokenizer, resolve_model
 from mft_core.store import FileHashCache
-from mft_core.train.stage import model_digest
+from mft_core.train.stage import job_path, model_digest
 
 log = logging.getLogger("mft.merge")
 
@@ -116,9 +116,7 @@ def read_train_output(train_dir: Path, runs_root: Path) -> dict[str, Any]:
             f"{train_dir / MODEL_DIR} has no adapter_config.json although train.method is {method!r}: "
             "the train output is damaged; rerun the train stage with --force"
         )
-    tokenize_dir = Path(hyper["tokenize_dir"])
-    if not store.is_complete(tokenize_dir):  # recorded as an absolute path: the runs root may have moved
-        tokenize_dir = runs_root / "tokenize" / tokenize_dir.name
+    tokenize_dir = job_path(hyper["tokenize_dir"], train_dir)  # relative to the runs root
     if not store.is_complete(tokenize_dir):
         raise FileNotFoundError(
             f"the tokenize output {tokenize_dir} that trained this model is gone or unfinished (named in "

@@ -70,7 +70,14 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-SUMMARIES = {"ingest": ingest_summary, "tokenize": tokenize_summary, "train": train_summary, "merge": merge_summary}
+def evaluate_summary(directory: Path) -> str:
+    from mft_core.eval.stage import evaluate_summary as summary_of_evaluation
+
+    return summary_of_evaluation(directory)
+
+
+SUMMARIES = {"ingest": ingest_summary, "tokenize": tokenize_summary, "train": train_summary, "merge": merge_summary,
+             "evaluate": evaluate_summary}
 
 
 def pipeline_summary(outputs: dict[str, Path]) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from mft_core import merge, store
 from mft_core.config import PipelineConfig
 from mft_core.data import ingest, tokenize
+from mft_core.eval import stage as eval_stage
 from mft_core.train import stage as train_stage
 
 log = logging.getLogger("mft.stages")
@@ -69,6 +70,14 @@ STAGES: dict[str, Stage] = {
         upstream="train",
         key_parts=lambda cfg, _up, hashes: merge.merge_key_parts(cfg, hashes),
         build=lambda cfg, up, work, _progress: merge.run_merge(cfg, up, work),
+    ),
+    "evaluate": Stage(
+        name="evaluate",
+        version=eval_stage.STAGE_VERSION,
+        upstream="merge",
+        key_parts=lambda cfg, _up, hashes: eval_stage.evaluate_key_parts(cfg, hashes),
+        build=lambda cfg, up, work, progress: eval_stage.run_evaluate(cfg, up, work, progress),
+        resumable=True,  # generations and verdicts are kept per sample; a rerun continues
     ),
 }
 STAGE_ORDER: list[str] = list(STAGES)

@@ -56,17 +56,19 @@ def forward_mft_logs() -> Iterator[logging.LoggerAdapter]:
     """Send the library's `mft.*` log records to the task's Prefect logger (UI, `prefect flow-run logs`)."""
     run_logger = get_run_logger()
     handler = _ToPrefect(run_logger)
-    root = logging.getLogger("mft")
-    previous = root.level, root.propagate
-    root.setLevel(logging.INFO)
-    root.propagate = False  # the Prefect logger prints it already; no second console line
-    root.addHandler(handler)
+    roots = [logging.getLogger(name) for name in ("mft", "mft_core")]  # mft_core.*: modules named by __name__
+    previous = [(root.level, root.propagate) for root in roots]
+    for root in roots:
+        root.setLevel(logging.INFO)
+        root.propagate = False  # the Prefect logger prints it already; no second console line
+        root.addHandler(handler)
     try:
         yield run_logger
     finally:
-        root.removeHandler(handler)
-        root.setLevel(previous[0])
-        root.propagate = previous[1]
+        for root, (level, propagate) in zip(roots, previous):
+            root.removeHandler(handler)
+            root.setLevel(level)
+            root.propagate = propagate
 
 
 def publish_stats_table(stage: str, rows: list[dict[str, Any]], description: str) -> None:

@@ -94,6 +94,13 @@ def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    targets = cfg.lora.targets if isinstance(cfg.lora.targets, list) else []
+    head_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), "lm_head")
+    if getattr(model.config, "tie_word_embeddings", False) and any(t == head_name.split(".")[-1] for t in targets):
+        raise ValueError(f"train.lora.targets includes {head_name!r}, but this model ties it to the input embeddings: "
+                         "merging such an adapter changes both matrices and the merged model differs from the trained one. "
+                         "Leave the output head out of the targets (all-linear already does).")
+
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:

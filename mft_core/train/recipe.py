@@ -40,6 +40,7 @@ from mft_core.train.launch import cuda_available
 from mft_core.train.metrics import MetricsLog, plot_loss_curves
 from mft_core.train.model import TokenLossModel, load_model, resolve_attention, resolve_precision
 from mft_core.train.optim import make_scheduler, param_groups
+from mft_core.train.stage import job_path
 
 log = logging.getLogger("mft.train")
 
@@ -94,7 +95,7 @@ def main(work_dir: Path) -> None:
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     set_seed(cfg.seed)  # the same initial weights (LoRA init) on every rank
 
-    tokenize_dir = Path(job["tokenize_dir"])
+    tokenize_dir = job_path(job["tokenize_dir"], work_dir)
     template = json.loads((tokenize_dir / "template.json").read_text())
     seq_length, pad_id = template["seq_length"], template["pad_id"]
     train_split = TokenizedSplit(tokenize_dir, "train")
@@ -125,7 +126,7 @@ def main(work_dir: Path) -> None:
         valid_batches = validation_plan(valid_split, seq_length=seq_length,
                                         rows_per_micro_batch=cfg.rows_per_micro_batch, world_size=world)[rank]
 
-    model = load_model(Path(job["model_dir"]), cfg, precision, attention, on_gpu)
+    model = load_model(job_path(job["model_dir"], work_dir), cfg, precision, attention, on_gpu)
     wrapper = TokenLossModel(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     scheduler = make_scheduler(optimizer, kind=cfg.schedule, warmup_steps=cfg.warmup_steps,

@@ -53,9 +53,11 @@ def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
     model_dir = resolve_model(cfg.model.path, cfg.runs_root)
     weights = {t.task_name: t.weight for t in cfg.data.tasks}
     tasks = [{"name": t["name"], "id": t["id"], "weight": weights[t["name"]]} for t in _tokenized_tasks(tokenize_dir)]
+    # Paths inside the runs root are stored relative to it: the train output (and so the keys of
+    # the stages after it) must not depend on where the project is checked out.
     job = {
-        "model_dir": str(model_dir),
-        "tokenize_dir": str(tokenize_dir),
+        "model_dir": _relative_to_runs(model_dir, cfg.runs_root),
+        "tokenize_dir": _relative_to_runs(tokenize_dir, cfg.runs_root),
         "tasks": tasks,
         "train": cfg.stage_section("train"),
     }
@@ -72,6 +74,19 @@ def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
     (work_dir / "train.log").unlink(missing_ok=True)  # streamed into the run's log already
     (work_dir / "deepspeed.json").unlink(missing_ok=True)
     return json.loads((work_dir / "train_summary.json").read_text())
+
+
+def _relative_to_runs(path: Path, runs_root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(runs_root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def job_path(value: str, work_dir: Path) -> Path:
+    """A path of train_job.json: relative ones are inside the runs root (runs/train/<key>/..)."""
+    path = Path(value)
+    return path if path.is_absolute() else work_dir.resolve().parent.parent / path
 
 
 def _tokenized_tasks(tokenize_dir: Path) -> list[dict[str, Any]]:

@@ -30,12 +30,14 @@ def test_mft_run_on_the_demo_config_then_a_cached_rerun(tmp_path):
     demo = mft("data", "demo", "--out", "demo-data", "--per-task", "300", cwd=project, env=env)
     assert demo.returncode == 0, demo.stderr
     # The demo config with a handful of steps: the whole pipeline on the real SmolLM2.
-    quick = ["--set", "train.max_steps=2", "--set", "train.warmup_steps=0", "--set", "train.eval_every=2"]
+    quick = ["--set", "train.max_steps=2", "--set", "train.warmup_steps=0", "--set", "train.eval_every=2",
+             "--set", "merge.check_samples=2", "--set", "evaluate.limit=1", "--set", "evaluate.max_new_tokens=48"]
     first = mft("run", *quick, cwd=project, env=env)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     output = first.stdout + first.stderr
     assert "=== mft-pipeline results ===" in output and "text-to-code" in output
-    assert "train (" in output and "final valid loss" in output
+    assert "train (" in output and "final valid loss" in output and "merge (" in output
+    assert "pass@1" in output and all(lang in output for lang in ("python", "cpp", "java", "js", "go"))
     assert (project / ".prefect").is_dir()
     second = mft("run", *quick, cwd=project, env=env)
     assert second.returncode == 0

@@ -17,6 +17,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from mft_core.train.stage import job_path
 from mft_core.config import load_config
 from mft_core.data.render import make_template, render_prompt
 from mft_core.data.tokenize import open_shard
@@ -79,12 +80,12 @@ def full(tmp_path_factory, tiny_llama_dir):
 
 
 def valid_samples(run, count=6) -> list[list[int]]:
-    tokenize_dir = Path(json.loads((run.train_dir / "hyperparameters.json").read_text())["tokenize_dir"])
+    tokenize_dir = job_path(json.loads((run.train_dir / "hyperparameters.json").read_text())["tokenize_dir"], run.train_dir)
     return check_sample_ids(tokenize_dir, count)[1]
 
 
 def template_of(run) -> dict:
-    tokenize_dir = Path(json.loads((run.train_dir / "hyperparameters.json").read_text())["tokenize_dir"])
+    tokenize_dir = job_path(json.loads((run.train_dir / "hyperparameters.json").read_text())["tokenize_dir"], run.train_dir)
     return json.loads((tokenize_dir / "template.json").read_text())
 
 
@@ -164,7 +165,7 @@ def test_model_card_names_base_tasks_config_and_losses(lora, tiny_llama_dir):
     for task, loss in losses.items():
         assert f"| {task} |" in card and f"{loss:.4f}" in card
     assert "lr: 0.005" in card and "max_steps: 2" in card  # the training config, as YAML
-    assert "apply_chat_template" in card and f"max |difference|" in card
+    assert "apply_chat_template" in card and "max |difference|" in card
     assert "README.md" in lora.report["files"]
 
 
@@ -195,7 +196,8 @@ def test_a_merge_that_changes_the_model_fails_with_the_numbers(lora, tmp_path):
     # A real defect, not a mock: the tiny Llama ties lm_head to the input embeddings. Add a trained
     # LoRA on lm_head to the adapter: unmerged, it changes only the output head; merged, PEFT writes
     # it into the shared matrix and so changes the input embeddings too.
-    train_dir = tmp_path / "train"
+    train_dir = lora.train_dir.with_name("tampered")  # inside the runs root, like a real train output
+    shutil.rmtree(train_dir, ignore_errors=True)
     shutil.copytree(lora.train_dir, train_dir)
     adapter = train_dir / "model"
     config = json.loads((adapter / "adapter_config.json").read_text())

@@ -1,0 +1,409 @@
+"""Evaluate stage: the merged model (and, when `evaluate.evaluate_base`, the base model) on
+HumanEval-X: generate, execute in the sandbox, pass@k.
+
+Output directory (`runs/evaluate/<key16>/`):
+  generations.jsonl     one record per sample of each model: model, task_id, sample_index,
+                        prompt_mode, prompt (the rendered text the model saw), raw (the decoded
+                        answer), generation (the completion that is executed), new_tokens,
+                        stopped (eos / complete / max_new_tokens), seconds
+  execution/<model>.jsonl  the executor's own resumable results file, one per model
+  results.jsonl         every verdict (the executor's record: verdict, passed, compile_s, run_s,
+                        cpu_s, returncode, output_tail) with its model, ordered
+  summary.json          pass@k per language and averaged, verdict counts, generation speed, for
+                        each model; the settings
+  report.md             the same as tables; base and fine-tuned side by side when both ran
+
+Resumable (register the stage with `resumable=True`): an interrupted run leaves finished
+generations and verdicts in the work directory, and the next run with the same key generates and
+executes only what is missing. results.jsonl, summary.json and report.md are written last.
+
+Prompts: `evaluate.prompt_mode` auto means chat for the fine-tuned model (the training rendering,
+see generate.py) and completion for the base model; chat or completion apply to both models. Chat
+prompts are always the training rendering (the tokenize stage's template.json, copied by the
+merge stage, else the merged tokenizer's chat template, which reproduces it), for the base model
+too, so both models get the same prompt tokens.
+
+Generation runs with `train.threads` torch threads when set (the thread count chosen for this
+machine's training), else one per CPU this process may use.
+
+Languages whose toolchain is missing make the stage fail before anything runs (toolchains are not
+part of the key: a result computed without a language must not be reused once it is installed).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mft_core.config import EvaluateConfig, PipelineConfig
+from mft_core.data.render import MFTCoderTemplate, Template, TokenizerChatTemplate, make_template
+from mft_core.eval.execute import ExecutionConfig, ToolchainMissing, execute_samples, missing_toolchain
+from mft_core.eval.passk import pass_at_k_table
+from mft_core.eval.problems import LANGUAGES, Problem, select_problems
+from mft_core.store import FileHashCache
+
+if TYPE_CHECKING:  # generation needs torch and transformers: imported when the stage runs, not with stages.py
+    from mft_core.eval.generate import GenerationSettings, RenderedPrompt
+
+log = logging.getLogger("mft.evaluate")
+
+STAGE_VERSION = 1
+GENERATIONS = "generations.jsonl"
+RESULTS = "results.jsonl"
+SUMMARY = "summary.json"
+REPORT = "report.md"
+EXECUTION_DIR = "execution"
+MERGE_REPORT = "merge_report.json"
+TEMPLATE = "template.json"
+MODELS = ("base", "finetuned")  # report order: before, after
+MODEL_LABELS = {"base": "base", "finetuned": "fine-tuned"}
+
+Progress = Callable[[int, int], None]
+
+
+# ----------------------------------------------------------------------------- key
+
+
+def select_evaluation_problems(cfg: PipelineConfig) -> list[Problem]:
+    settings = cfg.evaluate
+    return select_problems(languages=list(settings.languages), task_ids=settings.task_ids, limit=settings.limit,
+                           humaneval_dir=cfg.resolved_humaneval_dir())
+
+
+def problems_digest(problems: list[Problem]) -> str:
+    """Content of exactly the problems evaluated (prompts, tests, Go's extra fields), not their paths."""
+    digest = hashlib.sha256()
+    for problem in problems:
+        fields = [problem.task_id, problem.prompt, problem.test, problem.canonical_solution, problem.declaration,
+                  json.dumps(problem.extra, sort_keys=True)]
+        for text in fields:
+            digest.update(text.encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def evaluate_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[str, Any], list[str]]:
+    """The evaluate section without `workers` (verdicts do not depend on it) plus the training
+    precision (generation runs in it); inputs: the HumanEval-X problems' content and, when the base
+    model is evaluated too, its weights. The merged model enters through the upstream manifest.
+    Which toolchains are installed and how the sandbox isolates are not part of the key."""
+    section = cfg.stage_section("evaluate")
+    section.pop("workers")
+    section["precision"] = cfg.train.precision
+    inputs = [f"humaneval-x:{problems_digest(select_evaluation_problems(cfg))}"]
+    if cfg.evaluate.evaluate_base:
+        from mft_core.modeling import resolve_model
+        from mft_core.train.stage import model_digest
+
+        inputs.append(f"base-model:{model_digest(resolve_model(cfg.model.path, cfg.runs_root), hashes)}")
+        hashes.save()
+    return section, inputs
+
+
+# ----------------------------------------------------------------------------- the merge output
+
+
+def merged_model_folder(merge_dir: Path) -> Path:
+    """The HF model folder inside a merge output (merge_report.json names it), or `merge_dir` itself
+    when it is a plain HF model folder."""
+    merge_dir = Path(merge_dir)
+    report = merge_dir / MERGE_REPORT
+    if report.is_file():
+        folder = merge_dir / json.loads(report.read_text()).get("model_dir", "model")
+    elif (merge_dir / "model" / "config.json").is_file():
+        folder = merge_dir / "model"
+    else:
+        folder = merge_dir
+    config = folder / "config.json"
+    is_model = config.is_file() and "model_type" in json.loads(config.read_text())
+    if not is_model:
+        raise FileNotFoundError(
+            f"{merge_dir} holds no Hugging Face model folder (looked for {MERGE_REPORT}'s model_dir, model/config.json "
+            f"and a config.json with model_type): pass the merge stage's output (`mft merge`) or a saved model folder")
+    return folder
+
+
+def training_template(merge_dir: Path, model_folder: Path) -> tuple[Template, int | None]:
+    """The training rendering and EOS id: template.json of the tokenize stage (the merge stage copies it
+    beside the model), else the merged tokenizer's chat template (which reproduces the rendering)."""
+    for candidate in (Path(merge_dir) / TEMPLATE, model_folder / TEMPLATE):
+        if candidate.is_file():
+            try:
+                info = json.loads(candidate.read_text())
+                if info["template"] != MFTCoderTemplate.name:
+                    return make_template(info["template"]), info.get("eos_id")
+                markers = info.get("role_markers") or {}
+                role_markers = {role: markers[f"{role}_marker"] for role in ("system", "user", "assistant")} \
+                    if markers else None
+                return make_template(MFTCoderTemplate.name, role_markers), info.get("eos_id")
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"{candidate}: not a template.json of the tokenize stage ({error!r}); rerun the "
+                                 f"merge stage (`mft merge --force`), which copies it from the tokenize output") from None
+    log.info("no %s beside %s: chat prompts use the model tokenizer's chat template", TEMPLATE, model_folder)
+    return TokenizerChatTemplate(), None
+
+
+def prompt_modes(settings: EvaluateConfig) -> dict[str, str]:
+    if settings.prompt_mode == "auto":
+        return {"finetuned": "chat", "base": "completion"}
+    return {"finetuned": settings.prompt_mode, "base": settings.prompt_mode}
+
+
+def generation_settings(settings: EvaluateConfig) -> GenerationSettings:
+    from mft_core.eval.generate import GenerationSettings
+
+    return GenerationSettings(samples_per_problem=settings.samples_per_problem, temperature=settings.temperature,
+                              top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
+                              batch_size=settings.batch_size, seed=settings.seed)
+
+
+def execution_config(settings: EvaluateConfig) -> ExecutionConfig:
+    workers = settings.workers or len(os.sched_getaffinity(0))
+    return ExecutionConfig(workers={language: workers for language in LANGUAGES},
+                           run_timeout_s={language: settings.run_timeout_s for language in LANGUAGES},
+                           compile_timeout_s=settings.compile_timeout_s)
+
+
+def require_toolchains(languages: list[str]) -> None:
+    missing = {language: reason for language in languages if (reason := missing_toolchain(language))}
+    if missing:
+        details = "; ".join(f"{language}: {reason}" for language, reason in missing.items())
+        raise ToolchainMissing(
+            f"cannot evaluate {', '.join(missing)}: {details}. Install the toolchains (`make toolchains`, i.e. "
+            f"scripts/install-toolchains.sh) or leave these languages out of evaluate.languages")
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run_evaluate(cfg: PipelineConfig, merge_dir: Path, out_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Generate, execute and score; returns the summary (also written to summary.json)."""
+    from mft_core.eval.generate import generate_to_file, load_generation_model, read_generations, render_prompt_for
+    from mft_core.modeling import load_tokenizer, resolve_model
+
+    settings = cfg.evaluate
+    out_dir = Path(out_dir)
+    problems = select_evaluation_problems(cfg)
+    languages = [language for language in LANGUAGES if any(p.language == language for p in problems)]
+    require_toolchains(languages)
+
+    finetuned_folder = merged_model_folder(merge_dir)
+    template, eos_id = training_template(merge_dir, finetuned_folder)
+    folders = {"finetuned": finetuned_folder}
+    if settings.evaluate_base:
+        folders["base"] = resolve_model(cfg.model.path, cfg.runs_root)
+    modes = prompt_modes(settings)
+    sampling = generation_settings(settings)
+    total = 2 * len(problems) * settings.samples_per_problem * len(folders)  # generated, then executed
+    counter = _ProgressCounter(progress, total)
+    chat_tokenizer = functools.cache(lambda: load_tokenizer(finetuned_folder))  # loaded on first use
+
+    def renderer(mode: str) -> Callable[[Problem, Any], RenderedPrompt]:
+        def render(problem: Problem, tokenizer) -> RenderedPrompt:
+            if mode == "completion":
+                return render_prompt_for(problem, "completion", tokenizer)
+            # The training rendering, with the fine-tuned model's tokenizer, whichever model generates.
+            return render_prompt_for(problem, "chat", chat_tokenizer(), template, eos_id)
+        return render
+
+    log.info("evaluate: %d problems (%s), %d sample(s) each; models: %s", len(problems),
+             ", ".join(f"{lang} {sum(p.language == lang for p in problems)}" for lang in languages),
+             settings.samples_per_problem, ", ".join(f"{MODEL_LABELS[t]} ({modes[t]} prompts)" for t in folders))
+    counter.add(sum(1 for r in read_generations(out_dir / GENERATIONS) if r["model"] in folders))
+    model_runs: dict[str, dict[str, Any]] = {}
+    for tag, folder in folders.items():
+        started = time.perf_counter()
+        run = generate_to_file(
+            out_dir / GENERATIONS, tag, lambda folder=folder: load_generation_model(folder, cfg.train.precision, eos_id),
+            problems, modes[tag], sampling, renderer(modes[tag]), threads=cfg.train.threads,
+            on_record=lambda _record: counter.add(1))
+        generated_s = time.perf_counter() - started
+        gc.collect()  # the model is gone; its memory goes to the executors
+        results_path = out_dir / EXECUTION_DIR / f"{tag}.jsonl"
+        counter.add(_count_lines(results_path))
+        started = time.perf_counter()
+        # The stored generation is already truncated (truncation is idempotent, but say what is meant).
+        results = execute_samples(run.records, results_path, problems=problems, config=execution_config(settings),
+                                  truncate=False, on_result=lambda _record: counter.add(1))
+        model_runs[tag] = {"folder": folder, "mode": modes[tag], "generation": run.stats, "results": results,
+                           "generate_wall_s": round(generated_s, 3), "execute_wall_s": round(time.perf_counter() - started, 3)}
+        log.info("%s: %s", MODEL_LABELS[tag], _average_line(pass_at_k_table(results, settings.ks), settings.ks))
+
+    _write_results(out_dir / RESULTS, {tag: run["results"] for tag, run in model_runs.items()})
+    summary = build_summary(cfg, problems, model_runs)
+    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    (out_dir / REPORT).write_text(report_markdown(summary))
+    return summary
+
+
+class _ProgressCounter:
+    def __init__(self, callback: Progress | None, total: int):
+        self.callback, self.total, self.done = callback, total, 0
+
+    def add(self, count: int) -> None:
+        self.done = min(self.total, self.done + count)
+        if self.callback and count:
+            self.callback(self.done, self.total)
+
+
+def _count_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
+def _write_results(path: Path, results: dict[str, list[dict[str, Any]]]) -> None:
+    order = {language: index for index, language in enumerate(LANGUAGES)}
+    rows = [{"model": tag, **record} for tag in MODELS if tag in results for record in results[tag]]
+    rows.sort(key=lambda r: (MODELS.index(r["model"]), order[r["language"]], int(r["task_id"].rsplit("/", 1)[1]),
+                             r["sample_index"]))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
+def build_summary(cfg: PipelineConfig, problems: list[Problem], model_runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    settings = cfg.evaluate
+    languages = [language for language in LANGUAGES if any(p.language == language for p in problems)]
+    models = {}
+    for tag in MODELS:
+        if tag not in model_runs:
+            continue
+        run = model_runs[tag]
+        verdicts: dict[str, Counter] = {language: Counter() for language in languages}
+        for record in run["results"]:
+            verdicts[record["language"]][record["verdict"]] += 1
+        folder = Path(run["folder"])
+        models[tag] = {
+            "label": MODEL_LABELS[tag],
+            "model": cfg.model.path if tag == "base" and not Path(cfg.model.path).exists() else cfg.display_path(folder),
+            "prompt_mode": run["mode"],
+            "pass_at_k": pass_at_k_table(run["results"], settings.ks),
+            "verdicts": {language: dict(counts) for language, counts in verdicts.items()},
+            "generation": {**run["generation"], "wall_s": run["generate_wall_s"]},
+            "execution": {"samples": len(run["results"]), "cpu_s": round(sum(r["cpu_s"] for r in run["results"]), 3),
+                          "wall_s": run["execute_wall_s"]},
+        }
+    return {
+        "benchmark": "HumanEval-X",
+        "languages": languages,
+        "problems": {language: sum(p.language == language for p in problems) for language in languages},
+        "ks": list(settings.ks),
+        "settings": {"samples_per_problem": settings.samples_per_problem, "temperature": settings.temperature,
+                     "top_p": settings.top_p, "max_new_tokens": settings.max_new_tokens,
+                     "batch_size": settings.batch_size, "seed": settings.seed, "precision": cfg.train.precision,
+                     "run_timeout_s": settings.run_timeout_s, "compile_timeout_s": settings.compile_timeout_s},
+        "models": models,
+    }
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _change(before: float | None, after: float | None) -> str:
+    return "-" if before is None or after is None else f"{100 * (after - before):+.1f}"
+
+
+def _average_line(table: dict[str, Any], ks: list[int]) -> str:
+    return ", ".join(f"pass@{k} {_percent(table['average'][f'pass@{k}'])}" for k in ks) + " (average over languages)"
+
+
+def eval_table_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """Header + one row per language + the average: problems, then pass@k of each model (base first)
+    and, when both ran, the change in percentage points."""
+    models = [tag for tag in MODELS if tag in summary["models"]]
+    both = len(models) == 2
+    header = ["language", "problems"]
+    for k in summary["ks"]:
+        header += [f"{summary['models'][tag]['label']} pass@{k}" for tag in models]
+        if both:
+            header.append(f"change pass@{k}")
+    rows = [header]
+    for language in [*summary["languages"], "average"]:
+        row = [language, str(summary["problems"].get(language, sum(summary["problems"].values())))]
+        for k in summary["ks"]:
+            values = []
+            for tag in models:
+                table = summary["models"][tag]["pass_at_k"]
+                source = table["average"] if language == "average" else table["languages"].get(language, {})
+                values.append(source.get(f"pass@{k}"))
+            row += [_percent(v) for v in values]
+            if both:
+                row.append(_change(values[0], values[1]))
+        rows.append(row)
+    return rows
+
+
+def _describe(summary: dict[str, Any]) -> str:
+    s = summary["settings"]
+    decoding = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top_p {s['top_p']}"
+    modes = ", ".join(f"{m['label']}: {m['prompt_mode']} prompts" for m in summary["models"].values())
+    return f"n={s['samples_per_problem']} per problem, {decoding}, max {s['max_new_tokens']} new tokens; {modes}"
+
+
+def format_eval_table(summary: dict[str, Any]) -> str:
+    """A fixed-width pass@k table (the last thing `make demo` prints)."""
+    rows = eval_table_rows(summary)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.insert(len(lines) - 1, "  ".join("-" * w for w in widths))
+    speeds = "; ".join(f"{m['label']} {m['generation']['tokens_per_s'] or 0:.0f} new tokens/s"
+                       for m in summary["models"].values())
+    return (f"HumanEval-X pass@k ({_describe(summary)})\n" + "\n".join(lines) + f"\ngeneration speed: {speeds}")
+
+
+def report_markdown(summary: dict[str, Any]) -> str:
+    rows = eval_table_rows(summary)
+    table = "\n".join("| " + " | ".join(row) + " |" for row in [rows[0], ["---"] * len(rows[0]), *rows[1:]])
+    parts = [f"# HumanEval-X evaluation\n\n{_describe(summary)}.\n", table, ""]
+    if len(summary["models"]) == 2:
+        parts.append("The change column is in percentage points (fine-tuned minus base).\n")
+    for tag, model in summary["models"].items():
+        generation, execution = model["generation"], model["execution"]
+        verdicts = "; ".join(f"{language}: " + ", ".join(f"{v} {n}" for v, n in sorted(counts.items()))
+                             for language, counts in model["verdicts"].items())
+        stopped = ", ".join(f"{reason} {count}" for reason, count in generation["stopped"].items())
+        parts.append(
+            f"## {model['label']} model\n\n"
+            f"- model: `{model['model']}`; prompts: {model['prompt_mode']}\n"
+            f"- generation: {generation['samples']} samples, {generation['new_tokens']} new tokens in "
+            f"{generation['seconds']:.1f} s ({generation['tokens_per_s'] or 0:.1f} tokens/s); stopped by {stopped}\n"
+            f"- execution: {execution['samples']} programs, {execution['cpu_s']:.1f} CPU s\n"
+            f"- verdicts: {verdicts}\n")
+    parts.append("Files: generations.jsonl (prompts, raw answers, executed completions), results.jsonl (verdicts), "
+                 "summary.json.\n")
+    return "\n".join(parts)
+
+
+def pass_at_k_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One dict per model and language (and the average), for a Prefect table artifact."""
+    rows = []
+    for tag, model in summary["models"].items():
+        table = model["pass_at_k"]
+        for language, entry in [*table["languages"].items(), ("average", table["average"])]:
+            row: dict[str, Any] = {"model": model["label"], "language": language,
+                                   "problems": entry.get("problems", ""), "samples": entry.get("samples", ""),
+                                   "passed": entry.get("passed", "")}
+            for k in summary["ks"]:
+                value = entry.get(f"pass@{k}")
+                row[f"pass@{k}"] = None if value is None else round(100 * value, 2)
+            rows.append(row)
+    return rows
+
+
+def evaluate_summary(directory: Path) -> str:
+    """The printed summary of a finished evaluate output (for mft_core/report.py SUMMARIES)."""
+    summary = json.loads((Path(directory) / SUMMARY).read_text())
+    return f"evaluate ({directory})\n" + format_eval_table(summary)
