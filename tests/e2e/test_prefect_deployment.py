@@ -48,15 +48,22 @@ def prefect(env, *args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_deployment_run_through_a_real_server_and_worker(prefect_stack, tmp_path):
+def test_deployment_run_through_a_real_server_and_worker(prefect_stack, tmp_path, tiny_llama_dir):
     data = tmp_path / "data"
     for task in ("alpha", "beta"):
         (data / task).mkdir(parents=True)
         (data / task / "d.jsonl").write_text("".join(
             json.dumps({"prompt": f"{task} {i}", "answer": f"answer {i}"}) + "\n" for i in range(25)))
     config = data / "pipeline.yaml"
-    config.write_text("runs_root: runs\ndata:\n  tasks: [{path: alpha}, {path: beta}]\n"
-                      "ingest: {decontaminate: {enabled: false}, min_valid: 3}\n")
+    # The whole pipeline on the tiny model: ingest, tokenize, train, merge, evaluate (Python).
+    config.write_text(
+        "runs_root: runs\ndata:\n  tasks: [{path: alpha}, {path: beta}]\n"
+        f"model: {{path: '{tiny_llama_dir}'}}\n"
+        "ingest: {decontaminate: {enabled: false}, min_valid: 3}\n"
+        "tokenize: {seq_length: 64, num_workers: 1}\n"
+        "train: {max_steps: 2, warmup_steps: 0, grad_accum: 1, eval_every: 2, precision: fp32, threads: 1}\n"
+        "merge: {check_samples: 2}\n"
+        "evaluate: {languages: [python], limit: 1, max_new_tokens: 16, evaluate_base: false}\n")
 
     deployments = prefect(prefect_stack, "deployment", "ls")
     assert "mft-pipeline/default" in deployments.stdout and "mft-pipeline/ingest-only" in deployments.stdout
@@ -68,6 +75,10 @@ def test_deployment_run_through_a_real_server_and_worker(prefect_stack, tmp_path
     assert len(outputs) == 1
     stats = json.loads((outputs[0].parent / "stats.json").read_text())
     assert stats["totals"]["train"] + stats["totals"]["valid"] == 50
+    for stage in ("tokenize", "train", "merge", "evaluate"):
+        assert len(list((data / "runs" / stage).glob("*/_SUCCESS"))) == 1, stage
+    summary = json.loads(next((data / "runs" / "evaluate").glob("*/summary.json")).read_text())
+    assert summary  # pass@k per language, through the worker
 
     # A failing run exits 1: a config that does not exist.
     bad = prefect(prefect_stack, "deployment", "run", "mft-pipeline/default", "-p", f"config={data}/missing.yaml", "--watch")

@@ -32,6 +32,8 @@ def write_data(root: Path, model_dir: Path, answer: str = "a") -> Path:
         "ingest: {decontaminate: {enabled: false}, min_valid: 2}\n"
         "tokenize: {seq_length: 64, num_workers: 1}\n"
         "train: {max_steps: 2, warmup_steps: 0, grad_accum: 1, eval_every: 1, precision: fp32, threads: 1}\n"
+        "merge: {check_samples: 2}\n"
+        "evaluate: {languages: [python], limit: 1, max_new_tokens: 16, evaluate_base: false}\n"
     )
     return config
 
@@ -65,13 +67,13 @@ def test_second_run_is_cached_and_a_changed_raw_file_recomputes(prefect_api, pro
     config = project()
     state, tasks = run_flow(config)
     assert state.is_completed() and tasks == {"ingest": "Completed", "tokenize": "Completed", "train": "Completed",
-                                              "merge": "Completed"}
+                                              "merge": "Completed", "evaluate": "Completed"}
     first = state.result()
     assert all((Path(d) / "_SUCCESS").exists() for d in first.values())
 
     state, tasks = run_flow(config)
     assert state.is_completed() and tasks == {"ingest": "Cached", "tokenize": "Cached", "train": "Cached",
-                                              "merge": "Cached"}
+                                              "merge": "Cached", "evaluate": "Cached"}
     assert state.result() == first
 
     project(answer="b")  # same paths, new content: everything downstream recomputes
