@@ -39,7 +39,12 @@ float64 matmuls (SmolLM2-135M, 8 demo samples, 2 cores: ~40 s vs ~17 s in fp32).
 
 Measured (SmolLM2-135M, the demo's LoRA r 16 on all linear layers after 16 steps at lr 2e-4, which
 moves the logits by up to 8.7; 32 demo validation samples, 7041 tokens):
-  fp32 merge: max 3.2e-5, mean 1.8e-6, argmax agreement 100 %  -> FP32_TOLERANCE 1e-4
+  fp32 merge: max 3.2e-5, mean 1.8e-6, argmax agreement 100 %
+and on a later demo adapter that moves the logits by up to 14.4 (8 samples): fp32 max 1.5e-4,
+mean 2.4e-6. That error is the rounding of W + BA into fp32 storage (about 6e-8 of each weight),
+which grows with the adapter and compounds over 30 layers; no merge can avoid it. So
+FP32_TOLERANCE is 5e-4, not 1e-4: still three orders of magnitude below what a wrong merge
+does (errors of 1 and more), and `merge.tolerance: 1e-4` remains available for small adapters.
   bf16 merge: max 2.31, mean 0.13, argmax agreement 97.4 %     -> BF16_TOLERANCE 4.0
 In bf16, W + BA is rounded to bf16 once, and an update smaller than W's bf16 spacing (2^-8 of
 |W|) is partly rounded away (PEFT #1388 / #1836): the same adapter scaled x4 loses less (max 0.72),
@@ -74,7 +79,7 @@ log = logging.getLogger("mft.merge")
 STAGE_VERSION = 1
 MODEL_DIR = "model"
 REPORT = "merge_report.json"
-FP32_TOLERANCE = 1e-4
+FP32_TOLERANCE = 5e-4  # fp32 storage rounding of W + BA: see the module docstring
 BF16_TOLERANCE = 4.0  # measured bound, see the module docstring
 ADAPTER_METHODS = ("lora", "qlora")
 # Hub ids of the model aliases, for the model card's `base_model` metadata.

@@ -156,3 +156,15 @@ def humaneval_dir() -> Path:
     if not (directory / "python" / "humaneval_python.jsonl.gz").is_file():
         pytest.skip(f"HumanEval-X data not found at {directory}; set ${ENV_HUMANEVAL_X_DIR}")
     return directory
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One torch thread in the test process: the machines are shared and have 2 cores, and
+    oversubscribed threads make runs several times slower. Trainer subprocesses set their own."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

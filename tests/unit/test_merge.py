@@ -27,14 +27,6 @@ from mft_core.stages import compute_key, locate_stage, run_stage
 from mft_core.train.data import TokenizedSplit
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the box is shared
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_project(root: Path, model_dir: Path, merge: dict | None = None, **train) -> Path:
     for name in ("alpha", "beta"):
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -213,7 +205,7 @@ def test_a_merge_that_changes_the_model_fails_with_the_numbers(lora, tmp_path):
     out = tmp_path / "merge"
     out.mkdir()
     with pytest.raises(MergeCheckFailed, match=r"merge check failed: .* by up to [0-9.]+ in a logit, above "
-                                                r"merge.tolerance 0.0001 .*lm_head"):
+                                                r"merge.tolerance 0.0005 .*lm_head"):
         run_merge(lora.cfg, train_dir, out)
     report = json.loads((out / "merge_report.json").read_text())
     assert not report["check"]["passed"] and report["check"]["max_abs_diff"] > 100 * FP32_TOLERANCE

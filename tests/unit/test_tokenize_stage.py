@@ -1,7 +1,6 @@
 """The tokenize stage on ingest output: shards, stats, determinism across workers, resume, keys."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,10 +8,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pytest
 
-from mft_core import store
-from mft_core.config import config_from_dict
 from mft_core.data.tokenize import open_shard
 from mft_core.stages import compute_key, run_stage
 
@@ -129,7 +125,6 @@ def test_a_killed_run_keeps_finished_shards_and_the_rerun_does_the_rest(tmp_path
     assert partial is None
     proc = subprocess.Popen([sys.executable, "-c", RESUMABLE_RUN, str(path)], cwd=REPO)
     deadline = time.time() + 120
-    done_before: dict[Path, int] = {}
     while time.time() < deadline:
         stats_files = list((cfg.runs_root / "tokenize").glob("*.partial/train/*.stats.json"))
         if len(stats_files) >= 3:

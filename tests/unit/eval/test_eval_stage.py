@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from eval_testing import humaneval_x_dir, require_toolchain, requires_humaneval_x
 from mft_core.config import config_from_dict
@@ -35,14 +34,6 @@ from test_generate import MEMORIZED_TASKS, memorizing_llama_folder, save_llama
 
 pytestmark = requires_humaneval_x
 MFTCODER = make_template("mftcoder")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the box is shared
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_merge_dir(root: Path, model_dir: Path, template: MFTCoderTemplate = MFTCODER) -> Path:

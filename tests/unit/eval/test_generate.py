@@ -34,14 +34,6 @@ from mft_core.eval.problems import LANGUAGES, Problem, load_problems, select_pro
 MFTCODER = make_template("mftcoder")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the box is shared
-    yield
-    torch.set_num_threads(threads)
-
-
 def problem(language: str, prompt: str, task_id: str | None = None) -> Problem:
     prefix = {"python": "Python", "cpp": "CPP", "java": "Java", "js": "JavaScript", "go": "Go"}[language]
     return Problem(task_id=task_id or f"{prefix}/0", language=language, prompt=prompt, canonical_solution="", test="")
