@@ -96,3 +96,9 @@ def test_readme_configuration_reference_is_the_generated_one():
     start = readme.index("<!-- config-reference:")
     block = readme[readme.index("\n", start) + 1 : readme.index("<!-- config-reference end -->")]
     assert block == reference_markdown(), "README is stale: paste the output of `mft config reference`"
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_in_configs_is_valid(preset):
+    cfg = load_config(preset)
+    assert cfg.data.tasks and cfg.train.launch.num_processes >= 1
