@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,7 +60,8 @@ def run_ours(runs: Path, steps: int, precision: str) -> dict:
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     timed = records[1:]
     return {
-        "tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["step_seconds"] for r in timed),
+        # the median step: robust to other jobs on a shared machine (the first step is warm-up)
+        "tokens_per_s": statistics.median(r["tokens"] / r["step_seconds"] for r in timed),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in records),
     }
 
@@ -105,7 +107,8 @@ def counting(features):
 trainer.data_collator = counting
 trainer.train()
 timed = counted[1:]
-print(json.dumps({"tokens_per_s": sum(tokens[1:len(counted)]) / sum(timed),
+import statistics
+print(json.dumps({"tokens_per_s": statistics.median(t / s for t, s in zip(tokens[1:len(counted)], timed)),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 '''
 
