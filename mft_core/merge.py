@@ -34,9 +34,11 @@ exceeds `merge.tolerance` (default: FP32_TOLERANCE / BF16_TOLERANCE).
 Both models hold the weights they have in `merge.dtype` but compute in float64 *throughout*
 (`float64_compute`): model code upcasts to float32 on purpose (RMSNorm, rotary angles), and in a
 float64 model those upcasts are islands of fp32 arithmetic. Their rounding, amplified by the
-outlier activations of small LMs, is not the merge's and depends on the machine: with them a
-correct 2-step demo merge measured 2.2e-5 here and 1.9e-2 on a CI machine (and fp32 arithmetic
-alone moves SmolLM2-135M's logits by up to 1.8e-2 between two processes). In float64 throughout,
+outlier activations of small LMs, is not the merge's and may depend on the machine (fp32
+arithmetic alone moves SmolLM2-135M's logits by up to 1.8e-2 between two processes). A correct
+2-step demo merge measured 2.2e-5 here and 1.9e-2 on a CI machine, not reproducible here; the
+merge arithmetic and these fp32 steps were the two places that machine's kernels could enter,
+and both are float64 now. In float64 throughout,
 a merge done in float64 equals the unmerged forward to 3e-13, so what is left is what the merge
 wrote into the weights. Cost: 8 bytes per parameter for each of the two models held during the
 check, and float64 matmuls (SmolLM2-135M, 8 demo samples, 2 cores: ~40 s vs ~17 s in fp32).
@@ -264,10 +266,10 @@ def float64_compute():
 
     Model code casts to float32 on purpose for bf16 models (RMSNorm, rotary angles, softmax
     `dtype=`); in a float64 model those casts are islands of fp32 arithmetic whose rounding,
-    amplified by the outlier activations of small LMs, depends on the machine: a correct merge
-    once measured 0.0186 on another CPU that measured 2e-5 here. Under this context a float64 model computes in
-    float64 from embedding to logits (a merge done in float64 compares to the unmerged forward at
-    3e-13), so the check measures the saved weights and nothing else."""
+    amplified by the outlier activations of small LMs, is not the merge's (see the module
+    docstring). Under this context a float64 model computes in float64 from embedding to
+    logits (a merge done in float64 compares to the unmerged forward at 3e-13), so the check
+    measures the saved weights and nothing else."""
     import torch
     from torch.overrides import TorchFunctionMode
 
