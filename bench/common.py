@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -29,10 +28,6 @@ def best_time(fn: Callable[[], Any], repeat: int = 3) -> tuple[float, Any]:
         value = fn()
         best = min(best, time.perf_counter() - start)
     return best, value
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def machine() -> dict[str, Any]:

@@ -5,8 +5,9 @@ precision, same samples (TRL gets our tokenized demo samples, input ids and comp
 both train on exactly the same tokens), sequence length 1024 and about 4k token slots per
 optimizer step: ours packs rows of 1024 (1 row x 4 accumulation steps), TRL batches 4 samples
 padded to the longest (and, with --trl-packed, TRL's own packing). Each side runs in a fresh
-process; the first step (warm-up) is left out. Reported: real (non-padding) tokens/s and peak RSS,
-and ours/TRL ratios.
+process; the first step (warm-up) is left out. Reported: real (non-padding) tokens/s and peak RSS
+(each process's own VmHWM: getrusage's ru_maxrss would count the bench process's memory at spawn
+time into both), and ours/TRL ratios.
 
     .venv/bin/python bench/train.py [--steps 4] [--precision fp32|bf16|auto] [--trl-packed]
 """
@@ -67,7 +68,7 @@ def run_ours(runs: Path, steps: int, precision: str) -> dict:
 
 
 TRL_SCRIPT = r'''
-import json, os, resource, sys, time
+import json, os, sys, time
 import torch
 torch.set_num_threads(os.cpu_count())
 from datasets import Dataset
@@ -76,6 +77,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 sys.path.insert(0, sys.argv[1])
 from mft_core.train.data import TokenizedSplit
+from mft_core.train.metrics import peak_rss_mb
 
 job = json.loads(sys.argv[2])
 steps, packed = int(sys.argv[3]), sys.argv[4] == "packed"
@@ -109,7 +111,7 @@ trainer.train()
 timed = counted[1:]
 import statistics
 print(json.dumps({"tokens_per_s": statistics.median(t / s for t, s in zip(tokens[1:len(counted)], timed)),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 '''
 
 

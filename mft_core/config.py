@@ -176,7 +176,11 @@ class TrainConfig(_Strict):
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         default="auto", description="auto: flash_attention_2 when installed on CUDA, else sdpa."
     )
-    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward: about half the memory, 10-50% more time.")
+    gradient_checkpointing: bool | Literal["mlp"] = Field(
+        default=False,
+        description="Recompute activations in backward. true: whole decoder layers (least memory, ~30% more time); "
+        "mlp: only each layer's MLP (SmolLM2 on CPU: -25% peak memory, ~6% more time).",
+    )
     loss: Literal["case1", "case2", "case3", "case4", "focal_sample", "focal_task", "coba"] = Field(
         default="case3",
         description="MFTCoder's loss modes (case3: task-level token mean), the paper's focal losses, and coba "
@@ -209,6 +213,11 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(default=50, ge=1, description="Full-state checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(default=2, ge=1, description="Keep the newest N checkpoints (and the best).")
     threads: int | None = Field(default=None, ge=1, description="Torch threads per process (default: cores / processes).")
+    allocator: Literal["auto", "tcmalloc", "system"] = Field(
+        default="auto",
+        description="Host memory allocator of the trainer. auto: tcmalloc when installed (make setup installs it; "
+        "SmolLM2 on CPU: -40% peak RSS and no slower than glibc malloc, whose heap fragments under training), else system.",
+    )
     launch: LaunchConfig = LaunchConfig()
 
     @model_validator(mode="after")

@@ -62,6 +62,36 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
     }
 
 
+TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+                  "/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4")
+
+
+def find_tcmalloc() -> str | None:
+    return next((path for path in TCMALLOC_PATHS if Path(path).is_file()), None)
+
+
+def allocator_env(choice: str, env: dict[str, str]) -> dict[str, str]:
+    """Environment that preloads tcmalloc into the trainer (and the processes it launches).
+
+    Why: glibc malloc's heap fragments under the training loop's pattern of large, short-lived
+    tensors: SmolLM2-135M, 1024-token rows on CPU peaked at 5.2 GB with glibc, 3.1 GB with
+    tcmalloc, at the same or better speed (glibc with a fixed mmap threshold: 2.9 GB but 27%
+    slower, from page faults). PyTorch's CPU performance guide recommends the same."""
+    if choice == "system":
+        return {}
+    path = find_tcmalloc()
+    if path is None:
+        if choice == "tcmalloc":
+            raise ValueError("train.allocator=tcmalloc, but libtcmalloc_minimal.so.4 is not installed: "
+                             "`sudo apt-get install libtcmalloc-minimal4` (make setup does it), or set train.allocator: auto")
+        log.info("allocator: glibc malloc (tcmalloc is not installed: apt-get install libtcmalloc-minimal4 lowers peak memory)")
+        return {}
+    log.info("allocator: tcmalloc (%s)", path)
+    preload = " ".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
+    # tcmalloc reports every allocation above 1 GB on stderr by default: not news here.
+    return {"LD_PRELOAD": preload, "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+
+
 def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool) -> tuple[list[str], dict[str, str]]:
     """argv and environment of the trainer for this config."""
     launch = cfg.launch
@@ -74,6 +104,7 @@ def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool) -> tuple[list[
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MFT_TRAIN_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     env.pop("ACCELERATE_USE_CPU", None)
+    env.update(allocator_env(cfg.allocator, env))
     recipe = ["-m", "mft_core.train.recipe", "--work-dir", str(work_dir)]
     single = launch.num_processes * launch.num_machines == 1
     if single and launch.backend == "ddp":

@@ -4,8 +4,22 @@ per-task train and validation loss curves."""
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 from typing import Any
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory (MB): VmHWM, the high-water mark of its address
+    space. Not getrusage's ru_maxrss: after fork/vfork + exec that keeps the *parent's* RSS at
+    spawn time (a trainer started by a 3 GB process reports 3 GB before it allocates anything)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
 class MetricsLog:

@@ -87,7 +87,9 @@ def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str
     model.config.use_cache = False
     if is_moe(model.config):
         model.config.output_router_logits = True  # the router's load-balancing loss joins the loss
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing == "mlp":
+        checkpoint_mlps(model)
+    elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method == "full":
         return model
@@ -101,9 +103,10 @@ def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str
                          "merging such an adapter changes both matrices and the merged model differs from the trained one. "
                          "Leave the output head out of the targets (all-linear already does).")
 
+    whole_layers = cfg.gradient_checkpointing is True
     if cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    elif cfg.gradient_checkpointing:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=whole_layers)
+    elif whole_layers:
         model.enable_input_require_grads()
     lora = LoraConfig(
         r=cfg.lora.r,
@@ -119,6 +122,30 @@ def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str
     total = sum(p.numel() for p in model.parameters())
     log.info("%s: %d trainable of %d parameters (%.2f%%)", cfg.method, trainable, total, 100 * trainable / total)
     return model
+
+
+def checkpoint_mlps(model: nn.Module) -> int:
+    """Activation checkpointing of each decoder layer's MLP only: backward recomputes the MLP from
+    its input instead of keeping its four [T, intermediate] activations. The MLP is the larger
+    part of a small model's activations and the cheaper part to recompute than attention
+    (SmolLM2-135M, 1024 tokens on CPU: peak 2.8 -> 2.1 GB for ~6% more time)."""
+    from torch.utils.checkpoint import checkpoint
+
+    mlps = [module.mlp for module in model.modules() if isinstance(getattr(module, "mlp", None), nn.Module)]
+    if not mlps:
+        raise ValueError(f"train.gradient_checkpointing=mlp: {type(model).__name__} has no decoder layers with an `mlp` "
+                         "submodule; use gradient_checkpointing: true (whole layers)")
+    for mlp in mlps:
+        forward = mlp.forward  # the module's own forward; __call__ (and its hooks) stays outside
+
+        def recomputed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        mlp.forward = recomputed
+    log.info("activation checkpointing: the MLP of %d decoder layers", len(mlps))
+    return len(mlps)
 
 
 def _logit_transform(config: Any):
@@ -147,7 +174,9 @@ class ForwardOutput:
 class TokenLossModel(nn.Module):
     """Wraps a causal LM; forward(batch) -> per-token losses of the trained positions."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    # 256 trained tokens per loss chunk: a [256, V] fp32 logits block (50 MB at a 49k vocabulary)
+    # lives in backward; 1024 measured +300 MB peak at the same speed (SmolLM2, CPU).
+    def __init__(self, model: nn.Module, chunk_size: int = 256):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size

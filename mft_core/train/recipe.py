@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from mft_core.train import losses
 from mft_core.train.coba import CoBa
 from mft_core.train.data import TokenizedSplit, collate, epoch_plan, validation_plan
 from mft_core.train.launch import cuda_available
-from mft_core.train.metrics import MetricsLog, plot_loss_curves
+from mft_core.train.metrics import MetricsLog, peak_rss_mb, plot_loss_curves
 from mft_core.train.model import TokenLossModel, load_model, resolve_attention, resolve_precision
 from mft_core.train.optim import make_scheduler, param_groups
 from mft_core.train.stage import job_path
@@ -285,7 +284,7 @@ def main(work_dir: Path) -> None:
                 "tokens": input_tokens,  # non-padding tokens that went through the model
                 "tokens_per_s": input_tokens / max(now - tick, 1e-9),
                 "step_seconds": now - tick,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mb": peak_rss_mb(),
                 **({"cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20} if on_gpu else {}),
                 **({"task_weight": dict(zip(task_names, step_weights.tolist()))} if balancer is not None else {}),
             })

@@ -24,7 +24,7 @@ log = logging.getLogger("mft.train")
 
 STAGE_VERSION = 1
 # Keys that change how training runs, not what it computes.
-_NOT_IN_KEY = ("threads", "checkpoint_every", "keep_checkpoints")
+_NOT_IN_KEY = ("threads", "allocator", "checkpoint_every", "keep_checkpoints")
 _LAUNCH_NOT_IN_KEY = ("machine_rank", "main_process_ip", "main_process_port")
 
 

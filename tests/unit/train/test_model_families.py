@@ -48,8 +48,8 @@ def packed_batch(lengths=(9, 14, 6), seq_length=32, seed=0):
     return samples, tensor(row.input_ids), tensor(row.position_ids), tensor(row.labels)
 
 
-def load(folder, method="lora"):
-    cfg = TrainConfig(method=method, lora={"dropout": 0.0})
+def load(folder, method="lora", **settings):
+    cfg = TrainConfig(method=method, lora={"dropout": 0.0}, **settings)
     return TokenLossModel(load_model(folder, cfg, precision="fp32", attention="sdpa", on_gpu=False))
 
 
@@ -92,6 +92,28 @@ def test_lora_trains_a_step_and_saves(family_dir, tmp_path):
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, trainable))
     wrapper.model.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("checkpointing", ["mlp", True])
+def test_activation_checkpointing_gives_the_same_gradients_with_fewer_saved_activations(family_dir, checkpointing):
+    name, folder = family_dir
+    _, input_ids, position_ids, labels = packed_batch()
+    results = {}
+    for setting in (False, checkpointing):
+        torch.manual_seed(0)  # the same LoRA initialization
+        wrapper = load(folder, gradient_checkpointing=setting).train()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = wrapper(input_ids, position_ids, labels)
+        (out.token_loss.mean() + (out.aux_loss if out.aux_loss is not None else 0)).backward()
+        grads = {n: p.grad.clone() for n, p in wrapper.named_parameters() if p.requires_grad}
+        results[setting] = (sum(saved), out.token_loss.detach(), grads)
+    (plain_saved, plain_loss, plain_grads), (saved, loss, grads) = results[False], results[checkpointing]
+    torch.testing.assert_close(loss, plain_loss)
+    assert grads.keys() == plain_grads.keys() and grads
+    for key in grads:
+        torch.testing.assert_close(grads[key], plain_grads[key], atol=1e-6, rtol=1e-5, msg=f"{name}: {key}")
+    assert saved < plain_saved, f"{name}: checkpointing={checkpointing} kept as much as no checkpointing"
 
 
 def test_full_fine_tuning_updates_every_weight_and_loss_falls(tmp_path):
