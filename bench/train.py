@@ -5,7 +5,9 @@ precision, same samples (TRL gets our tokenized demo samples, input ids and comp
 both train on exactly the same tokens), sequence length 1024 and about 4k token slots per
 optimizer step: ours packs rows of 1024 (1 row x 4 accumulation steps), TRL batches 4 samples
 padded to the longest (and, with --trl-packed, TRL's own packing). Each side runs in a fresh
-process; the first step (warm-up) is left out. Reported: real (non-padding) tokens/s and peak RSS
+process; the first step (warm-up) is left out. Memory settings: ours recomputes each layer's
+MLP in backward (train.gradient_checkpointing: mlp) and runs on tcmalloc (train.allocator: auto,
+when installed); TRL keeps its defaults (SFTConfig checkpoints whole layers, glibc malloc). Reported: real (non-padding) tokens/s and peak RSS
 (each process's own VmHWM: getrusage's ru_maxrss would count the bench process's memory at spawn
 time into both), and ours/TRL ratios.
 
@@ -54,6 +56,8 @@ def run_ours(runs: Path, steps: int, precision: str) -> dict:
         "runs_root": str(runs), "tokenize.seq_length": SEQ, "train.max_steps": steps, "train.warmup_steps": 0,
         "train.rows_per_micro_batch": 1, "train.grad_accum": SLOTS_PER_STEP // SEQ, "train.eval_every": 10**6,
         "train.checkpoint_every": 10**6, "train.precision": precision, "train.lora.dropout": 0.0,
+        # TRL's SFTConfig checkpoints whole layers by default; we recompute the MLPs only
+        "train.gradient_checkpointing": "mlp",
         "model.path": str(resolve_model("smollm2-135m-instruct", REPO / "runs")),
     }
     cfg = load_config(REPO / "pipeline.yaml", overrides)
@@ -145,9 +149,14 @@ def main() -> None:
     base = results["trl_padded"]
     rows = [[name, r["tokens_per_s"], r["peak_rss_mb"], r["tokens_per_s"] / base["tokens_per_s"], r["peak_rss_mb"] / base["peak_rss_mb"]]
             for name, r in results.items()]
-    print(f"SmolLM2-135M, LoRA r16 all-linear, {precision}, seq {SEQ}, ~{SLOTS_PER_STEP} token slots/step, {args.steps} steps")
+    from mft_core.train.launch import find_tcmalloc
+
+    allocator = "tcmalloc" if find_tcmalloc() else "glibc malloc"
+    print(f"SmolLM2-135M, LoRA r16 all-linear, {precision}, seq {SEQ}, ~{SLOTS_PER_STEP} token slots/step, {args.steps} steps; "
+          f"ours: MLP checkpointing, {allocator}; TRL: its defaults (whole-layer checkpointing)")
     print(table(["run", "real tokens/s", "peak RSS MB", "speed vs TRL padded", "RSS vs TRL padded"], rows))
     path = save("train", {"precision": precision, "steps": args.steps, "baseline": "TRL SFTTrainer, padded batches",
+                          "ours": {"gradient_checkpointing": "mlp", "allocator": allocator},
                           "results": results,
                           "ratios": {n: {"speed": r["tokens_per_s"] / base["tokens_per_s"], "rss": r["peak_rss_mb"] / base["peak_rss_mb"]}
                                      for n, r in results.items()}})

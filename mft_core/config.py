@@ -215,7 +215,7 @@ class TrainConfig(_Strict):
     threads: int | None = Field(default=None, ge=1, description="Torch threads per process (default: cores / processes).")
     allocator: Literal["auto", "tcmalloc", "system"] = Field(
         default="auto",
-        description="Host memory allocator of the trainer. auto: tcmalloc when installed (make setup installs it; "
+        description="Host memory allocator of the trainer. auto: tcmalloc when installed (make demo / make test install it; "
         "SmolLM2 on CPU: -40% peak RSS and no slower than glibc malloc, whose heap fragments under training), else system.",
     )
     launch: LaunchConfig = LaunchConfig()
