@@ -38,9 +38,8 @@ outlier activations of small LMs, is not the merge's and may depend on the machi
 arithmetic alone moves SmolLM2-135M's logits by up to 1.8e-2 between two processes). A correct
 2-step demo merge measured 2.2e-5 here and 1.9e-2 on a CI machine, not reproducible here; the
 merge arithmetic and these fp32 steps were the two places that machine's kernels could enter,
-and both are float64 now. In float64 throughout,
-a merge done in float64 equals the unmerged forward to 3e-13, so what is left is what the merge
-wrote into the weights. Cost: 8 bytes per parameter for each of the two models held during the
+and both are float64 now. In float64 throughout, a merge done in float64 equals the unmerged
+forward to 3e-13, so what is left is what the merge wrote into the weights. Cost: 8 bytes per parameter for each of the two models held during the
 check, and float64 matmuls (SmolLM2-135M, 8 demo samples, 2 cores: ~40 s vs ~17 s in fp32).
 
 Measured (SmolLM2-135M, the demo's LoRA r 16 on all linear layers, 2 cores):

@@ -83,7 +83,8 @@ def allocator_env(choice: str, env: dict[str, str]) -> dict[str, str]:
     if path is None:
         if choice == "tcmalloc":
             raise ValueError("train.allocator=tcmalloc, but libtcmalloc_minimal.so.4 is not installed: "
-                             "`sudo apt-get install libtcmalloc-minimal4` (make setup does it), or set train.allocator: auto")
+                             "`apt-get install libtcmalloc-minimal4` (scripts/install-toolchains.sh does it; make demo and make test "
+                             "run that script), or set train.allocator: auto")
         log.info("allocator: glibc malloc (tcmalloc is not installed: apt-get install libtcmalloc-minimal4 lowers peak memory)")
         return {}
     log.info("allocator: tcmalloc (%s)", path)
