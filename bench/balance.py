@@ -44,7 +44,7 @@ def valid_losses(model_dir: Path, tokenize_dir: Path, adapter: Path | None = Non
 
     template = json.loads((tokenize_dir / "template.json").read_text())
     split = TokenizedSplit(tokenize_dir, "valid")
-    model = load_model(model_dir, TrainConfig(method="full"), "fp32", "sdpa", on_gpu=False)
+    model = load_model(model_dir, TrainConfig(method="full"), "fp32", "sdpa_varlen", on_gpu=False)
     if adapter is not None:
         from peft import PeftModel
 

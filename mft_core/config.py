@@ -173,8 +173,10 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 on GPU; on CPU bf16 autocast only with native bf16 (AMX/AVX512-BF16)."
     )
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        default="auto", description="auto: flash_attention_2 when installed on CUDA, else sdpa."
+    attention: Literal["auto", "sdpa_varlen", "sdpa", "eager", "flash_attention_2"] = Field(
+        default="auto",
+        description="auto: flash_attention_2 when installed on CUDA, else sdpa_varlen (sdpa once per packed sample; "
+        "sdpa: one call per row with a block-diagonal mask).",
     )
     gradient_checkpointing: bool | Literal["mlp"] = Field(
         default=False,

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mft_core.config import TrainConfig
+from mft_core.train import attention as packed_attention
 from mft_core.train.losses import token_losses, token_losses_through_module
 
 log = logging.getLogger("mft.train")
@@ -49,9 +50,11 @@ def resolve_precision(choice: str, on_gpu: bool) -> str:
 
 
 def resolve_attention(choice: str, on_gpu: bool) -> str:
+    """auto: flash-attention 2 (varlen over packed samples) when installed on CUDA, else sdpa run
+    once per packed sample (attention.py)."""
     if choice == "auto":
         has_flash = on_gpu and importlib.util.find_spec("flash_attn") is not None
-        resolved = "flash_attention_2" if has_flash else "sdpa"
+        resolved = "flash_attention_2" if has_flash else packed_attention.NAME
         log.info("attention auto -> %s", resolved)
         return resolved
     if choice == "flash_attention_2" and not (on_gpu and importlib.util.find_spec("flash_attn")):
@@ -67,6 +70,8 @@ def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str
     """The model with its trainable parameters set up per `cfg.method`."""
     from transformers import AutoModelForCausalLM
 
+    if attention == packed_attention.NAME:
+        packed_attention.register()
     kwargs: dict[str, Any] = {"attn_implementation": attention, "dtype": torch.float32}
     if cfg.method == "qlora":
         if not on_gpu:
@@ -192,12 +197,15 @@ class TokenLossModel(nn.Module):
         # use_cache False: that is what makes transformers isolate packed samples (with the cache
         # on they leak into each other silently).
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        extra: dict[str, Any] = {"output_router_logits": True} if self.moe else {}
+        if causal_lm.config._attn_implementation == packed_attention.NAME:
+            extra["packed_segments"] = packed_attention.packed_segments(position_ids)
         out = causal_lm.get_decoder()(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=None,
             use_cache=False,
-            **({"output_router_logits": True} if self.moe else {}),
+            **extra,
         )
         hidden = out.last_hidden_state
         head = causal_lm.get_output_embeddings()

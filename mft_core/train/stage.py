@@ -22,7 +22,7 @@ from mft_core.train.launch import cuda_available, run_trainer, trainer_command
 
 log = logging.getLogger("mft.train")
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: attention auto is sdpa_varlen on CPU (was masked sdpa)
 # Keys that change how training runs, not what it computes.
 _NOT_IN_KEY = ("threads", "allocator", "checkpoint_every", "keep_checkpoints")
 _LAUNCH_NOT_IN_KEY = ("machine_rank", "main_process_ip", "main_process_port")

@@ -48,14 +48,15 @@ def packed_batch(lengths=(9, 14, 6), seq_length=32, seed=0):
     return samples, tensor(row.input_ids), tensor(row.position_ids), tensor(row.labels)
 
 
-def load(folder, method="lora", **settings):
+def load(folder, method="lora", attention="sdpa", **settings):
     cfg = TrainConfig(method=method, lora={"dropout": 0.0}, **settings)
-    return TokenLossModel(load_model(folder, cfg, precision="fp32", attention="sdpa", on_gpu=False))
+    return TokenLossModel(load_model(folder, cfg, precision="fp32", attention=attention, on_gpu=False))
 
 
-def test_token_loss_matches_full_logits_and_packed_equals_unpacked(family_dir):
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_varlen"])
+def test_token_loss_matches_full_logits_and_packed_equals_unpacked(family_dir, attention):
     name, folder = family_dir
-    wrapper = load(folder).eval()
+    wrapper = load(folder, attention=attention).eval()
     samples, input_ids, position_ids, labels = packed_batch()
     with torch.no_grad():
         packed = wrapper(input_ids, position_ids, labels).token_loss
