@@ -5,9 +5,10 @@ precision, same samples (TRL gets our tokenized demo samples, input ids and comp
 both train on exactly the same tokens), sequence length 1024 and about 4k token slots per
 optimizer step: ours packs rows of 1024 (1 row x 4 accumulation steps), TRL batches 4 samples
 padded to the longest (and, with --trl-packed, TRL's own packing). Each side runs in a fresh
-process; the first step (warm-up) is left out. Memory settings: ours recomputes each layer's
-MLP in backward (train.gradient_checkpointing: mlp) and runs on tcmalloc (train.allocator: auto,
-when installed); TRL keeps its defaults (SFTConfig checkpoints whole layers, glibc malloc). Reported: real (non-padding) tokens/s and peak RSS
+process; the first step (warm-up) is left out. Ours runs attention once per packed sample
+(train.attention: auto = sdpa_varlen on CPU), recomputes each layer's MLP in backward
+(train.gradient_checkpointing: mlp) and runs on tcmalloc (train.allocator: auto, when installed);
+TRL keeps its defaults (sdpa with a padding mask, SFTConfig checkpoints whole layers, glibc malloc). Reported: real (non-padding) tokens/s and peak RSS
 (each process's own VmHWM: getrusage's ru_maxrss would count the bench process's memory at spawn
 time into both), and ours/TRL ratios.
 
@@ -153,10 +154,10 @@ def main() -> None:
 
     allocator = "tcmalloc" if find_tcmalloc() else "glibc malloc"
     print(f"SmolLM2-135M, LoRA r16 all-linear, {precision}, seq {SEQ}, ~{SLOTS_PER_STEP} token slots/step, {args.steps} steps; "
-          f"ours: MLP checkpointing, {allocator}; TRL: its defaults (whole-layer checkpointing)")
+          f"ours: sdpa_varlen, MLP checkpointing, {allocator}; TRL: its defaults (whole-layer checkpointing)")
     print(table(["run", "real tokens/s", "peak RSS MB", "speed vs TRL padded", "RSS vs TRL padded"], rows))
     path = save("train", {"precision": precision, "steps": args.steps, "baseline": "TRL SFTTrainer, padded batches",
-                          "ours": {"gradient_checkpointing": "mlp", "allocator": allocator},
+                          "ours": {"attention": "sdpa_varlen", "gradient_checkpointing": "mlp", "allocator": allocator},
                           "results": results,
                           "ratios": {n: {"speed": r["tokens_per_s"] / base["tokens_per_s"], "rss": r["peak_rss_mb"] / base["peak_rss_mb"]}
                                      for n, r in results.items()}})
