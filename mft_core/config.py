@@ -171,7 +171,8 @@ class TrainConfig(_Strict):
     method: Literal["lora", "qlora", "full"] = Field(default="lora", description="qlora: 4-bit nf4 base (bitsandbytes, GPU).")
     lora: LoraConfig = LoraConfig()
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        default="auto", description="auto: bf16 on GPU; on CPU bf16 autocast only with native bf16 (AMX/AVX512-BF16)."
+        default="auto",
+        description="auto: bf16 on GPU; on CPU bf16 autocast only with AMX/AVX512-BF16 and a bf16 matmul measured >= 1.2x fp32.",
     )
     attention: Literal["auto", "sdpa_varlen", "sdpa", "eager", "flash_attention_2"] = Field(
         default="auto",

@@ -37,7 +37,7 @@ from mft_core.train.coba import CoBa
 from mft_core.train.data import TokenizedSplit, collate, epoch_plan, validation_plan
 from mft_core.train.launch import cuda_available
 from mft_core.train.metrics import MetricsLog, peak_rss_mb, plot_loss_curves
-from mft_core.train.model import TokenLossModel, load_model, resolve_attention, resolve_precision
+from mft_core.train.model import TokenLossModel, load_model, resolve_attention
 from mft_core.train.optim import make_scheduler, param_groups
 from mft_core.train.stage import job_path
 
@@ -83,7 +83,7 @@ def main(work_dir: Path) -> None:
     cfg = TrainConfig.model_validate(job["train"])
     torch.set_num_threads(int(os.environ.get("MFT_TRAIN_THREADS", os.cpu_count() or 1)))
     on_gpu = cuda_available()
-    precision = resolve_precision(cfg.precision, on_gpu)
+    precision = job["precision"]  # resolved by the stage, the same for every process
     attention = resolve_attention(cfg.attention, on_gpu)
     accelerator = make_accelerator(precision)
     check_world(accelerator, cfg)

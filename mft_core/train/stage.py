@@ -55,17 +55,19 @@ def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
     tasks = [{"name": t["name"], "id": t["id"], "weight": weights[t["name"]]} for t in _tokenized_tasks(tokenize_dir)]
     # Paths inside the runs root are stored relative to it: the train output (and so the keys of
     # the stages after it) must not depend on where the project is checked out.
+    from mft_core.train.model import resolve_precision  # imports torch: only when training
+
+    # Resolved once, here: `auto` may measure the CPU, and every process must train in the same precision.
+    precision = resolve_precision(cfg.train.precision, cuda_available())
     job = {
         "model_dir": _relative_to_runs(model_dir, cfg.runs_root),
         "tokenize_dir": _relative_to_runs(tokenize_dir, cfg.runs_root),
         "tasks": tasks,
         "train": cfg.stage_section("train"),
+        "precision": precision,
     }
     (work_dir / "train_job.json").write_text(json.dumps(job, indent=1) + "\n")
-    from mft_core.train.model import resolve_precision  # imports torch: only when training
-
-    bf16 = resolve_precision(cfg.train.precision, cuda_available()) == "bf16"
-    argv, env = trainer_command(cfg.train, work_dir, bf16)
+    argv, env = trainer_command(cfg.train, work_dir, precision == "bf16")
     run_trainer(argv, env, work_dir / "train.log", on_progress)
     for required in ("model", "train_summary.json", "metrics.jsonl"):
         if not (work_dir / required).exists():
