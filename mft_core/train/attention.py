@@ -13,7 +13,7 @@ The sample boundaries come in as the `packed_segments` keyword, computed once pe
 `packed_segments()` from the position ids; transformers hands model keywords down to the attention
 function. Anything this path does not cover goes to transformers' own sdpa with the mask it built
 (the same values): no boundaries given, a sliding window shorter than a sample, an additive
-position bias, a soft cap.
+position bias, a soft cap, a cache, non-causal attention.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def sdpa_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
 
     longest = max((end - start for row in packed_segments or () for start, end in row), default=0)
     if (packed_segments is None or len(packed_segments) != query.shape[0] or query.shape[2] != key.shape[2]
-            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+            or not getattr(module, "is_causal", True) or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
             or _window_too_short(module, kwargs, longest)):
         if packed_segments is None:
             _warn_once("the model did not hand `packed_segments` to its attention: masked sdpa instead (same values, slower)")
