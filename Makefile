@@ -41,7 +41,7 @@ demo: setup toolchains demo-data
 	$(VENV)/bin/mft run
 
 test: setup toolchains
-	$(PY) -m pytest $(PYTEST_ARGS)
+	MFT_TESTS_REQUIRE_INSTALLED=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

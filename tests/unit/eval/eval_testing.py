@@ -14,6 +14,7 @@ import pytest
 
 from mft_core.eval.execute import ExecutionConfig, missing_toolchain
 from mft_core.eval.problems import LANGUAGES, ProblemDataError, resolve_humaneval_dir
+from tests.installed import require_installed
 
 
 def humaneval_x_dir():
@@ -30,8 +31,7 @@ requires_humaneval_x = pytest.mark.skipif(
 
 def require_toolchain(language: str) -> None:
     reason = missing_toolchain(language)
-    if reason:
-        pytest.skip(f"{language} toolchain missing: {reason}")
+    require_installed(f"{language} toolchain missing: {reason}" if reason else None)
 
 
 def fast_config() -> ExecutionConfig:

@@ -31,6 +31,7 @@ from mft_core.eval.stage import (evaluate_key_parts, evaluate_summary, format_ev
                                  pass_at_k_rows, prompt_modes, run_evaluate, training_template)
 from mft_core.store import FileHashCache
 from test_generate import MEMORIZED_TASKS, memorizing_llama_folder, save_llama
+from tests.installed import require_installed
 
 pytestmark = requires_humaneval_x
 MFTCODER = make_template("mftcoder")
@@ -216,7 +217,7 @@ def test_memorized_model_scores_full_marks(tmp_path, test_cache_root, tiny_llama
     every language whose toolchain is installed."""
     languages = available_languages()
     if not languages:
-        pytest.skip("no HumanEval-X toolchain installed (scripts/install-toolchains.sh)")
+        require_installed("no HumanEval-X toolchain installed (scripts/install-toolchains.sh)")
     merge = tmp_path / "merge"
     shutil.copytree(memorizing_llama_folder(test_cache_root, tiny_llama_dir), merge / "model")
     shutil.copyfile(merge / "model" / "template.json", merge / "template.json")

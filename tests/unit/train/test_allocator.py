@@ -10,6 +10,7 @@ import pytest
 
 from mft_core.train import launch
 from mft_core.train.launch import allocator_env, find_tcmalloc
+from tests.installed import require_installed
 
 MAPPED = "print(any('libtcmalloc' in line for line in open('/proc/self/maps')))"
 
@@ -20,8 +21,8 @@ def mapped_in_child(extra_env: dict[str, str]) -> bool:
     return done.stdout.strip() == "True"
 
 
-@pytest.mark.skipif(find_tcmalloc() is None, reason="libtcmalloc-minimal4 not installed (make test installs it)")
 def test_auto_preloads_tcmalloc_into_the_trainer_process():
+    require_installed(None if find_tcmalloc() else "libtcmalloc-minimal4 not installed (scripts/install-toolchains.sh)")
     env = allocator_env("auto", {})
     assert env["LD_PRELOAD"] == find_tcmalloc()
     assert mapped_in_child(env)
