@@ -53,12 +53,15 @@ def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
     model_dir = resolve_model(cfg.model.path, cfg.runs_root)
     weights = {t.task_name: t.weight for t in cfg.data.tasks}
     tasks = [{"name": t["name"], "id": t["id"], "weight": weights[t["name"]]} for t in _tokenized_tasks(tokenize_dir)]
-    # Paths inside the runs root are stored relative to it: the train output (and so the keys of
-    # the stages after it) must not depend on where the project is checked out.
     from mft_core.train.model import resolve_precision  # imports torch: only when training
 
-    # Resolved once, here: `auto` may measure the CPU, and every process must train in the same precision.
-    precision = resolve_precision(cfg.train.precision, cuda_available())
+    # Resolved once, here: `auto` may measure the CPU, and every process must train in the same
+    # precision; a resumed run keeps the precision its checkpoints were trained in.
+    job_file = work_dir / "train_job.json"
+    earlier = json.loads(job_file.read_text()).get("precision") if job_file.is_file() else None
+    precision = earlier if earlier and cfg.train.precision == "auto" else resolve_precision(cfg.train.precision, cuda_available())
+    # Paths inside the runs root are stored relative to it: the train output (and so the keys of
+    # the stages after it) must not depend on where the project is checked out.
     job = {
         "model_dir": _relative_to_runs(model_dir, cfg.runs_root),
         "tokenize_dir": _relative_to_runs(tokenize_dir, cfg.runs_root),
@@ -66,7 +69,7 @@ def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
         "train": cfg.stage_section("train"),
         "precision": precision,
     }
-    (work_dir / "train_job.json").write_text(json.dumps(job, indent=1) + "\n")
+    job_file.write_text(json.dumps(job, indent=1) + "\n")
     argv, env = trainer_command(cfg.train, work_dir, precision == "bf16")
     run_trainer(argv, env, work_dir / "train.log", on_progress)
     for required in ("model", "train_summary.json", "metrics.jsonl"):

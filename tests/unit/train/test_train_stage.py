@@ -129,6 +129,22 @@ def test_killed_mid_checkpoint_then_resumed_equals_uninterrupted(tmp_path, tiny_
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
+def test_a_resumed_auto_run_keeps_the_precision_it_started_in(tmp_path, tiny_llama_dir):
+    from mft_core.train.model import resolve_precision
+    from mft_core.train.stage import run_train
+
+    cfg = load_config(make_project(tmp_path, tiny_llama_dir, max_steps=2, precision="auto"))
+    run_stage(cfg, "ingest")
+    tokenize_dir = run_stage(cfg, "tokenize").directory
+    # The run before the crash resolved `auto` to what this machine would not choose now.
+    started_in = "fp32" if resolve_precision("auto", on_gpu=False) == "bf16" else "bf16"
+    work = cfg.runs_root / "train" / "resumed.partial"  # where the store keeps a crashed run
+    work.mkdir(parents=True)
+    (work / "train_job.json").write_text(json.dumps({"precision": started_in}))
+    run_train(cfg, tokenize_dir, work)
+    assert json.loads((work / "hyperparameters.json").read_text())["precision"] == started_in
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_with_two_gloo_processes_trains_and_saves(tmp_path, tiny_llama_dir, stage):
     out = train(make_project(tmp_path, tiny_llama_dir, max_steps=2, lora={"dropout": 0.0},
