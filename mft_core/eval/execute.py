@@ -21,7 +21,10 @@ Per language (what runs, see shared/reference/humaneval-x.md section 3):
   <toolchains>/go-cache (warm builds take ~0.4 s, cold ones seconds), then `./main.test`.
 
 Toolchains: scripts/install-toolchains.sh. The toolchain folder is $MFT_TOOLCHAINS_DIR or
-<repo>/.toolchains; per-sample directories live under it (the sandbox uids must reach them).
+<repo>/.toolchains; per-sample directories live under it. With namespaces every step sees it
+read-only at a fixed path (sandbox.TOOLCHAINS_IN_SANDBOX) whatever its place on the host, with
+its own work directory writable; `SandboxSlot.in_sandbox` turns host paths into the paths used
+in commands and environment variables.
 
 Resumable: `execute_samples` appends one JSON line per finished sample to `results_path` and,
 called again on the same file, skips samples already recorded (key: task_id + sample_index).
@@ -337,6 +340,7 @@ class JavaCompileServer:
     def __init__(self, slot: SandboxSlot, classes_dir: Path, state_dir: Path, limits: Limits,
                  max_compilations: int):
         self.slot = slot
+        self._workspace: Path | None = None  # the slot directory holding the samples
         self.classes_dir = classes_dir
         self.state_dir = state_dir
         self.limits = limits
@@ -346,12 +350,15 @@ class JavaCompileServer:
         self._compilations = 0
         self._cpu_s = 0.0
 
-    def _start(self, timeout_s: float) -> None:
+    def _start(self, workspace: Path, timeout_s: float) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o711)
-        argv = ["java", *JAVA_SERVER_FLAGS, "-cp", str(self.classes_dir), "MftCompileServer"]
+        argv = ["java", *JAVA_SERVER_FLAGS, "-cp", str(self.slot.in_sandbox(self.classes_dir)),
+                "MftCompileServer"]
         self._proc = self.slot.start_service(argv, cwd=self.classes_dir, limits=self.limits,
-                                             stderr_path=self.state_dir / "server.stderr")
+                                             stderr_path=self.state_dir / "server.stderr",
+                                             writable=[workspace])
+        self._workspace = workspace
         self._buffer, self._compilations, self._cpu_s = b"", 0, 0.0
         line = self._read_line(time.monotonic() + timeout_s)
         if line != b"READY":
@@ -385,16 +392,20 @@ class JavaCompileServer:
         data, self._buffer = self._buffer[:count], self._buffer[count:]
         return data
 
-    def compile(self, source: Path, out_dir: Path, timeout_s: float) -> CompileOutcome:
-        """Compile `source` into `out_dir`; a hang past `timeout_s` kills the server."""
-        if self._proc is None or self._compilations >= self.max_compilations or self._cpu_s > 300:
+    def compile(self, sample: SampleDir, source: Path, out_dir: Path,
+                timeout_s: float) -> CompileOutcome:
+        """Compile `source` into `out_dir` (both in `sample.work`); a hang past `timeout_s`
+        kills the server. The server sees the slot directory holding the sample writable."""
+        if (self._proc is None or self._compilations >= self.max_compilations
+                or self._cpu_s > 300 or self._workspace != sample.root):
             self.close()  # bounded memory growth and RLIMIT_CPU: start afresh now and then
-            self._start(timeout_s=120)
+            self._start(sample.root, timeout_s=120)
         start = time.perf_counter()
         deadline = time.monotonic() + timeout_s
         assert self._proc is not None and self._proc.stdin is not None
+        in_sandbox = self.slot.in_sandbox
         try:
-            self._proc.stdin.write(f"{source}\t{out_dir}\n".encode())
+            self._proc.stdin.write(f"{in_sandbox(source)}\t{in_sandbox(out_dir)}\n".encode())
             self._proc.stdin.flush()
             header = self._read_line(deadline)
             parts = header.decode().split() if header is not None else []
@@ -482,7 +493,7 @@ class ProgramRunner:
         self._java_classes: Path | None = None
         self.scratch = _make_run_dir(self.toolchains / "scratch")
         try:
-            self._slots = acquire_slots(workers)
+            self._slots = acquire_slots(workers, toolchains=self.toolchains)
         except BaseException:
             shutil.rmtree(self.scratch, ignore_errors=True)
             raise
@@ -580,11 +591,12 @@ class ProgramRunner:
         """(ok, timed_out, wall s, cpu s, output tail) of the compile step."""
         config, language = self.config, program.language
         if language == "java" and config.java_compiler == "server":
-            outcome = self._java_server(slot).compile(sample.work / program.filename,
+            outcome = self._java_server(slot).compile(sample, sample.work / program.filename,
                                                       sample.work / "out", config.compile_timeout_s)
             return (outcome.ok, outcome.timed_out, outcome.wall_s, outcome.cpu_s,
                     outcome.diagnostics[-config.output_tail_chars:])
         env: dict[str, str] = {}
+        writable: list[Path] = []
         if language == "cpp":
             argv = ["g++", "-std=c++11", program.filename, "-o", "a.out"]
             if program.links_crypto:
@@ -596,11 +608,12 @@ class ProgramRunner:
             argv = ["go", "test", "-c", "-o", "main.test", program.filename]
             if not config.go_vet:
                 argv.insert(3, "-vet=off")
-            env = {"GOCACHE": str(self._go_cache(slot)), "GOFLAGS": "-mod=vendor",
+            writable = [self._go_cache(slot)]  # read-only (and so safe) when the program runs
+            env = {"GOCACHE": str(slot.in_sandbox(self._go_cache(slot))), "GOFLAGS": "-mod=vendor",
                    "GOPROXY": "off", "GOSUMDB": "off", "GO111MODULE": "on", "CGO_ENABLED": "0",
                    "GOTOOLCHAIN": "local", "GOTELEMETRY": "off"}
         step = slot.run(argv, sample=sample, step="compile", timeout_s=config.compile_timeout_s,
-                        limits=config.limits(language, "compile"), env=env)
+                        limits=config.limits(language, "compile"), env=env, writable=writable)
         return (step.passed_exit, step.timed_out, step.wall_s, step.cpu_s,
                 step.output_tail(config.output_tail_chars))
 
@@ -614,7 +627,8 @@ class ProgramRunner:
         if language == "java":
             return ["java", *JVM_FLAGS, "-cp", "out", "Main"], {}
         if language == "js":
-            return ["node", program.filename], {"NODE_PATH": str(self.toolchains / "node_modules")}
+            return ["node", program.filename], {
+                "NODE_PATH": str(slot.in_sandbox(self.toolchains / "node_modules"))}
         return ["./main.test"], {"GOMAXPROCS": "2"}
 
     @property
@@ -655,14 +669,11 @@ class ProgramRunner:
                     return _result(key, language, "compile_error", compile_s=compile_s,
                                    cpu_s=cpu, output_tail=tail)
             argv, env = self._run_argv(program, slot)
-            # The Go build cache must not be writable by the program under test (poisoning).
-            readonly = ([self._go_cache(slot)] if language == "go"
-                        and self.isolation is Isolation.NAMESPACES else [])
             limits = config.limits(language, "run")
             if run_timeout_s:
                 limits = dataclasses.replace(limits, cpu_seconds=cpu_limit_for(run_timeout))
             step = slot.run(argv, sample=sample, step="run", timeout_s=run_timeout,
-                            limits=limits, env=env, readonly_paths=readonly)
+                            limits=limits, env=env)
             cpu += step.cpu_s
             if step.timed_out:
                 verdict = "timeout"

@@ -13,17 +13,29 @@ What every step gets (see shared/reference/humaneval-x.md section 7 for the meas
   process of the sandbox uid (or carrying the step's marker) is swept after each step;
 - a parent-death signal at the root of the chain, so nothing outlives a crashed executor.
 
-The launcher is a small C program compiled on first use (`SANDBOX_HELPER_SOURCE`); without a C
-compiler the same steps run through util-linux (`setpriv`, `unshare`, `mount`, `prlimit`).
+The launcher is a small C program compiled on first use with the system's C compiler
+(`SANDBOX_HELPER_SOURCE`; gcc is installed by scripts/install-toolchains.sh). It does in one
+exec what a chain of util-linux tools would do in seven (~2 ms instead of ~12 ms a step).
+
+What a step sees (namespaces): the toolchain folder, wherever it lives on the host (under /tmp,
+in a home directory only its owner can enter, a deep path), at one fixed path,
+`TOOLCHAINS_IN_SANDBOX` (/mnt/mft/toolchains), read-only; the step's own work directory (it
+lives inside the toolchain folder's scratch area) re-bound writable at its place in that view.
+The launcher opens every bind source *before* it mounts the private tmpfs over /tmp and the
+view's tmpfs over /mnt, and binds from those open descriptors, so no source can be hidden by
+the sandbox's own mounts, and the sandbox uid reaches them whatever the permissions of the
+folders above them on the host. `SandboxSlot.in_sandbox` maps a host path to the path a program
+sees.
 
 Isolation levels, detected once per process (override with MFT_SANDBOX_ISOLATION):
 - `namespaces` (root and unshare(2) works): new network, PID and mount namespaces (the
   equivalent of `unshare -n -p -f -m --mount-proc --kill-child`: no network, own PID
   namespace and /proc), private tmpfs over the world-writable directories (/tmp, /var/tmp,
-  /dev/shm, /run/lock), optional read-only bind mounts, then an unprivileged uid with
-  no_new_privs.
+  /dev/shm, /run/lock), the view of the toolchain folder described above, then an
+  unprivileged uid with no_new_privs.
 - `uid` (root, no working unshare): the unprivileged uid and the sweeps, but network access
-  and writes to world-writable directories stay possible, and killed orphans are reaped by
+  and writes to world-writable directories stay possible, the toolchain folder is used where
+  it is (it must be reachable by other uids: `check_reachable`), and killed orphans are reaped by
   the machine's init (until then they count against RLIMIT_NPROC: after a fork burst the
   next sample may fail, never falsely pass).
 - `process_group` (not root): process group kill plus a sweep of processes that carry this
@@ -91,15 +103,6 @@ class Limits:
     processes: int = 256
     open_files: int = 256
 
-    def prlimit_argv(self, with_nproc: bool) -> list[str]:
-        argv = ["prlimit", f"--cpu={self.cpu_seconds}", f"--fsize={self.file_size_bytes}",
-                f"--nofile={self.open_files}", "--core=0"]
-        if self.address_space_bytes is not None:
-            argv.append(f"--as={self.address_space_bytes}")
-        if with_nproc:
-            argv.append(f"--nproc={self.processes}")
-        return argv + ["--"]
-
 
 @dataclass
 class StepResult:
@@ -135,15 +138,12 @@ class SampleDir:
 # Isolation detection
 
 # --------------------------------------------------------------------------------------------
-# The launcher. A tiny C program (compiled once with the system's cc into the toolchain folder)
-# does in one exec what the util-linux chain `setpriv --pdeathsig | unshare | sh | mount |
-# setpriv | prlimit` does in seven: that chain costs ~12 ms of CPU per step, which is 30% of a
-# JavaScript sample; the helper costs ~2 ms. When no C compiler is present the util-linux
-# chain is used (same isolation, slower). MFT_SANDBOX_LAUNCHER=util-linux forces the chain.
+# The launcher: one exec does the namespaces, mounts, limits and identity change.
 
 SANDBOX_HELPER_SOURCE = r"""
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <grp.h>
 #include <sched.h>
 #include <signal.h>
@@ -153,17 +153,22 @@ SANDBOX_HELPER_SOURCE = r"""
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-/* mft-sandbox-run [--namespaces] [--tmpfs DIR]... [--ro PATH]... [--uid N --gid N]
+/* mft-sandbox-run [--namespaces] [--tmpfs DIR]... [--view DIR] [--bind-ro SRC DST]...
+ *                 [--bind SRC DST]... [--chdir DIR] [--uid N --gid N]
  *                 [--as B] [--cpu S] [--fsize B] [--nproc N] [--nofile N]
  *                 [--no-parent-death] -- COMMAND...
  * Dies with the thread that started it (PDEATHSIG) unless --no-parent-death (long-lived
- * services started from a short-lived thread; they end on stdin EOF). With --namespaces: new network, PID and
- * mount namespaces; pid 1 (this program) mounts private tmpfs and read-only binds and a fresh
- * /proc, runs COMMAND as its child and exits with its status (128+signal when killed), which
- * makes the kernel kill whatever else is left in the namespace. */
+ * services started from a short-lived thread; they end on stdin EOF). With --namespaces: new
+ * network, PID and mount namespaces; pid 1 (this program) opens every bind source, mounts the
+ * private tmpfs dirs and a tmpfs on the view root, binds the sources (in the order given, from
+ * the descriptors opened first, so nothing it mounts can hide a source), mounts a fresh /proc,
+ * runs COMMAND as its child and exits with its status (128+signal when killed), which makes the
+ * kernel kill whatever else is left in the namespace. */
 
 #define SETUP_FAILED 125
 #define MAX_PATHS 32
@@ -191,9 +196,42 @@ static int wait_for(pid_t child) {  /* as pid 1 this also reaps orphans */
     }
 }
 
+static void make_dirs(const char *path) {  /* mkdir -p for mount points on the view's tmpfs */
+    char buffer[4096];
+    struct stat info;
+    if (stat(path, &info) == 0) return;  /* e.g. a work dir seen through a read-only bind */
+    if (strlen(path) >= sizeof buffer) { errno = ENAMETOOLONG; die("mount point", path); }
+    strcpy(buffer, path);
+    for (char *p = buffer + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir(buffer, 0755) != 0 && errno != EEXIST) die("mkdir", buffer);
+        *p = '/';
+    }
+    if (mkdir(buffer, 0755) != 0 && errno != EEXIST) die("mkdir", buffer);
+}
+
+static void bind(int fd, const char *target, int writable) {
+    char source[64];
+    snprintf(source, sizeof source, "/proc/self/fd/%d", fd);
+    make_dirs(target);
+    if (mount(source, target, NULL, MS_BIND | MS_REC, NULL) != 0) die("bind onto", target);
+    if (writable) return;
+    struct statvfs info;  /* a read-only remount must keep the flags the source mount has */
+    unsigned long flags = MS_REMOUNT | MS_BIND | MS_RDONLY;
+    if (fstatvfs(fd, &info) == 0) {
+        if (info.f_flag & ST_NOSUID) flags |= MS_NOSUID;
+        if (info.f_flag & ST_NODEV) flags |= MS_NODEV;
+        if (info.f_flag & ST_NOEXEC) flags |= MS_NOEXEC;
+    }
+    if (mount(NULL, target, NULL, flags, NULL) != 0) die("read-only remount of", target);
+}
+
 int main(int argc, char **argv) {
-    const char *tmpfs[MAX_PATHS], *readonly[MAX_PATHS];
-    int n_tmpfs = 0, n_readonly = 0, namespaces = 0, parent_death = 1, i;
+    const char *tmpfs[MAX_PATHS], *bind_source[MAX_PATHS], *bind_target[MAX_PATHS];
+    int bind_writable[MAX_PATHS], bind_fd[MAX_PATHS];
+    int n_tmpfs = 0, n_binds = 0, namespaces = 0, parent_death = 1, i;
+    const char *view = NULL, *workdir = NULL;
     long uid = -1, gid = -1;
     int resources[8]; long values[8]; int n_limits = 0;
     for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
@@ -202,8 +240,15 @@ int main(int argc, char **argv) {
         if (!strcmp(opt, "--no-parent-death")) { parent_death = 0; continue; }
         if (i + 1 >= argc) { errno = EINVAL; die("missing value for", opt); }
         const char *val = argv[++i];
-        if (!strcmp(opt, "--tmpfs") && n_tmpfs < MAX_PATHS) tmpfs[n_tmpfs++] = val;
-        else if (!strcmp(opt, "--ro") && n_readonly < MAX_PATHS) readonly[n_readonly++] = val;
+        if (!strcmp(opt, "--bind") || !strcmp(opt, "--bind-ro")) {
+            if (i + 1 >= argc || n_binds >= MAX_PATHS) { errno = EINVAL; die("bad", opt); }
+            bind_writable[n_binds] = !strcmp(opt, "--bind");
+            bind_source[n_binds] = val;
+            bind_target[n_binds++] = argv[++i];
+        }
+        else if (!strcmp(opt, "--tmpfs") && n_tmpfs < MAX_PATHS) tmpfs[n_tmpfs++] = val;
+        else if (!strcmp(opt, "--view")) view = val;
+        else if (!strcmp(opt, "--chdir")) workdir = val;
         else if (!strcmp(opt, "--uid")) uid = number(val);
         else if (!strcmp(opt, "--gid")) gid = number(val);
         else if (!strcmp(opt, "--as")) { resources[n_limits] = RLIMIT_AS; values[n_limits++] = number(val); }
@@ -216,6 +261,7 @@ int main(int argc, char **argv) {
     }
     if (i + 1 >= argc) { errno = EINVAL; die("no command after --", NULL); }
     char **command = argv + i + 1;
+    if ((n_binds || view) && !namespaces) { errno = EINVAL; die("--bind and --view need", "--namespaces"); }
 
     pid_t parent = getppid();
     if (parent_death && (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent))
@@ -227,13 +273,21 @@ int main(int argc, char **argv) {
         if (init > 0) _exit(wait_for(init));
         prctl(PR_SET_PDEATHSIG, SIGKILL);  /* pid 1 of the new namespaces from here on */
         if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) die("private /", NULL);
+        for (int k = 0; k < n_binds; k++)  /* before any mount below can cover a source */
+            if ((bind_fd[k] = open(bind_source[k], O_PATH | O_DIRECTORY | O_CLOEXEC)) < 0)
+                die("open bind source", bind_source[k]);
         for (int k = 0; k < n_tmpfs; k++)
             if (mount("mft-sandbox", tmpfs[k], "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=1777") != 0)
                 die("tmpfs on", tmpfs[k]);
-        for (int k = 0; k < n_readonly; k++)
-            if (mount(readonly[k], readonly[k], NULL, MS_BIND | MS_REC, NULL) != 0
-                || mount(NULL, readonly[k], NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) != 0)
-                die("read-only bind of", readonly[k]);
+        if (view) {
+            if (mkdir(view, 0755) != 0 && errno != EEXIST) die("mkdir", view);
+            if (mount("mft-sandbox-view", view, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755") != 0)
+                die("tmpfs on", view);
+        }
+        for (int k = 0; k < n_binds; k++) {
+            bind(bind_fd[k], bind_target[k], bind_writable[k]);
+            close(bind_fd[k]);
+        }
         if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("proc", NULL);
         pid_t child = fork();
         if (child < 0) die("fork", NULL);
@@ -248,6 +302,7 @@ int main(int argc, char **argv) {
     if (gid >= 0 && (setgroups(0, NULL) != 0 || setresgid(gid, gid, gid) != 0)) die("setgid", NULL);
     if (uid >= 0 && setresuid(uid, uid, uid) != 0) die("setuid", NULL);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) die("no_new_privs", NULL);
+    if (workdir && chdir(workdir) != 0) die("chdir", workdir);  /* as the program's own uid */
     if (parent_death || namespaces)
         prctl(PR_SET_PDEATHSIG, SIGKILL);  /* a credential change cleared it */
     execvp(command[0], command);
@@ -263,20 +318,33 @@ def toolchains_dir() -> Path:
                 or Path(__file__).resolve().parents[2] / ".toolchains")
 
 
+# The fixed view of a namespaced step (see the module docstring): a tmpfs on VIEW_MOUNT holds the
+# mount point of the toolchain folder. /mnt is the FHS's place for temporary mounts; whatever the
+# host has there is hidden from the program (the launcher opened its sources before).
+VIEW_MOUNT = Path("/mnt")
+TOOLCHAINS_IN_SANDBOX = VIEW_MOUNT / "mft" / "toolchains"
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host directory made visible inside a namespaced step at `target`."""
+
+    source: Path
+    target: Path
+    writable: bool = False
+
+
 @functools.lru_cache(maxsize=1)
-def sandbox_helper() -> Path | None:
-    """The compiled launcher (built on first use), or None when it cannot be built."""
-    if os.environ.get("MFT_SANDBOX_LAUNCHER") == "util-linux":
-        return None
+def sandbox_helper() -> Path:
+    """The compiled launcher, built on first use with the system's C compiler."""
     digest = hashlib.sha256(SANDBOX_HELPER_SOURCE.encode()).hexdigest()[:12]
     target = toolchains_dir() / "sandbox-helper" / digest / "mft-sandbox-run"
     if target.is_file():
         return target
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.warning("sandbox: no C compiler, so the slower util-linux launcher is used "
-                    "(apt package gcc)")
-        return None
+        raise SandboxError("sandbox: no C compiler to build the sandbox launcher: install gcc "
+                           "(scripts/install-toolchains.sh does)")
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -291,9 +359,8 @@ def sandbox_helper() -> Path | None:
             if done.returncode == 0:
                 break
         if done.returncode != 0:
-            log.warning("sandbox: cannot build the launcher (%s); using util-linux instead",
-                        done.stderr.strip()[-500:])
-            return None
+            raise SandboxError(f"sandbox: cannot build the launcher {source}: "
+                               f"{done.stderr.strip()[-500:]}")
         os.chmod(staging, 0o755)
         os.replace(staging, target)
     for directory in (target.parent, target.parent.parent):
@@ -301,14 +368,19 @@ def sandbox_helper() -> Path | None:
     return target
 
 
-def _helper_argv(helper: Path, isolation: Isolation, uid: int | None, gid: int | None,
-                 limits: Limits | None, readonly_paths: Sequence[Path],
+def _helper_argv(isolation: Isolation, uid: int | None, gid: int | None, limits: Limits | None,
+                 binds: Sequence[Bind] = (), workdir: Path | None = None,
                  parent_death: bool = True) -> list[str]:
-    argv = [str(helper)] + ([] if parent_death else ["--no-parent-death"])
+    argv = [str(sandbox_helper())] + ([] if parent_death else ["--no-parent-death"])
     if isolation is Isolation.NAMESPACES:
         argv.append("--namespaces")
         argv += [arg for d in WORLD_WRITABLE_DIRS if os.path.isdir(d) for arg in ("--tmpfs", d)]
-        argv += [arg for path in readonly_paths for arg in ("--ro", str(path))]
+        if binds:
+            argv += ["--view", str(VIEW_MOUNT)]
+        for bind in binds:
+            argv += ["--bind" if bind.writable else "--bind-ro", str(bind.source), str(bind.target)]
+        if workdir is not None:
+            argv += ["--chdir", str(workdir)]
     if uid is not None:
         argv += ["--uid", str(uid), "--gid", str(gid)]
     if limits is not None:
@@ -321,52 +393,20 @@ def _helper_argv(helper: Path, isolation: Isolation, uid: int | None, gid: int |
     return argv + ["--"]
 
 
-# util-linux fallback launcher.
-# Runs as pid 1 of the new namespaces (as root): one `mount -a` over a generated fstab (private
-# tmpfs over the world-writable dirs, read-only bind mounts; one process for all mounts), then the
-# unprivileged command as a child. It deliberately does not `exec` the command: pid 1 ignores
-# default-action signals (an abort() would misbehave), and when this shell exits the kernel
-# kills everything left in the namespace.
-_NAMESPACE_INIT = r"""
-uid=$1; gid=$2; fstab=$3; shift 3
-mount -a -T "$fstab" || { echo "mft-sandbox: setup failed: mount -a -T $fstab" >&2; exit 125; }
-setpriv --reuid="$uid" --regid="$gid" --clear-groups --no-new-privs -- "$@"
-exit $?
-"""
-
-
-def _fstab_text(readonly_paths: Sequence[Path]) -> str:
-    def escape(path: str) -> str:  # fstab(5) octal escapes
-        return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
-
-    lines = [f"mft-sandbox {escape(d)} tmpfs size=16m,mode=1777,nosuid,nodev 0 0"
-             for d in WORLD_WRITABLE_DIRS if os.path.isdir(d)]
-    lines += [f"{escape(str(p))} {escape(str(p))} none bind,ro 0 0" for p in readonly_paths]
-    return "\n".join(lines) + "\n"
-
-
-_UNSHARE = ["unshare", "--net", "--pid", "--fork", "--mount", "--mount-proc",
-            "--propagation", "private", "--kill-child"]
-
-
 def _probe_namespaces() -> str | None:
-    """None when the namespace launcher works here, else the reason it does not."""
-    helper = sandbox_helper()
-    tools = ("setpriv", "prlimit") if helper else ("unshare", "setpriv", "prlimit", "mount")
-    for tool in tools:
-        if shutil.which(tool) is None:
-            return f"{tool} not found (Debian package util-linux)"
+    """None when the namespace launcher works here (with a bound view), else the reason."""
+    # A source under /tmp, unreadable for others: the view must still show it, and the
+    # host's /tmp must not (the marker) — exactly what a checkout under /tmp or /root needs.
     probe_dir = Path(tempfile.mkdtemp(prefix="mft-sandbox-probe-"))
     probe_marker = Path("/tmp") / f".mft-probe-{secrets.token_hex(4)}"
-    check = ["/bin/sh", "-c", f"test ! -e {probe_marker}"]
-    if helper:
-        argv = _helper_argv(helper, Isolation.NAMESPACES, 65534, 65534, None, []) + check
-    else:
-        fstab = probe_dir / "fstab"
-        fstab.write_text(_fstab_text([]))
-        argv = _UNSHARE + ["--", "/bin/sh", "-c", _NAMESPACE_INIT, "sh", "65534", "65534",
-                           str(fstab)] + check
+    (probe_dir / "seen").write_text("")
+    (probe_dir / "seen").chmod(0o644)
+    os.chmod(probe_dir, 0o755)
+    inside = TOOLCHAINS_IN_SANDBOX
+    check = ["/bin/sh", "-c", f"test ! -e {probe_marker} && test -f {inside}/seen"]
     try:
+        argv = _helper_argv(Isolation.NAMESPACES, 65534, 65534, None,
+                            [Bind(probe_dir, inside)], inside) + check
         probe_marker.touch()
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=20,
                               env={"PATH": SYSTEM_PATH})
@@ -395,17 +435,14 @@ def detect_isolation() -> Isolation:
             raise SandboxError(f"MFT_SANDBOX_ISOLATION={forced} needs root; use process_group")
         log.info("sandbox isolation forced to %s by MFT_SANDBOX_ISOLATION", isolation.value)
         return isolation
-    for tool in ("setpriv", "prlimit"):
-        if shutil.which(tool) is None:
-            raise SandboxError(f"sandbox: {tool} not found; install util-linux "
-                               "(scripts/install-toolchains.sh)")
     if os.geteuid() != 0:
         log.warning("sandbox: not running as root, so no unprivileged uid and no namespaces; "
                     "programs run as this user in their own process group (isolation=process_group)")
         return Isolation.PROCESS_GROUP
     reason = _probe_namespaces()
     if reason is None:
-        log.info("sandbox: isolation=namespaces (unshare net/pid/mount, private /tmp, setpriv)")
+        log.info("sandbox: isolation=namespaces (net/pid/mount namespaces, private /tmp, "
+                 "toolchains bound read-only at %s, unprivileged uid)", TOOLCHAINS_IN_SANDBOX)
         return Isolation.NAMESPACES
     log.warning("sandbox: namespaces unavailable (%s); falling back to isolation=uid "
                 "(unprivileged uid and process sweeps, but network and /tmp stay reachable)",
@@ -513,12 +550,17 @@ def _uid_is_foreign(uid: int) -> bool:
 
 
 class SandboxSlot:
-    """One parallel worker's identity: a uid (None when not root), a gid, a service uid."""
+    """One parallel worker's identity: a uid (None when not root), a gid, a service uid.
 
-    def __init__(self, isolation: Isolation, index: int | None, lock_file=None,
-                 helper: Path | None = None):
+    `toolchains` is the folder that every namespaced step sees read-only at
+    TOOLCHAINS_IN_SANDBOX; the directories a step writes (its work directory, a build cache, a
+    service's slot directory) live inside it and are re-bound writable.
+    """
+
+    def __init__(self, isolation: Isolation, index: int | None, toolchains: Path,
+                 lock_file=None):
         self.isolation = isolation
-        self.helper = helper  # the compiled launcher; None: the util-linux chain
+        self.toolchains = Path(toolchains).resolve()
         self.index = index
         self._slot_dirs: dict[Path, Path] = {}
         self._samples = 0
@@ -583,27 +625,28 @@ class SandboxSlot:
 
     # ---- commands ---------------------------------------------------------------------------
 
-    def _argv(self, argv: Sequence[str], limits: Limits, readonly_paths: Sequence[Path],
-              as_service: bool, fstab_dir: Path) -> list[str]:
+    def in_sandbox(self, path: Path) -> Path:
+        """Where a program sees `path` (a path inside the toolchain folder): under
+        TOOLCHAINS_IN_SANDBOX with namespaces, the host path itself otherwise."""
+        if self.isolation is not Isolation.NAMESPACES:
+            return Path(path)
+        try:
+            inner = Path(path).resolve().relative_to(self.toolchains)
+        except ValueError:
+            raise SandboxError(f"{path} is outside the toolchain folder {self.toolchains}, "
+                               "so a sandboxed program cannot see it") from None
+        return TOOLCHAINS_IN_SANDBOX / inner
+
+    def _argv(self, argv: Sequence[str], limits: Limits, cwd: Path, writable: Sequence[Path],
+              as_service: bool) -> list[str]:
         # PR_SET_PDEATHSIG fires when the *thread* that started the process exits, so a
         # service (started by whichever worker thread needed it first) must not use it: it
         # ends when its stdin reaches EOF instead, which also happens when we die.
         uid = self.service_uid if as_service else self.uid
-        if self.helper is not None:
-            return _helper_argv(self.helper, self.isolation, uid, self.gid, limits,
-                                readonly_paths, parent_death=not as_service) + list(argv)
-        limited = limits.prlimit_argv(with_nproc=self.uid is not None) + list(argv)
-        death = [] if as_service else ["--pdeathsig", "KILL"]
-        prefix = ["setpriv", *death, "--"]
-        if self.isolation is Isolation.NAMESPACES:
-            fstab = fstab_dir / "sandbox.fstab"
-            fstab.write_text(_fstab_text(readonly_paths))
-            return (prefix + _UNSHARE + ["--", "/bin/sh", "-c", _NAMESPACE_INIT, "sh",
-                                         str(uid), str(self.gid), str(fstab)] + limited)
-        if self.isolation is Isolation.UID:
-            return ["setpriv", *death, f"--reuid={uid}", f"--regid={self.gid}",
-                    "--clear-groups", "--no-new-privs", "--"] + limited
-        return prefix + limited
+        binds = [Bind(self.toolchains, TOOLCHAINS_IN_SANDBOX)]
+        binds += [Bind(path, self.in_sandbox(path), writable=True) for path in writable]
+        return _helper_argv(self.isolation, uid, self.gid, limits, binds, self.in_sandbox(cwd),
+                            parent_death=not as_service) + list(argv)
 
     def _env(self, home: Path, extra: dict[str, str] | None, marker: str) -> dict[str, str]:
         env = {"PATH": SYSTEM_PATH, "HOME": str(home), "TMPDIR": str(home), "LANG": "C.UTF-8",
@@ -626,15 +669,20 @@ class SandboxSlot:
 
     def run(self, argv: Sequence[str], *, sample: SampleDir, step: str, timeout_s: float,
             limits: Limits, env: dict[str, str] | None = None,
-            readonly_paths: Sequence[Path] = ()) -> StepResult:
-        """Run one command in `sample.work` under the sandbox and wait at most `timeout_s`."""
+            writable: Sequence[Path] = ()) -> StepResult:
+        """Run one command in `sample.work` under the sandbox and wait at most `timeout_s`.
+
+        The work directory is writable; so are the `writable` directories (inside the toolchain
+        folder); with namespaces the rest of the toolchain folder is read-only.
+        """
         marker = secrets.token_hex(8)
         stdout_path, stderr_path = sample.log / f"{step}.stdout", sample.log / f"{step}.stderr"
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
             start = time.perf_counter()
-            proc = subprocess.Popen(self._argv(argv, limits, readonly_paths, as_service=False,
-                                               fstab_dir=sample.log),
-                                    cwd=sample.work, env=self._env(sample.work, env, marker),
+            proc = subprocess.Popen(self._argv(argv, limits, sample.work, [sample.work, *writable],
+                                               as_service=False),
+                                    cwd=sample.work,
+                                    env=self._env(self.in_sandbox(sample.work), env, marker),
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True, close_fds=True)
         try:
@@ -661,16 +709,18 @@ class SandboxSlot:
             stdout_tail=_tail(stdout_path), stderr_tail=stderr_tail)
 
     def start_service(self, argv: Sequence[str], *, cwd: Path, limits: Limits,
-                      env: dict[str, str] | None = None, stderr_path: Path) -> subprocess.Popen:
-        """Start a long-lived helper under the service uid with stdin/stdout pipes.
+                      env: dict[str, str] | None = None, stderr_path: Path,
+                      writable: Sequence[Path] = ()) -> subprocess.Popen:
+        """Start a long-lived helper under the service uid with stdin/stdout pipes; `cwd` and
+        `writable` are directories inside the toolchain folder (see `run`).
 
         The caller owns the returned process: it must call `stop_service` on it.
         """
         marker = secrets.token_hex(8)
-        env_all = self._env(cwd, env, marker)
+        env_all = self._env(self.in_sandbox(cwd), env, marker)
         with open(stderr_path, "wb") as err:
-            proc = subprocess.Popen(self._argv(argv, limits, (), as_service=True,
-                                               fstab_dir=stderr_path.parent), cwd=cwd,
+            proc = subprocess.Popen(self._argv(argv, limits, cwd, writable, as_service=True),
+                                    cwd=cwd,
                                     env=env_all, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=err, start_new_session=True, close_fds=True)
         proc.mft_marker = marker  # type: ignore[attr-defined]
@@ -733,23 +783,20 @@ def _tail(path: Path, max_bytes: int = TAIL_BYTES) -> str:
 # Leasing
 
 def acquire_slots(count: int, isolation: Isolation | None = None,
-                  launcher: str = "auto") -> list[SandboxSlot]:
+                  toolchains: Path | None = None) -> list[SandboxSlot]:
     """Lease `count` slots (uids) for parallel workers; release each with `slot.release()`.
 
     `isolation` defaults to the detected one; a weaker level may be asked for (tests of the
     fallbacks), a stronger one than the machine supports fails at the first run.
-    `launcher`: "auto" (the compiled helper when it builds), "helper" or "util-linux".
+    `toolchains`: the folder steps see (default: `toolchains_dir()`).
     """
     isolation = isolation or detect_isolation()
-    if launcher not in ("auto", "helper", "util-linux"):
-        raise ValueError(f"launcher must be auto, helper or util-linux, got {launcher!r}")
-    helper = None if launcher == "util-linux" else sandbox_helper()
-    if launcher == "helper" and helper is None:
-        raise SandboxError("the compiled sandbox launcher is unavailable (needs cc)")
+    toolchains = Path(toolchains or toolchains_dir())
+    sandbox_helper()  # built (or its absence reported) before any slot is leased
     if isolation is not Isolation.PROCESS_GROUP and os.geteuid() != 0:
         raise SandboxError(f"isolation={isolation.value} needs root")
     if isolation is Isolation.PROCESS_GROUP:
-        return [SandboxSlot(isolation, None, helper=helper) for _ in range(count)]
+        return [SandboxSlot(isolation, None, toolchains) for _ in range(count)]
     if count > MAX_SLOTS:
         raise SandboxError(f"asked for {count} sandbox workers; at most {MAX_SLOTS}")
     lock_dir = _lock_dir()
@@ -764,7 +811,7 @@ def acquire_slots(count: int, isolation: Isolation | None = None,
             except BlockingIOError:
                 lock_file.close()
                 continue
-            slot = SandboxSlot(isolation, index, lock_file, helper=helper)
+            slot = SandboxSlot(isolation, index, toolchains, lock_file)
             marker_path = lock_dir / f"slot-{index}.ours"
             if not marker_path.exists() and (_uid_is_foreign(slot.uid)
                                              or _uid_is_foreign(slot.service_uid)):
@@ -790,8 +837,8 @@ def acquire_slots(count: int, isolation: Isolation | None = None,
 
 @contextmanager
 def leased_slots(count: int, isolation: Isolation | None = None,
-                 launcher: str = "auto") -> Iterator[list[SandboxSlot]]:
-    slots = acquire_slots(count, isolation, launcher)
+                 toolchains: Path | None = None) -> Iterator[list[SandboxSlot]]:
+    slots = acquire_slots(count, isolation, toolchains)
     try:
         yield slots
     finally:
@@ -800,22 +847,20 @@ def leased_slots(count: int, isolation: Isolation | None = None,
 
 
 def check_reachable(path: Path, isolation: Isolation | None = None) -> None:
-    """Raise a clear error when sandboxed programs could not use a folder at `path`:
-    hidden under a private tmpfs, or not traversable by an unprivileged uid."""
+    """Raise a clear error when sandboxed programs could not use a folder at `path`.
+
+    Only the `uid` level uses host paths as they are (no mount namespace to bind them into a
+    view), so only there must every folder above `path` be traversable by other uids.
+    """
     isolation = isolation or detect_isolation()
-    path = path.resolve()
-    if isolation is Isolation.NAMESPACES:
-        for hidden in WORLD_WRITABLE_DIRS:
-            if path == Path(hidden) or Path(hidden) in path.parents:
-                raise SandboxError(
-                    f"{path} is under {hidden}, which every sandbox replaces by a private tmpfs; "
-                    f"put the toolchain folder elsewhere (MFT_TOOLCHAINS_DIR, then rerun "
-                    f"scripts/install-toolchains.sh)")
-    if isolation is Isolation.PROCESS_GROUP:
+    if isolation is not Isolation.UID:
         return
+    path = Path(path).resolve()
     for directory in [*reversed(path.parents), path]:
         if directory.exists() and not os.stat(directory).st_mode & 0o001:
             raise SandboxError(
-                f"the sandbox uids cannot reach {path}: {directory} is not world-executable. "
-                f"Put the toolchain folder elsewhere (MFT_TOOLCHAINS_DIR=/var/lib/mft-toolchains, "
-                f"then rerun scripts/install-toolchains.sh) or `chmod o+x {directory}`")
+                f"the sandbox uids cannot reach {path}: {directory} is not world-executable, and "
+                f"this machine has no working mount namespaces to bind it into the sandbox "
+                f"(isolation=uid). Put the toolchain folder elsewhere "
+                f"(MFT_TOOLCHAINS_DIR=/var/lib/mft-toolchains, then rerun "
+                f"scripts/install-toolchains.sh) or `chmod o+x {directory}`")

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from eval_testing import processes_with_token, wait_until_gone
-from mft_core.eval.sandbox import (Isolation, Limits, SandboxError, check_reachable,
-                                   detect_isolation, leased_slots, processes_of_uid,
-                                   sandbox_helper, toolchains_dir)
+from mft_core.eval.sandbox import (TOOLCHAINS_IN_SANDBOX, Isolation, Limits, SandboxError,
+                                   check_reachable, detect_isolation, leased_slots,
+                                   processes_of_uid, toolchains_dir)
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (unprivileged uids, namespaces)")
 
@@ -24,24 +26,14 @@ def test_namespaces_work_here_as_root():
     assert detect_isolation() is Isolation.NAMESPACES
 
 
-LAUNCHERS = ["helper", "util-linux"]
-
-
-def require_launcher(launcher: str) -> None:
-    if launcher == "helper" and sandbox_helper() is None:
-        pytest.skip("the compiled launcher is unavailable (no C compiler)")
-
-
 @root_only
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_a_namespace_step_is_unprivileged_offline_limited_and_has_a_private_tmp(launcher):
-    require_launcher(launcher)
+def test_a_namespace_step_is_unprivileged_offline_limited_and_has_a_private_tmp():
     if detect_isolation() is not Isolation.NAMESPACES:
         pytest.skip("namespaces unavailable here")
     script = ("id -u; grep NoNewPrivs /proc/self/status; ls -A /tmp | wc -l; ls /proc | grep -c '^[0-9]'; "
               "cat /proc/self/limits; (exec 3<>/dev/tcp/127.0.0.1/22) 2>&1 | tail -c 200 || true")
     limits = Limits(address_space_bytes=1 << 30, cpu_seconds=7, file_size_bytes=1 << 20, processes=99)
-    with leased_slots(1, launcher=launcher) as (slot,), \
+    with leased_slots(1) as (slot,), \
             slot.sample_dir(toolchains_dir() / "scratch") as sample:
         step = slot.run(["bash", "-c", script], sample=sample, step="probe", timeout_s=10, limits=limits)
     lines = step.stdout_tail.splitlines()
@@ -59,17 +51,15 @@ def test_a_namespace_step_is_unprivileged_offline_limited_and_has_a_private_tmp(
     assert "Network is unreachable" in step.output_tail()
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("isolation", [Isolation.NAMESPACES, Isolation.UID, Isolation.PROCESS_GROUP])
-def test_every_isolation_level_kills_timeouts_and_detached_children(isolation, launcher):
-    require_launcher(launcher)
+def test_every_isolation_level_kills_timeouts_and_detached_children(isolation):
     if isolation is not Isolation.PROCESS_GROUP and os.geteuid() != 0:
         pytest.skip("needs root")
     if isolation is Isolation.NAMESPACES and detect_isolation() is not Isolation.NAMESPACES:
         pytest.skip("namespaces unavailable here")
     token = secrets.token_hex(6)
     detach = f"setsid sh -c 'sleep 30; : {token}' >/dev/null 2>&1 & exit 3"
-    with leased_slots(1, isolation, launcher) as (slot,), \
+    with leased_slots(1, isolation) as (slot,), \
             slot.sample_dir(toolchains_dir() / "scratch") as sample:
         started = time.monotonic()
         step = slot.run(["sh", "-c", detach], sample=sample, step="detach", timeout_s=5, limits=Limits())
@@ -103,12 +93,49 @@ def test_sample_directory_is_removed_even_on_error():
     assert not sample.root.exists()  # released with the slot
 
 
+@root_only
+@pytest.mark.parametrize("place", ["tmp", "private_home"])
+def test_a_toolchain_folder_anywhere_is_seen_read_only_at_the_fixed_path(place):
+    """A checkout under /tmp (the sandbox's private /tmp covers it) or in a home directory only its
+    owner can enter (mode 700): with namespaces a step still sees the toolchain folder, at
+    TOOLCHAINS_IN_SANDBOX, read-only, and its own work directory writable."""
+    if detect_isolation() is not Isolation.NAMESPACES:
+        pytest.skip("namespaces unavailable here")
+    if place == "tmp":
+        base = Path(tempfile.mkdtemp(prefix="mft-checkout-", dir="/tmp"))
+    else:
+        base = Path(tempfile.mkdtemp(prefix=".mft-private-home-", dir=Path.home()))
+        base.chmod(0o700)  # like /root: no one else may even traverse it
+    toolchains = base / "deep" / "checkout" / ".toolchains"
+    (toolchains / "node_modules").mkdir(parents=True)
+    (toolchains / "node_modules" / "lib.txt").write_text("tool\n")
+    for directory in (toolchains, toolchains / "node_modules"):
+        directory.chmod(0o755)
+    script = (f"cat {TOOLCHAINS_IN_SANDBOX}/node_modules/lib.txt; pwd; echo out > result.txt; "
+              f"touch {TOOLCHAINS_IN_SANDBOX}/node_modules/poison 2>&1 | grep -c 'Read-only'")
+    try:
+        with leased_slots(1, toolchains=toolchains) as (slot,), \
+                slot.sample_dir(toolchains / "scratch") as sample:
+            step = slot.run(["sh", "-c", script], sample=sample, step="view", timeout_s=10,
+                            limits=Limits())
+            written = (sample.work / "result.txt").read_text()
+        assert step.returncode == 0, step.output_tail()
+        lines = step.stdout_tail.splitlines()
+        assert lines[0] == "tool"
+        assert lines[1] == str(slot.in_sandbox(sample.work))
+        assert lines[1].startswith(str(TOOLCHAINS_IN_SANDBOX) + "/scratch/")
+        assert written == "out\n"
+        assert lines[2] == "1" and not (toolchains / "node_modules" / "poison").exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_unusable_toolchain_locations_are_clear_errors(tmp_path):
-    with pytest.raises(SandboxError, match="private tmpfs"):
-        check_reachable(Path("/tmp/mft-toolchains"), Isolation.NAMESPACES)
+    check_reachable(Path("/tmp/mft-toolchains"), Isolation.NAMESPACES)  # bound: no error
     if os.geteuid() == 0:
         private = tmp_path / "private"
         (private / "inner").mkdir(parents=True)
         private.chmod(0o700)
+        check_reachable(private / "inner", Isolation.NAMESPACES)
         with pytest.raises(SandboxError, match="not world-executable"):
             check_reachable(private / "inner", Isolation.UID)
