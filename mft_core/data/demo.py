@@ -380,8 +380,9 @@ def build_demo_data(
     """Mine the demo tasks into out_dir/<task>/data.jsonl and out_dir/demo_stats.json.
 
     source_dir: where to mine (default: the running interpreter's stdlib). humaneval_dir: the
-    decontamination reference (default: see decontam.default_humaneval_dir); when none is
-    found the data is written undecontaminated, with a warning and "enabled": false in stats.
+    decontamination reference (default: the benchmark mft_core/benchmark.py resolves, the Python
+    fallback included); when there is none the data is written undecontaminated, with a warning
+    and "enabled": false in stats.
 
     Each function goes to exactly one task (seeded shuffle, dealt round-robin), so a task gets
     at most a third of the usable functions: about 1600 each from the CPython 3.11 stdlib.
@@ -404,7 +405,7 @@ def build_demo_data(
         )
     else:
         log.warning(
-            "no HumanEval-X data found (pass humaneval_dir or set $MFT_HUMANEVAL_X_DIR): "
+            "no benchmark data at all (`mft data humaneval-x` downloads HumanEval-X): "
             "the demo data is NOT decontaminated"
         )
 
@@ -481,8 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source-dir", type=Path, default=None,
                         help="directory of Python sources to mine (default: this interpreter's stdlib)")
     parser.add_argument("--humaneval-dir", type=Path, default=None,
-                        help="HumanEval-X directory for decontamination (default: $MFT_HUMANEVAL_X_DIR, "
-                             "else ../shared/humaneval-x beside the repository)")
+                        help="HumanEval-X directory for decontamination (default: as the pipeline "
+                             "resolves it, see mft_core/benchmark.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     stats = build_demo_data(args.out, per_task=args.per_task, seed=args.seed,

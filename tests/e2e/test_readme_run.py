@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmark_data import HUMANEVAL_X
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
@@ -23,7 +25,7 @@ def test_mft_run_on_the_demo_config_then_a_cached_rerun(tmp_path):
     project.mkdir()
     shutil.copy(REPO / "pipeline.yaml", project / "pipeline.yaml")
     shutil.copy(REPO / "prefect.toml", project / "prefect.toml")
-    env = {**os.environ, "MFT_HUMANEVAL_X_DIR": str(REPO.parent / "shared" / "humaneval-x")}
+    env = dict(os.environ)  # $MFT_HUMANEVAL_X_DIR as the session found it (tests/benchmark_data.py)
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_HOME", None)  # prefect.toml puts it in the project's .prefect/
 
@@ -37,7 +39,8 @@ def test_mft_run_on_the_demo_config_then_a_cached_rerun(tmp_path):
     output = first.stdout + first.stderr
     assert "=== mft-pipeline results ===" in output and "text-to-code" in output
     assert "train (" in output and "final valid loss" in output and "merge (" in output
-    assert "pass@1" in output and all(lang in output for lang in ("python", "cpp", "java", "js", "go"))
+    languages = HUMANEVAL_X.languages if HUMANEVAL_X is not None else ("python",)  # offline: Python HumanEval
+    assert "pass@1" in output and all(lang in output for lang in languages)
     assert (project / ".prefect").is_dir()
     second = mft("run", *quick, cwd=project, env=env)
     assert second.returncode == 0

@@ -1,4 +1,4 @@
-"""N-gram decontamination against the real HumanEval-X data (shared/humaneval-x)."""
+"""N-gram decontamination against the real HumanEval-X data (tests/benchmark_data.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from mft_core.benchmark import BenchmarkError
 from mft_core.data.decontam import (
     DEFAULT_NGRAM,
-    ENV_HUMANEVAL_X_DIR,
     Decontaminator,
-    default_humaneval_dir,
     load_benchmark_items,
-    load_benchmark_texts,
     normalize_words,
     strip_boilerplate,
 )
@@ -52,7 +50,6 @@ def test_loads_all_five_languages_prompt_plus_solution(humaneval_dir: Path):
     text = dict(items)["Python/0"]
     assert "closer to each other" in text and python0["canonical_solution"].strip() in text
     assert "from typing import List" not in text  # header lines are stripped
-    assert load_benchmark_texts(humaneval_dir) == [text for _, text in items]
 
 
 def test_real_humaneval_prompt_is_contaminated_in_any_wrapping(humaneval_dir, decontaminator):
@@ -102,23 +99,19 @@ def test_bad_arguments_are_explained(tmp_path: Path, monkeypatch):
         Decontaminator(["a b c"], n=0)
     with pytest.raises(ValueError, match="names"):
         Decontaminator(["a b c"], names=["x", "y"])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_benchmark_texts(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match=r"no \*/\*\.jsonl\.gz"):
-        load_benchmark_texts(tmp_path)
-    monkeypatch.setenv(ENV_HUMANEVAL_X_DIR, str(tmp_path / "from-env"))
-    assert default_humaneval_dir() == tmp_path / "from-env"
-    with pytest.raises(FileNotFoundError, match=ENV_HUMANEVAL_X_DIR):
-        load_benchmark_texts()
+    with pytest.raises(BenchmarkError, match="does not exist"):
+        load_benchmark_items(tmp_path / "missing")
+    with pytest.raises(BenchmarkError, match="holds no problems file"):
+        load_benchmark_items(tmp_path)
 
 
 def test_malformed_row_names_file_and_line(tmp_path: Path):
     (tmp_path / "python").mkdir()
     bad = tmp_path / "python" / "humaneval_python.jsonl.gz"
     with gzip.open(bad, "wt") as out:
-        out.write(json.dumps({"task_id": "Python/0", "prompt": "def f():\n", "canonical_solution": "  pass\n"}) + "\n")
+        out.write(json.dumps({"task_id": "Python/0", "prompt": "def f():\n", "canonical_solution": "  pass\n", "test": "f()"}) + "\n")
         out.write(json.dumps({"task_id": "Python/1", "question": "?"}) + "\n")
-    with pytest.raises(ValueError, match=rf"{bad}:2: expected an object with a string 'prompt'"):
+    with pytest.raises(BenchmarkError, match=rf"{bad}:2: missing field\(s\) \['prompt', 'canonical_solution', 'test'\]"):
         load_benchmark_items(tmp_path)
 
 

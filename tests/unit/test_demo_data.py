@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from mft_core.benchmark import BenchmarkError
 from mft_core.data.demo import (
     MAX_RECORD_CHARS,
     TASKS,
@@ -189,7 +190,7 @@ def test_function_copied_from_humaneval_is_removed_and_counted(tmp_path: Path, h
 
 
 def test_missing_benchmark_directory_is_an_error_when_named(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="HumanEval-X directory"):
+    with pytest.raises(BenchmarkError, match="HumanEval-X directory .* does not exist"):
         build_demo_data(tmp_path, per_task=5, humaneval_dir=tmp_path / "nope", source_dir=SUBSET)
     with pytest.raises(FileNotFoundError, match="source directory"):
         build_demo_data(tmp_path, per_task=5, source_dir=tmp_path / "nope")

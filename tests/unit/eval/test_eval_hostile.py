@@ -15,8 +15,10 @@ import pytest
 
 from eval_testing import processes_with_token, require_toolchain, wait_until_gone
 from mft_core.eval.assemble import PROGRAM_FILENAMES, Program
-from mft_core.eval.problems import repo_root
 from mft_core.eval.sandbox import WORLD_WRITABLE_DIRS, Isolation, processes_of_uid
+
+REPO = Path(__file__).resolve().parents[3]  # the checkout
+
 
 RUN_TIMEOUT = 1.0
 MARGIN = 2.0  # seconds on top of compile time + run timeout (a loaded 2-core machine)
@@ -55,7 +57,7 @@ class Listener:
 def outside_targets(token: str, runner) -> list[str]:
     name = f"mft-hostile-{token}"
     return [f"/tmp/{name}", f"/var/tmp/{name}", f"/dev/shm/{name}",
-            str(repo_root() / name), str(runner.toolchains / name), f"../{name}", f"../../{name}"]
+            str(REPO / name), str(runner.toolchains / name), f"../{name}", f"../../{name}"]
 
 
 def python_source(case: str, token: str, port: int, targets: list[str]) -> str:

@@ -8,15 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from eval_testing import fast_config, require_toolchain, requires_humaneval_x, wait_until_gone
 from mft_core.eval.execute import execute_samples
-from mft_core.eval.problems import load_problems, repo_root
+from mft_core.eval.problems import load_problems
 from mft_core.eval.sandbox import MAX_SLOTS, processes_of_uid, uid_base
+
+REPO = Path(__file__).resolve().parents[3]  # the checkout
 
 RUN = """
 import json, sys
 from mft_core.eval.execute import ExecutionConfig, execute_samples
+
 samples = json.loads(sys.argv[1])
 execute_samples(samples, sys.argv[2], config=ExecutionConfig(workers={"python": 1}))
 """
@@ -29,7 +33,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
     samples = [{"task_id": p.task_id, "generation": p.canonical_solution} for p in problems]
     results_path = tmp_path / "results.jsonl"
     child = subprocess.Popen([sys.executable, "-c", RUN, json.dumps(samples), str(results_path)],
-                             cwd=repo_root(), start_new_session=True,
+                             cwd=REPO, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and child.poll() is None:

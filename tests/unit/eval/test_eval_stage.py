@@ -22,16 +22,19 @@ from pathlib import Path
 
 import pytest
 
-from eval_testing import humaneval_x_dir, require_toolchain, requires_humaneval_x
+from eval_testing import require_toolchain, requires_humaneval_x
+from tests.benchmark_data import HUMANEVAL_X
 from mft_core.config import config_from_dict
 from mft_core.data.render import MFTCoderTemplate, TokenizerChatTemplate, generation_chat_template, make_template
 from mft_core.eval.execute import ToolchainMissing, missing_toolchain
-from mft_core.eval.problems import LANGUAGES, language_of_task, repo_root
+from mft_core.eval.problems import LANGUAGES, language_of_task
 from mft_core.eval.stage import (evaluate_key_parts, evaluate_summary, format_eval_table, merged_model_folder,
                                  pass_at_k_rows, prompt_modes, run_evaluate, training_template)
 from mft_core.store import FileHashCache
 from test_generate import MEMORIZED_TASKS, memorizing_llama_folder, save_llama
 from tests.installed import require_installed
+
+REPO = Path(__file__).resolve().parents[3]  # the checkout
 
 pytestmark = requires_humaneval_x
 MFTCODER = make_template("mftcoder")
@@ -57,7 +60,7 @@ def make_merge_dir(root: Path, model_dir: Path, template: MFTCoderTemplate = MFT
 
 
 def raw_config(root: Path, base_dir: Path, **evaluate) -> dict:
-    return {"runs_root": str(root / "runs"), "humaneval_dir": str(humaneval_x_dir()),
+    return {"runs_root": str(root / "runs"),  # the session's benchmark (tests/benchmark_data.py)
             "data": {"tasks": [{"path": "unused"}]}, "model": {"path": str(base_dir)},
             "train": {"precision": "fp32", "threads": 1},
             "evaluate": {"max_new_tokens": 8, "batch_size": 4, "workers": 2, **evaluate}}
@@ -91,11 +94,11 @@ def test_key_follows_the_benchmark_content_not_its_path(tmp_path, tiny_llama_dir
     for name, edit in (("a", False), ("b", False), ("c", True)):
         folder = tmp_path / name / "python"
         folder.mkdir(parents=True)
-        source = humaneval_x_dir() / "python" / "humaneval_python.jsonl.gz"
+        source = HUMANEVAL_X.data_file("python")
         rows = [json.loads(line) for line in gzip.open(source, "rt")]
         if edit:
             rows[0]["test"] += "\n# one more line\n"
-        with gzip.open(folder / source.name, "wt") as handle:
+        with gzip.open(folder / "humaneval_python.jsonl.gz", "wt") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
         raw = raw_config(tmp_path, tiny_llama_dir, languages=["python"], limit=1)
         raw["humaneval_dir"] = str(folder.parent)
@@ -247,6 +250,7 @@ import torch
 torch.set_num_threads(1)
 from mft_core.config import config_from_dict
 from mft_core.eval.stage import run_evaluate
+
 raw, base, merge, out = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 run_evaluate(config_from_dict(raw, base), merge, out)
 """
@@ -261,7 +265,7 @@ def test_killed_run_resumes_without_duplicates_or_losses(tmp_path, tiny_tokenize
     out = tmp_path / "out"
     generations = out / "generations.jsonl"
     child = subprocess.Popen([sys.executable, "-c", RUN, json.dumps(raw), str(tmp_path), str(merge), str(out)],
-                             cwd=repo_root(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and child.poll() is None:
         if generations.exists() and generations.read_bytes().count(b"\n") >= 3:
