@@ -17,6 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from mft_core.config import load_config
+from mft_core.preflight import preflight
 from mft_core.report import pipeline_summary
 from mft_core.stages import STAGE_ORDER, locate_stage
 from tasks._common import results_dir
@@ -55,6 +56,7 @@ def mft_pipeline(
     forced = list(force or [])
     _check_names("stages", selected)
     _check_names("force", forced)
+    preflight(cfg, selected, forced)  # a missing toolchain, model or disk costs seconds, not a training run
     last = max(STAGE_ORDER.index(name) for name in selected)
 
     outputs: dict[str, str] = {}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mft_core.config import ConfigError, config_to_yaml, load_config, parse_override
+from mft_core.preflight import PreflightError
 
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
@@ -52,8 +53,13 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # Validate before paying for Prefect's start-up, so config errors come back at once.
-    load_config(args.config, _overrides(args.overrides))
+    # Validate and check before paying for Prefect's start-up, so config errors and a missing
+    # toolchain, model or disk come back at once (the flow checks again: deployments start there).
+    from mft_core.preflight import preflight
+    from mft_core.stages import STAGE_ORDER
+
+    cfg = load_config(args.config, _overrides(args.overrides))
+    preflight(cfg, _stage_list(args.stages) or STAGE_ORDER, _stage_list(args.force) or [])
     from flows.mft_pipeline import mft_pipeline
 
     outputs = mft_pipeline(
@@ -71,7 +77,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from mft_core.report import pipeline_summary
     from mft_core.stages import run_stage
 
+    from mft_core.preflight import preflight
+
     cfg = load_config(args.config, _overrides(args.overrides))
+    preflight(cfg, [args.stage], [args.stage] if args.force else [])
     run = run_stage(cfg, args.stage, force=args.force)
     print(pipeline_summary({args.stage: run.directory}))
     return 0
@@ -150,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, PreflightError) as err:
         print(f"mft: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - a clean message, the traceback only with MFT_DEBUG
