@@ -292,6 +292,11 @@ class EvaluateConfig(_Strict):
     run_timeout_s: float = Field(default=10.0, gt=0, description="Wall-clock limit of one program's run.")
     compile_timeout_s: float = Field(default=60.0, gt=0, description="Wall-clock limit of one compilation.")
     seed: int = Field(default=1234, description="Seed of sampled generations.")
+    allow_unsandboxed: bool = Field(
+        default=False,
+        description="Execute generated code even where the sandbox's namespaces do not work (then it can reach the "
+        "network and write wherever this user can); without it evaluate refuses and says how to enable them.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "EvaluateConfig":

@@ -83,6 +83,9 @@ def _add_execution_options(parser: argparse.ArgumentParser) -> None:
                         help="wall-clock limit of a compile step (default 60 s)")
     parser.add_argument("--java-compiler", choices=("server", "javac"), default="server",
                         help="warm javax.tools server (default) or plain javac per sample")
+    parser.add_argument("--allow-unsandboxed", action="store_true",
+                        help="execute generated code even where the sandbox's namespaces do not work "
+                             "(it can then reach the network and write wherever you can)")
 
 
 def _positive_int(text: str) -> int:
@@ -108,7 +111,7 @@ def _k_list(text: str) -> list[int]:
 def _execution_config(args: argparse.Namespace) -> ExecutionConfig:
     config = ExecutionConfig(compile_timeout_s=args.compile_timeout,
                              run_timeout_s={lang: args.run_timeout for lang in LANGUAGES},
-                             java_compiler=args.java_compiler)
+                             java_compiler=args.java_compiler, allow_unsandboxed=args.allow_unsandboxed)
     if args.workers:
         config.workers = {lang: args.workers for lang in LANGUAGES}
     return config

@@ -57,7 +57,8 @@ from mft_core.eval.assemble import Program, assemble_program
 from mft_core.eval.problems import (LANGUAGES, Problem, language_of_task, normalize_language,
                                     normalize_task_id, select_problems)
 from mft_core.eval.sandbox import (Isolation, Limits, SampleDir, SandboxError, SandboxSlot,
-                                   acquire_slots, check_reachable, detect_isolation,
+                                   acquire_slots, check_reachable, default_hidden, detect_isolation,
+                                   require_isolation,
                                    toolchains_dir)
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ class ExecutionConfig:
     go_vet: bool = True
     toolchains: Path | None = None
     output_tail_chars: int = 2000
+    allow_unsandboxed: bool = False  # run generated code even without namespaces (see require_isolation)
+    hidden: tuple[Path, ...] = ()  # folders programs must not see besides $HOME and the checkout (runs root)
 
     def __post_init__(self) -> None:
         if self.java_compiler not in ("server", "javac"):
@@ -485,6 +488,7 @@ class ProgramRunner:
         self.config = config or ExecutionConfig()
         self.toolchains = self.config.toolchains_path
         self.isolation = detect_isolation()
+        require_isolation(self.isolation, self.config.allow_unsandboxed)
         check_reachable(self.toolchains, self.isolation)
         self._lock = threading.Lock()
         self._checked: set[str] = set()
@@ -493,7 +497,8 @@ class ProgramRunner:
         self._java_classes: Path | None = None
         self.scratch = _make_run_dir(self.toolchains / "scratch")
         try:
-            self._slots = acquire_slots(workers, toolchains=self.toolchains)
+            self._slots = acquire_slots(workers, toolchains=self.toolchains,
+                                        hidden=default_hidden(self.toolchains, self.config.hidden))
         except BaseException:
             shutil.rmtree(self.scratch, ignore_errors=True)
             raise

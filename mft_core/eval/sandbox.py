@@ -88,9 +88,28 @@ class SandboxError(RuntimeError):
 
 
 class Isolation(str, enum.Enum):
-    NAMESPACES = "namespaces"
-    UID = "uid"
-    PROCESS_GROUP = "process_group"
+    NAMESPACES = "namespaces"  # root: namespaces, the view, a separate unprivileged uid
+    USER_NAMESPACES = "user_namespaces"  # an ordinary user: the same inside a user namespace
+    UID = "uid"  # root without working namespaces: a separate uid only (needs the opt-in)
+    PROCESS_GROUP = "process_group"  # nothing but a process group (needs the opt-in)
+
+    @property
+    def namespaced(self) -> bool:
+        return self in (Isolation.NAMESPACES, Isolation.USER_NAMESPACES)
+
+    @property
+    def isolates(self) -> bool:
+        """Network, /tmp and the checkout kept from the program: generated code may run without
+        the `evaluate.allow_unsandboxed` opt-in."""
+        return self.namespaced
+
+
+# Folders never hidden from a program, nor any folder above them: the system and where its tools
+# live (hiding /usr/local would hide /usr/local/bin). Below /proc, /dev, /sys nothing is hidden,
+# and below the world-writable folders nothing needs to be (each step gets its own empty tmpfs).
+SYSTEM_DIRS = tuple(Path(d) for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/usr", "/etc", "/opt",
+                                      "/mnt", "/proc", "/dev", "/sys", "/run", "/var", "/srv", "/boot"))
+SANDBOX_TOOLS = ("sh", "python3", "gcc", "g++", "java", "javac", "node", "go")
 
 
 @dataclass(frozen=True)
@@ -158,15 +177,19 @@ SANDBOX_HELPER_SOURCE = r"""
 #include <sys/wait.h>
 #include <unistd.h>
 
-/* mft-sandbox-run [--namespaces] [--tmpfs DIR]... [--view DIR] [--bind-ro SRC DST]...
- *                 [--bind SRC DST]... [--chdir DIR] [--uid N --gid N]
+static void write_file(const char *path, const char *text);
+
+/* mft-sandbox-run [--namespaces [--user-namespace]] [--tmpfs DIR]... [--hide DIR]... [--view DIR]
+ *                 [--bind-ro SRC DST]... [--bind SRC DST]... [--chdir DIR] [--uid N --gid N]
  *                 [--as B] [--cpu S] [--fsize B] [--nproc N] [--nofile N]
  *                 [--no-parent-death] -- COMMAND...
  * Dies with the thread that started it (PDEATHSIG) unless --no-parent-death (long-lived
  * services started from a short-lived thread; they end on stdin EOF). With --namespaces: new
- * network, PID and mount namespaces; pid 1 (this program) opens every bind source, mounts the
- * private tmpfs dirs and a tmpfs on the view root, binds the sources (in the order given, from
- * the descriptors opened first, so nothing it mounts can hide a source), mounts a fresh /proc,
+ * network, PID and mount namespaces (with --user-namespace inside a new user namespace that maps
+ * only the caller's own uid and gid, as an unprivileged user may); pid 1 (this program) opens
+ * every bind source, mounts a tmpfs on the view root, binds the sources (in the order given, from
+ * the descriptors opened first, so nothing it mounts can hide a source), then the private tmpfs
+ * dirs and an empty read-only tmpfs over every --hide dir, mounts a fresh /proc,
  * runs COMMAND as its child and exits with its status (128+signal when killed), which makes the
  * kernel kill whatever else is left in the namespace. */
 
@@ -194,6 +217,12 @@ static int wait_for(pid_t child) {  /* as pid 1 this also reaps orphans */
         if (got < 0) return SETUP_FAILED;
         if (got == child) return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     }
+}
+
+static void write_file(const char *path, const char *text) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, text, strlen(text)) != (ssize_t)strlen(text)) die("write", path);
+    close(fd);
 }
 
 static void make_dirs(const char *path) {  /* mkdir -p for mount points on the view's tmpfs */
@@ -228,15 +257,16 @@ static void bind(int fd, const char *target, int writable) {
 }
 
 int main(int argc, char **argv) {
-    const char *tmpfs[MAX_PATHS], *bind_source[MAX_PATHS], *bind_target[MAX_PATHS];
+    const char *tmpfs[MAX_PATHS], *hide[MAX_PATHS], *bind_source[MAX_PATHS], *bind_target[MAX_PATHS];
     int bind_writable[MAX_PATHS], bind_fd[MAX_PATHS];
-    int n_tmpfs = 0, n_binds = 0, namespaces = 0, parent_death = 1, i;
+    int n_tmpfs = 0, n_hide = 0, n_binds = 0, namespaces = 0, user_namespace = 0, parent_death = 1, i;
     const char *view = NULL, *workdir = NULL;
     long uid = -1, gid = -1;
     int resources[8]; long values[8]; int n_limits = 0;
     for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
         const char *opt = argv[i];
         if (!strcmp(opt, "--namespaces")) { namespaces = 1; continue; }
+        if (!strcmp(opt, "--user-namespace")) { user_namespace = 1; continue; }
         if (!strcmp(opt, "--no-parent-death")) { parent_death = 0; continue; }
         if (i + 1 >= argc) { errno = EINVAL; die("missing value for", opt); }
         const char *val = argv[++i];
@@ -247,6 +277,7 @@ int main(int argc, char **argv) {
             bind_target[n_binds++] = argv[++i];
         }
         else if (!strcmp(opt, "--tmpfs") && n_tmpfs < MAX_PATHS) tmpfs[n_tmpfs++] = val;
+        else if (!strcmp(opt, "--hide") && n_hide < MAX_PATHS) hide[n_hide++] = val;
         else if (!strcmp(opt, "--view")) view = val;
         else if (!strcmp(opt, "--chdir")) workdir = val;
         else if (!strcmp(opt, "--uid")) uid = number(val);
@@ -261,13 +292,27 @@ int main(int argc, char **argv) {
     }
     if (i + 1 >= argc) { errno = EINVAL; die("no command after --", NULL); }
     char **command = argv + i + 1;
-    if ((n_binds || view) && !namespaces) { errno = EINVAL; die("--bind and --view need", "--namespaces"); }
+    if ((n_binds || view || n_hide || user_namespace) && !namespaces) {
+        errno = EINVAL; die("--bind, --hide, --view and --user-namespace need", "--namespaces");
+    }
+    if (user_namespace && (uid >= 0 || gid >= 0)) { errno = EINVAL; die("--user-namespace maps only", "the caller"); }
 
     pid_t parent = getppid();
     if (parent_death && (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent))
         _exit(SETUP_FAILED);
     if (namespaces) {
-        if (unshare(CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS) != 0) die("unshare", NULL);
+        uid_t outer_uid = getuid();
+        gid_t outer_gid = getgid();
+        if (unshare((user_namespace ? CLONE_NEWUSER : 0) | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS) != 0)
+            die("unshare", NULL);
+        if (user_namespace) {  /* the same ids inside: a non-root uid, so exec drops the capabilities */
+            char map[64];
+            write_file("/proc/self/setgroups", "deny");
+            snprintf(map, sizeof map, "%u %u 1\n", (unsigned)outer_uid, (unsigned)outer_uid);
+            write_file("/proc/self/uid_map", map);
+            snprintf(map, sizeof map, "%u %u 1\n", (unsigned)outer_gid, (unsigned)outer_gid);
+            write_file("/proc/self/gid_map", map);
+        }
         pid_t init = fork();
         if (init < 0) die("fork", NULL);
         if (init > 0) _exit(wait_for(init));
@@ -276,9 +321,8 @@ int main(int argc, char **argv) {
         for (int k = 0; k < n_binds; k++)  /* before any mount below can cover a source */
             if ((bind_fd[k] = open(bind_source[k], O_PATH | O_DIRECTORY | O_CLOEXEC)) < 0)
                 die("open bind source", bind_source[k]);
-        for (int k = 0; k < n_tmpfs; k++)
-            if (mount("mft-sandbox", tmpfs[k], "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=1777") != 0)
-                die("tmpfs on", tmpfs[k]);
+        /* The view first: a source's descriptor resolves to whatever is mounted on the source
+         * itself, so it must be bound before a hidden folder's tmpfs goes over it. */
         if (view) {
             if (mkdir(view, 0755) != 0 && errno != EEXIST) die("mkdir", view);
             if (mount("mft-sandbox-view", view, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755") != 0)
@@ -288,6 +332,13 @@ int main(int argc, char **argv) {
             bind(bind_fd[k], bind_target[k], bind_writable[k]);
             close(bind_fd[k]);
         }
+        for (int k = 0; k < n_tmpfs; k++)
+            if (mount("mft-sandbox", tmpfs[k], "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=1777") != 0)
+                die("tmpfs on", tmpfs[k]);
+        for (int k = 0; k < n_hide; k++)  /* the checkout, $HOME, the runs root: an empty folder */
+            if (mount("mft-sandbox-hidden", hide[k], "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                      "size=4k,mode=0755") != 0)
+                die("hiding", hide[k]);
         if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("proc", NULL);
         pid_t child = fork();
         if (child < 0) die("fork", NULL);
@@ -370,11 +421,14 @@ def sandbox_helper() -> Path:
 
 def _helper_argv(isolation: Isolation, uid: int | None, gid: int | None, limits: Limits | None,
                  binds: Sequence[Bind] = (), workdir: Path | None = None,
-                 parent_death: bool = True) -> list[str]:
+                 parent_death: bool = True, hidden: Sequence[Path] = ()) -> list[str]:
     argv = [str(sandbox_helper())] + ([] if parent_death else ["--no-parent-death"])
-    if isolation is Isolation.NAMESPACES:
+    if isolation.namespaced:
         argv.append("--namespaces")
+        if isolation is Isolation.USER_NAMESPACES:
+            argv.append("--user-namespace")
         argv += [arg for d in WORLD_WRITABLE_DIRS if os.path.isdir(d) for arg in ("--tmpfs", d)]
+        argv += [arg for path in hideable(hidden) for arg in ("--hide", str(path))]
         if binds:
             argv += ["--view", str(VIEW_MOUNT)]
         for bind in binds:
@@ -390,11 +444,43 @@ def _helper_argv(isolation: Isolation, uid: int | None, gid: int | None, limits:
             argv += ["--as", str(limits.address_space_bytes)]
         if uid is not None:
             argv += ["--nproc", str(limits.processes)]
+        elif isolation is Isolation.USER_NAMESPACES:
+            # The program runs as this user, whose processes all count against RLIMIT_NPROC.
+            argv += ["--nproc", str(limits.processes + len(processes_of_uid(os.getuid())))]
     return argv + ["--"]
 
 
-def _probe_namespaces() -> str | None:
-    """None when the namespace launcher works here (with a bound view), else the reason."""
+def hideable(paths: Sequence[Path]) -> list[Path]:
+    """The folders an empty tmpfs can go over: existing ones that hold none of the system or its
+    tools, are not inside /proc, /dev, /sys or a world-writable folder (empty there already), and
+    are not inside another of them (its mount would cover it)."""
+    keep = [*SYSTEM_DIRS, *(Path(d) for d in SYSTEM_PATH.split(":"))]
+    keep += [Path(os.path.realpath(found)).parent for tool in SANDBOX_TOOLS
+             if (found := shutil.which(tool, path=SYSTEM_PATH))]
+    inside_only = [Path(d) for d in ("/proc", "/dev", "/sys", *WORLD_WRITABLE_DIRS)]
+    chosen: list[Path] = []
+    for path in sorted({Path(p).resolve() for p in paths}, key=lambda p: len(p.parts)):
+        if not path.is_dir() or path == Path("/"):
+            continue
+        if any(path == k or path in k.parents for k in keep) or any(d in path.parents for d in inside_only):
+            continue
+        if any(c == path or c in path.parents for c in chosen):
+            continue
+        chosen.append(path)
+    return chosen
+
+
+def default_hidden(toolchains: Path, extra: Sequence[Path] = ()) -> list[Path]:
+    """What a program has no business seeing: $HOME, the checkout this code runs from, the
+    executor's working directory, the toolchain folder's own host path (the view has it read-only)
+    and `extra` (the runs root)."""
+    project = Path(__file__).resolve().parents[2]
+    return [Path.home(), project, Path.cwd(), Path(toolchains), *extra]
+
+
+def _probe_namespaces(isolation: Isolation) -> str | None:
+    """None when the namespace launcher works here (with a bound view, a hidden folder and, as
+    root, another uid), else the reason."""
     # A source under /tmp, unreadable for others: the view must still show it, and the
     # host's /tmp must not (the marker) — exactly what a checkout under /tmp or /root needs.
     probe_dir = Path(tempfile.mkdtemp(prefix="mft-sandbox-probe-"))
@@ -403,10 +489,13 @@ def _probe_namespaces() -> str | None:
     (probe_dir / "seen").chmod(0o644)
     os.chmod(probe_dir, 0o755)
     inside = TOOLCHAINS_IN_SANDBOX
-    check = ["/bin/sh", "-c", f"test ! -e {probe_marker} && test -f {inside}/seen"]
+    hidden = Path.home()
+    check = ["/bin/sh", "-c", f"test ! -e {probe_marker} && test -f {inside}/seen"
+                              f" && test -z \"$(ls -A {hidden})\""]
+    uid = 65534 if isolation is Isolation.NAMESPACES else None
     try:
-        argv = _helper_argv(Isolation.NAMESPACES, 65534, 65534, None,
-                            [Bind(probe_dir, inside)], inside) + check
+        argv = _helper_argv(isolation, uid, uid, None, [Bind(probe_dir, inside)], inside,
+                            hidden=[hidden]) + check
         probe_marker.touch()
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=20,
                               env={"PATH": SYSTEM_PATH})
@@ -425,29 +514,56 @@ def _probe_namespaces() -> str | None:
 def detect_isolation() -> Isolation:
     """The strongest isolation that works on this machine (cached; logged once)."""
     forced = os.environ.get("MFT_SANDBOX_ISOLATION")
+    root = os.geteuid() == 0
     if forced:
         try:
             isolation = Isolation(forced)
         except ValueError:
             raise SandboxError(f"MFT_SANDBOX_ISOLATION={forced!r} is not one of "
                                f"{[i.value for i in Isolation]}") from None
-        if isolation is not Isolation.PROCESS_GROUP and os.geteuid() != 0:
-            raise SandboxError(f"MFT_SANDBOX_ISOLATION={forced} needs root; use process_group")
+        if isolation in (Isolation.NAMESPACES, Isolation.UID) and not root:
+            raise SandboxError(f"MFT_SANDBOX_ISOLATION={forced} needs root; use user_namespaces")
+        if isolation is Isolation.USER_NAMESPACES and root:
+            raise SandboxError("MFT_SANDBOX_ISOLATION=user_namespaces is for ordinary users: root keeps "
+                               "its capabilities inside the namespace; use namespaces")
         log.info("sandbox isolation forced to %s by MFT_SANDBOX_ISOLATION", isolation.value)
         return isolation
-    if os.geteuid() != 0:
-        log.warning("sandbox: not running as root, so no unprivileged uid and no namespaces; "
-                    "programs run as this user in their own process group (isolation=process_group)")
-        return Isolation.PROCESS_GROUP
-    reason = _probe_namespaces()
+    best = Isolation.NAMESPACES if root else Isolation.USER_NAMESPACES
+    reason = _probe_namespaces(best)
     if reason is None:
-        log.info("sandbox: isolation=namespaces (net/pid/mount namespaces, private /tmp, "
-                 "toolchains bound read-only at %s, unprivileged uid)", TOOLCHAINS_IN_SANDBOX)
-        return Isolation.NAMESPACES
-    log.warning("sandbox: namespaces unavailable (%s); falling back to isolation=uid "
-                "(unprivileged uid and process sweeps, but network and /tmp stay reachable)",
-                reason)
-    return Isolation.UID
+        log.info("sandbox: isolation=%s (net/pid/mount namespaces, private /tmp, $HOME and the checkout "
+                 "hidden, toolchains read-only at %s%s)", best.value, TOOLCHAINS_IN_SANDBOX,
+                 ", an unprivileged uid" if root else ", inside a user namespace")
+        return best
+    fallback = Isolation.UID if root else Isolation.PROCESS_GROUP
+    log.warning("sandbox: %s unavailable (%s); the best left is isolation=%s, which runs generated code "
+                "only with evaluate.allow_unsandboxed: true", best.value, reason, fallback.value)
+    _unavailable_reason[fallback] = reason
+    return fallback
+
+
+_unavailable_reason: dict[Isolation, str] = {}
+
+
+def require_isolation(isolation: Isolation, allow_unsandboxed: bool) -> None:
+    """Refuse to run generated code without namespaces unless the config opts in, saying what is
+    missing and how to get it."""
+    if isolation.isolates or allow_unsandboxed:
+        if not isolation.isolates:
+            log.warning("sandbox: running generated code with isolation=%s (evaluate.allow_unsandboxed): it "
+                        "can reach the network and write wherever this user can", isolation.value)
+        return
+    why = _unavailable_reason.get(isolation, f"isolation is {isolation.value}")
+    if os.geteuid() == 0:
+        enable = "run where unshare(2) is allowed (a container needs CAP_SYS_ADMIN or --privileged)"
+    else:
+        enable = ("enable unprivileged user namespaces: `sysctl kernel.unprivileged_userns_clone=1` (Debian), "
+                  "`sysctl user.max_user_namespaces=15000`, on Ubuntu 24.04+ "
+                  "`sysctl kernel.apparmor_restrict_unprivileged_userns=0`, or run as root")
+    raise SandboxError(
+        f"refusing to execute generated code without a sandbox: namespaces do not work here ({why}). To fix: "
+        f"{enable}. To run it anyway with only {isolation.value} isolation (the code can reach the network and "
+        f"write wherever this user can), set evaluate.allow_unsandboxed: true")
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,9 +674,10 @@ class SandboxSlot:
     """
 
     def __init__(self, isolation: Isolation, index: int | None, toolchains: Path,
-                 lock_file=None):
+                 lock_file=None, hidden: Sequence[Path] = ()):
         self.isolation = isolation
         self.toolchains = Path(toolchains).resolve()
+        self.hidden = list(hidden)  # empty tmpfs over these (namespaces): see default_hidden
         self.index = index
         self._slot_dirs: dict[Path, Path] = {}
         self._samples = 0
@@ -628,7 +745,7 @@ class SandboxSlot:
     def in_sandbox(self, path: Path) -> Path:
         """Where a program sees `path` (a path inside the toolchain folder): under
         TOOLCHAINS_IN_SANDBOX with namespaces, the host path itself otherwise."""
-        if self.isolation is not Isolation.NAMESPACES:
+        if not self.isolation.namespaced:
             return Path(path)
         try:
             inner = Path(path).resolve().relative_to(self.toolchains)
@@ -646,7 +763,7 @@ class SandboxSlot:
         binds = [Bind(self.toolchains, TOOLCHAINS_IN_SANDBOX)]
         binds += [Bind(path, self.in_sandbox(path), writable=True) for path in writable]
         return _helper_argv(self.isolation, uid, self.gid, limits, binds, self.in_sandbox(cwd),
-                            parent_death=not as_service) + list(argv)
+                            parent_death=not as_service, hidden=self.hidden) + list(argv)
 
     def _env(self, home: Path, extra: dict[str, str] | None, marker: str) -> dict[str, str]:
         env = {"PATH": SYSTEM_PATH, "HOME": str(home), "TMPDIR": str(home), "LANG": "C.UTF-8",
@@ -660,7 +777,7 @@ class SandboxSlot:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        if self.isolation is Isolation.NAMESPACES:
+        if self.isolation.namespaced:
             return  # the PID namespace died with its init: nothing of this step can be left
         if self.uid is not None:
             kill_processes_of_uid(self.service_uid if as_service else self.uid)
@@ -783,20 +900,22 @@ def _tail(path: Path, max_bytes: int = TAIL_BYTES) -> str:
 # Leasing
 
 def acquire_slots(count: int, isolation: Isolation | None = None,
-                  toolchains: Path | None = None) -> list[SandboxSlot]:
+                  toolchains: Path | None = None, hidden: Sequence[Path] | None = None) -> list[SandboxSlot]:
     """Lease `count` slots (uids) for parallel workers; release each with `slot.release()`.
 
     `isolation` defaults to the detected one; a weaker level may be asked for (tests of the
     fallbacks), a stronger one than the machine supports fails at the first run.
-    `toolchains`: the folder steps see (default: `toolchains_dir()`).
+    `toolchains`: the folder steps see (default: `toolchains_dir()`). `hidden`: the folders
+    covered by an empty tmpfs in namespaced steps (default: `default_hidden`).
     """
     isolation = isolation or detect_isolation()
     toolchains = Path(toolchains or toolchains_dir())
+    hidden = default_hidden(toolchains) if hidden is None else list(hidden)
     sandbox_helper()  # built (or its absence reported) before any slot is leased
-    if isolation is not Isolation.PROCESS_GROUP and os.geteuid() != 0:
+    if isolation in (Isolation.NAMESPACES, Isolation.UID) and os.geteuid() != 0:
         raise SandboxError(f"isolation={isolation.value} needs root")
-    if isolation is Isolation.PROCESS_GROUP:
-        return [SandboxSlot(isolation, None, toolchains) for _ in range(count)]
+    if isolation in (Isolation.USER_NAMESPACES, Isolation.PROCESS_GROUP):  # no uids to lease
+        return [SandboxSlot(isolation, None, toolchains, hidden=hidden) for _ in range(count)]
     if count > MAX_SLOTS:
         raise SandboxError(f"asked for {count} sandbox workers; at most {MAX_SLOTS}")
     lock_dir = _lock_dir()
@@ -811,7 +930,7 @@ def acquire_slots(count: int, isolation: Isolation | None = None,
             except BlockingIOError:
                 lock_file.close()
                 continue
-            slot = SandboxSlot(isolation, index, toolchains, lock_file)
+            slot = SandboxSlot(isolation, index, toolchains, lock_file, hidden=hidden)
             marker_path = lock_dir / f"slot-{index}.ours"
             if not marker_path.exists() and (_uid_is_foreign(slot.uid)
                                              or _uid_is_foreign(slot.service_uid)):
@@ -836,9 +955,9 @@ def acquire_slots(count: int, isolation: Isolation | None = None,
 
 
 @contextmanager
-def leased_slots(count: int, isolation: Isolation | None = None,
-                 toolchains: Path | None = None) -> Iterator[list[SandboxSlot]]:
-    slots = acquire_slots(count, isolation, toolchains)
+def leased_slots(count: int, isolation: Isolation | None = None, toolchains: Path | None = None,
+                 hidden: Sequence[Path] | None = None) -> Iterator[list[SandboxSlot]]:
+    slots = acquire_slots(count, isolation, toolchains, hidden)
     try:
         yield slots
     finally:

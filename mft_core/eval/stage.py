@@ -117,6 +117,7 @@ def evaluate_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict
     Which toolchains are installed and how the sandbox isolates are not part of the key."""
     section = cfg.stage_section("evaluate")
     section.pop("workers")
+    section.pop("allow_unsandboxed")  # where programs may run, not what they print
     section["precision"] = cfg.train.precision
     inputs = [f"humaneval-x:{problems_digest(select_evaluation_problems(cfg))}"]
     if cfg.evaluate.evaluate_base:
@@ -185,11 +186,13 @@ def generation_settings(settings: EvaluateConfig) -> GenerationSettings:
                               batch_size=settings.batch_size, seed=settings.seed)
 
 
-def execution_config(settings: EvaluateConfig) -> ExecutionConfig:
+def execution_config(settings: EvaluateConfig, runs_root: Path | None = None) -> ExecutionConfig:
     workers = settings.workers or len(os.sched_getaffinity(0))
     return ExecutionConfig(workers={language: workers for language in LANGUAGES},
                            run_timeout_s={language: settings.run_timeout_s for language in LANGUAGES},
-                           compile_timeout_s=settings.compile_timeout_s)
+                           compile_timeout_s=settings.compile_timeout_s,
+                           allow_unsandboxed=settings.allow_unsandboxed,
+                           hidden=(runs_root,) if runs_root is not None else ())
 
 
 def require_toolchains(languages: list[str]) -> None:
@@ -251,7 +254,7 @@ def run_evaluate(cfg: PipelineConfig, merge_dir: Path, out_dir: Path, progress: 
         counter.add(_count_lines(results_path))
         started = time.perf_counter()
         # The stored generation is already truncated (truncation is idempotent, but say what is meant).
-        results = execute_samples(run.records, results_path, problems=problems, config=execution_config(settings),
+        results = execute_samples(run.records, results_path, problems=problems, config=execution_config(settings, cfg.runs_root),
                                   truncate=False, on_result=lambda _record: counter.add(1))
         model_runs[tag] = {"folder": folder, "mode": modes[tag], "generation": run.stats, "results": results,
                            "generate_wall_s": round(generated_s, 3), "execute_wall_s": round(time.perf_counter() - started, 3)}

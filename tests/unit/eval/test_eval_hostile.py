@@ -56,7 +56,7 @@ class Listener:
 
 def outside_targets(token: str, runner) -> list[str]:
     name = f"mft-hostile-{token}"
-    return [f"/tmp/{name}", f"/var/tmp/{name}", f"/dev/shm/{name}",
+    return [f"/tmp/{name}", f"/var/tmp/{name}", f"/dev/shm/{name}", str(Path.home() / name),
             str(REPO / name), str(runner.toolchains / name), f"../{name}", f"../../{name}"]
 
 
@@ -175,6 +175,7 @@ CASES = ("infinite_loop", "long_sleep", "fork_burst", "huge_allocation", "output
 @pytest.mark.parametrize("language", list(SOURCES))
 def test_hostile_program_is_contained(runner, language, case):
     require_toolchain(language)
+    runner.prepare(language)  # once per runner (a cold Go cache builds for seconds): not the program's time
     token = secrets.token_hex(6)
     listener = Listener()
     targets = outside_targets(token, runner)
@@ -191,7 +192,7 @@ def test_hostile_program_is_contained(runner, language, case):
     assert record["verdict"] != "compile_error", record["output_tail"]  # the attack really ran
     assert "ALLOCATED" not in record["output_tail"]
     assert elapsed <= (record["compile_s"] or 0) + RUN_TIMEOUT + MARGIN, record
-    if case in ("infinite_loop", "long_sleep") and runner.isolation is Isolation.NAMESPACES:
+    if case in ("infinite_loop", "long_sleep") and runner.isolation.namespaced:
         # (without namespaces, zombies of an earlier fork burst can still count against
         # RLIMIT_NPROC until the machine's init reaps them, so the runtime may fail first)
         assert record["verdict"] == "timeout"
@@ -211,6 +212,67 @@ def test_hostile_program_is_contained(runner, language, case):
         leftovers = {p for p in leftovers if not p.startswith(WORLD_WRITABLE_DIRS)}
     if runner.isolation is not Isolation.PROCESS_GROUP:
         assert sorted(leftovers) == [], "files written outside the sample directory"
-    if runner.isolation is Isolation.NAMESPACES:
+    if runner.isolation.namespaced:
         assert listener.accepted == 0, "the program reached the network"
         assert "CONNECTED" not in record["output_tail"]
+
+
+def test_the_runner_isolates_as_this_machine_allows(runner):
+    """Root: namespaces with a separate uid; an ordinary user: user namespaces. The run below as an
+    ordinary user sets MFT_TESTS_EXPECT_ISOLATION, so a silent fallback would fail here."""
+    expected = os.environ.get("MFT_TESTS_EXPECT_ISOLATION")
+    if expected:
+        assert runner.isolation.value == expected
+    assert runner.isolation.namespaced
+
+
+ORDINARY_UID = 64990  # no account, outside the sandbox's slot uids (MFT_SANDBOX_UID_BASE + 0..127)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="already an ordinary user: the tests above ran as one")
+def test_hostile_programs_are_contained_for_an_ordinary_user(runner):
+    """The hostile tests above, again, as an unprivileged uid (the usual case on a GPU cluster):
+    the sandbox then runs in user namespaces, where the program has the caller's own uid, so
+    $HOME, the checkout and the runs root must be hidden by the mount namespace instead."""
+    import pwd
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    with pytest.raises(KeyError):
+        pwd.getpwuid(ORDINARY_UID)  # must not be somebody's account
+    python = "/usr/bin/python3"  # the venv's interpreter may sit under /root, out of that uid's reach
+    if not os.access(python, os.X_OK):
+        pytest.fail(f"{python} is missing (scripts/install-toolchains.sh installs it)")
+    base = Path(tempfile.mkdtemp(prefix="mft-ordinary-user-"))
+    try:
+        home, toolchains = base / "home", base / "toolchains"
+        home.mkdir()
+        (home / ".secret").write_text("not for generated code")
+        for name in ("node_modules", "go-eval/go.mod", "go-eval/vendor"):
+            source, target = runner.toolchains / name, toolchains / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+        for path in [base, *base.rglob("*")]:
+            os.chown(path, ORDINARY_UID, ORDINARY_UID, follow_symlinks=False)
+        base.chmod(0o755)
+        site_packages = next(p for p in sys.path if p.endswith("site-packages") and ".venv" in p)
+        env = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+               "MFT_TOOLCHAINS_DIR": str(toolchains), "PYTHONPATH": f"{REPO}:{site_packages}",
+               "PYTHONDONTWRITEBYTECODE": "1", "MFT_TESTS_EXPECT_ISOLATION": "user_namespaces",
+               "MFT_TESTS_REQUIRE_INSTALLED": os.environ.get("MFT_TESTS_REQUIRE_INSTALLED", "")}
+        done = subprocess.run(
+            ["setpriv", f"--reuid={ORDINARY_UID}", f"--regid={ORDINARY_UID}", "--clear-groups",
+             python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={REPO}",
+             "-k", "not ordinary_user", str(Path(__file__))],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+        expected = len(SOURCES) * len(CASES) + 1
+        assert f"{expected} passed" in summary and "skipped" not in summary, summary
+        assert (home / ".secret").read_text() == "not for generated code"
+        assert [p.name for p in home.iterdir()] == [".secret"], "a program wrote into $HOME"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

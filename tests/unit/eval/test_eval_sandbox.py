@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from eval_testing import processes_with_token, wait_until_gone
+from mft_core.eval.assemble import Program
+from mft_core.eval.execute import ExecutionConfig, ProgramRunner
 from mft_core.eval.sandbox import (TOOLCHAINS_IN_SANDBOX, Isolation, Limits, SandboxError,
-                                   check_reachable, detect_isolation, leased_slots,
-                                   processes_of_uid, toolchains_dir)
+                                   check_reachable, default_hidden, detect_isolation, hideable,
+                                   leased_slots, processes_of_uid, require_isolation, toolchains_dir)
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (unprivileged uids, namespaces)")
 
@@ -51,11 +53,13 @@ def test_a_namespace_step_is_unprivileged_offline_limited_and_has_a_private_tmp(
     assert "Network is unreachable" in step.output_tail()
 
 
-@pytest.mark.parametrize("isolation", [Isolation.NAMESPACES, Isolation.UID, Isolation.PROCESS_GROUP])
+@pytest.mark.parametrize("isolation", list(Isolation))
 def test_every_isolation_level_kills_timeouts_and_detached_children(isolation):
-    if isolation is not Isolation.PROCESS_GROUP and os.geteuid() != 0:
+    if isolation in (Isolation.NAMESPACES, Isolation.UID) and os.geteuid() != 0:
         pytest.skip("needs root")
-    if isolation is Isolation.NAMESPACES and detect_isolation() is not Isolation.NAMESPACES:
+    if isolation is Isolation.USER_NAMESPACES and os.geteuid() == 0:
+        pytest.skip("for ordinary users: test_eval_hostile.py runs the hostile tests as one")
+    if isolation.namespaced and detect_isolation() is not isolation:
         pytest.skip("namespaces unavailable here")
     token = secrets.token_hex(6)
     detach = f"setsid sh -c 'sleep 30; : {token}' >/dev/null 2>&1 & exit 3"
@@ -139,3 +143,55 @@ def test_unusable_toolchain_locations_are_clear_errors(tmp_path):
         check_reachable(private / "inner", Isolation.NAMESPACES)
         with pytest.raises(SandboxError, match="not world-executable"):
             check_reachable(private / "inner", Isolation.UID)
+
+
+def test_a_namespaced_step_sees_neither_the_checkout_nor_home_nor_the_runs_root(tmp_path):
+    if not detect_isolation().namespaced:
+        pytest.skip("namespaces unavailable here")
+    runs_root = Path(tempfile.mkdtemp(prefix=".mft-runs-", dir=Path.home()))
+    (runs_root / "model.safetensors").write_text("weights")
+    checkout = Path(__file__).resolve().parents[3]
+    script = f"ls -A {checkout} | wc -l; ls -A {Path.home()} | wc -l; ls -A {runs_root} 2>/dev/null | wc -l"
+    try:
+        with leased_slots(1, hidden=default_hidden(toolchains_dir(), [runs_root])) as (slot,), \
+                slot.sample_dir(toolchains_dir() / "scratch") as sample:
+            step = slot.run(["sh", "-c", script], sample=sample, step="look", timeout_s=10, limits=Limits())
+    finally:
+        shutil.rmtree(runs_root)
+    assert step.returncode == 0, step.output_tail()
+    assert step.stdout_tail.split() == ["0", "0", "0"]  # empty folders (runs root: gone with $HOME)
+
+
+def test_only_folders_that_can_be_covered_are_hidden(tmp_path):
+    base = Path(tempfile.mkdtemp(prefix=".mft-hide-", dir=Path.home()))
+    try:
+        (base / "a" / "b").mkdir(parents=True)
+        chosen = hideable([base / "a" / "b", base / "a", Path("/"), Path("/usr"), Path("/usr/local"),
+                           Path("/var/lib/dpkg"), tmp_path, base / "missing"])
+        # the inner one is covered by its parent; the system, folders above its tools (/usr/local/bin)
+        # and anything below /tmp (already an empty tmpfs) are never covered; below /var may be
+        assert sorted(chosen) == sorted([Path("/var/lib/dpkg"), (base / "a").resolve()])
+    finally:
+        shutil.rmtree(base)
+
+
+def test_no_namespaces_means_no_generated_code_without_the_opt_in(monkeypatch, caplog):
+    weak = Isolation.UID if os.geteuid() == 0 else Isolation.PROCESS_GROUP
+    with pytest.raises(SandboxError, match=r"refusing to execute generated code without a sandbox.*"
+                                           r"evaluate.allow_unsandboxed: true"):
+        require_isolation(weak, allow_unsandboxed=False)
+    require_isolation(weak, allow_unsandboxed=True)
+    assert "can reach the network" in caplog.text
+    require_isolation(Isolation.NAMESPACES, allow_unsandboxed=False)
+    require_isolation(Isolation.USER_NAMESPACES, allow_unsandboxed=False)
+    monkeypatch.setenv("MFT_SANDBOX_ISOLATION", weak.value)
+    detect_isolation.cache_clear()
+    try:
+        with pytest.raises(SandboxError, match="refusing"):
+            ProgramRunner(ExecutionConfig(), workers=1)
+        with ProgramRunner(ExecutionConfig(allow_unsandboxed=True), workers=1) as runner:
+            record = runner.run(Program("python", "test.py", "print('ran')\n"))
+        assert record["verdict"] == "passed" and "ran" in record["output_tail"]
+    finally:
+        monkeypatch.delenv("MFT_SANDBOX_ISOLATION")
+        detect_isolation.cache_clear()
