@@ -21,6 +21,7 @@ completions; the worst case is a cut in the wrong place, i.e. a failed sample).
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 
 from mft_core.eval.problems import Problem, normalize_language
@@ -290,24 +291,124 @@ class Program:
 
 
 def assemble_program(problem: Problem, completion: str, truncate: bool = True) -> Program:
-    """The full program for `problem` with `completion` (truncated first unless told not to)."""
+    """The full program for `problem` with `completion` (truncated first unless told not to),
+    with the completion-marker harness (see MARKER_FD): it prints the marker only after the
+    problem's last test has passed."""
     language = problem.language
     if truncate:
         completion = truncate_generation(language, completion)
+    suffix = secrets.token_hex(4)  # harness names no completion can know in advance
     if language == "python":
-        source = ("\n".join(PYTHON_PRELUDE) + "\n" + problem.prompt + completion + "\n"
-                  + problem.test + "\n")
+        source = (_python_marker_head(suffix) + "\n".join(PYTHON_PRELUDE) + "\n" + problem.prompt + completion
+                  + "\n" + problem.test + "\n" + _python_marker_tail(suffix))
     elif language == "cpp":
         helpers = "".join(f"{include}\n" for include in CPP_HELPER_INCLUDES
                           if include not in problem.prompt)
-        source = helpers + "\n" + problem.prompt + completion + "\n" + problem.test
-    elif language in ("java", "js"):
-        source = problem.prompt + completion + "\n" + problem.test
+        source = (_cpp_marker_head(suffix) + helpers + "\n" + problem.prompt + completion + "\n"
+                  + f"#define main mft_test_main_{suffix}\n" + problem.test + "\n" + _cpp_marker_tail(suffix))
+    elif language == "java":
+        test, renamed = _JAVA_TEST_CLASS.subn(f"class MftTest_{suffix}", problem.test, count=1)
+        if not renamed:
+            raise ValueError(f"{problem.task_id}: the test has no `public class Main` to run")
+        source = problem.prompt + completion + "\n" + test + "\n" + _java_marker_main(suffix)
+    elif language == "js":
+        source = (_js_marker_head(suffix) + problem.prompt + completion + "\n" + problem.test + "\n"
+                  + _js_marker_tail(suffix))
     elif language == "go":
-        source = assemble_go_source(problem, completion)
+        source = _with_go_marker(assemble_go_source(problem, completion), suffix)
     else:  # normalize_language guards this; kept for a clear message
         raise ValueError(f"no assembly rule for language {language!r}")
     return Program(language=language, filename=PROGRAM_FILENAMES[language], source=source)
+
+
+# --------------------------------------------------------------------------------------------
+# The completion marker. A program that exits with status 0 has not necessarily passed: a
+# completion can exit early (`os._exit(0)`, `System.exit(0)`, `process.exit(0)`, `_exit(0)`, a Go
+# `TestMain` that never calls m.Run) before any test ran. So a pass needs positive evidence: the
+# runner writes a fresh random marker into the program's descriptor MARKER_FD (a pipe: the marker
+# is never in the source, the argv or the environment); the harness reads it before any code of
+# the completion can run (the first statement, the first static initializer, the first package
+# variable; Java's Main class initializes before Solution) and prints it as the program's last
+# line only after the last test has passed. What a determined completion could still do is to
+# find the marker in the process's own memory (Python's gc or frames, Java reflection on Main,
+# scanning C++'s data segment, reading the variable in JavaScript or Go by guessing nothing:
+# the names carry a random suffix) and print it; the README says so.
+
+MARKER_FD = 3
+
+
+def _python_marker_head(suffix: str) -> str:
+    return (f"import os as _mft_os_{suffix}\n"
+            f"_mft_marker_{suffix} = _mft_os_{suffix}.read({MARKER_FD}, 256)\n")
+
+
+def _python_marker_tail(suffix: str) -> str:
+    # sys.exit inside check() raises SystemExit: the line below never runs, and there is no marker.
+    return (f"import sys as _mft_sys_{suffix}\n_mft_sys_{suffix}.stdout.flush()\n"
+            f"_mft_os_{suffix}.write(1, b'\\n' + _mft_marker_{suffix} + b'\\n')\n")
+
+
+def _cpp_marker_head(suffix: str) -> str:
+    # A namespace-scope variable initialized first in the translation unit: before any static
+    # initializer of the completion.
+    return ("#include <cstdio>\n#include <iostream>\n#include <unistd.h>\n"
+            f"static char mft_marker_{suffix}[256];\n"
+            f"static const long mft_marker_length_{suffix} = read({MARKER_FD}, mft_marker_{suffix}, 256);\n")
+
+
+def _cpp_marker_tail(suffix: str) -> str:
+    # The test's main is mft_test_main_<suffix>: it returns only when every assert held. Its value
+    # is not used (falling off a non-main int function is undefined).
+    return (f"#undef main\nint main() {{\n    mft_test_main_{suffix}();\n"
+            f"    std::cout.flush();\n    std::fflush(stdout);\n    if (mft_marker_length_{suffix} > 0) {{\n"
+            f"        write(1, \"\\n\", 1);\n        write(1, mft_marker_{suffix}, mft_marker_length_{suffix});\n"
+            f"        write(1, \"\\n\", 1);\n    }}\n    return 0;\n}}\n")
+
+
+_JAVA_TEST_CLASS = re.compile(r"\bpublic\s+class\s+Main\b")
+
+
+def _java_marker_main(suffix: str) -> str:
+    return (f"public class Main {{\n"
+            f"    private static final byte[] mftMarker_{suffix} = mftReadMarker_{suffix}();\n\n"
+            f"    private static byte[] mftReadMarker_{suffix}() {{\n"
+            f"        // A read loop: readAllBytes seeks, and a pipe cannot\n"
+            f"        try (java.io.InputStream in = new java.io.FileInputStream(\"/proc/self/fd/{MARKER_FD}\")) {{\n"
+            f"            java.io.ByteArrayOutputStream marker = new java.io.ByteArrayOutputStream();\n"
+            f"            byte[] buffer = new byte[256];\n"
+            f"            for (int n; (n = in.read(buffer)) > 0; ) marker.write(buffer, 0, n);\n"
+            f"            return marker.toByteArray();\n"
+            f"        }} catch (java.io.IOException e) {{\n            return new byte[0];\n        }}\n    }}\n\n"
+            f"    public static void main(String[] args) throws Exception {{\n"
+            f"        MftTest_{suffix}.main(args);\n        System.out.flush();\n"
+            f"        if (mftMarker_{suffix}.length > 0) {{\n            System.out.write('\\n');\n"
+            f"            System.out.write(mftMarker_{suffix});\n            System.out.write('\\n');\n"
+            f"            System.out.flush();\n        }}\n    }}\n}}\n")
+
+
+def _js_marker_head(suffix: str) -> str:
+    return f"const mftMarker_{suffix} = require('fs').readFileSync({MARKER_FD});\n"
+
+
+def _js_marker_tail(suffix: str) -> str:
+    return f"process.stdout.write(mftMarker_{suffix}.toString() + '\\n');\n"
+
+
+def _with_go_marker(source: str, suffix: str) -> str:
+    """The marker as the first package variable (initialized before any of the completion's) and
+    a TestMain that prints it after m.Run() passed; m.Run prints PASS just before. A completion
+    with its own TestMain does not compile."""
+    header, body = split_go_header(source)
+    if '"os"' not in header:
+        header = header.replace("import (\n", 'import (\n    "os"\n', 1)
+    harness = (f"var mftMarker_{suffix} = func() []byte {{\n"
+               f"    f := os.NewFile({MARKER_FD}, \"marker\")\n    if f == nil {{\n        return nil\n    }}\n"
+               f"    defer f.Close()\n    b := make([]byte, 256)\n    n, _ := f.Read(b)\n    return b[:n]\n}}()\n\n"
+               f"func TestMain(m *testing.M) {{\n    code := m.Run()\n"
+               f"    if code == 0 && len(mftMarker_{suffix}) > 0 {{\n"
+               f"        os.Stdout.Write(append(append([]byte(\"\\n\"), mftMarker_{suffix}...), '\\n'))\n    }}\n"
+               f"    os.Exit(code)\n}}\n\n")
+    return header + harness + body
 
 
 _GO_IMPORT_SPEC = re.compile(r'^\s*(?:[A-Za-z_.][\w]*\s+)?"([^"]+)"\s*$')

@@ -1,9 +1,11 @@
 """Execute HumanEval-X samples in the sandbox and record one verdict per sample.
 
-Verdicts: `passed`, `failed` (ran and did not pass: non-zero exit, a failed assertion, for
-JavaScript any output at all, a crash, a resource limit), `compile_error` (C++, Java, Go),
-`timeout` (a compile or run step hit its wall-clock limit). Nothing else counts as a pass:
-an executor error is recorded as `failed` with an `error` field.
+Verdicts: `passed`, `failed` (ran and did not pass; its `reason` is one of FAILURE_REASONS),
+`compile_error` (C++, Java, Go), `timeout` (a compile or run step hit its wall-clock limit).
+A pass needs positive evidence (`run_verdict`): exit status 0 *and* the completion marker, a
+random token written into the program's descriptor 3 that the harness (assemble.py) prints only
+after the last test has passed; an output stream cut at its cap is never a pass. Nothing else
+counts as a pass: an executor error is recorded as `failed` with an `error` field.
 
 Per language (what runs, see shared/reference/humaneval-x.md section 3):
 - python: `python3 -I program.py` with an interpreter the sandbox uid can run that has numpy
@@ -13,8 +15,9 @@ Per language (what runs, see shared/reference/humaneval-x.md section 3):
   javax.tools, annotation processing off, restarted after a number of compilations or on a
   hang), or by plain `javac` with C1/SerialGC flags when `java_compiler="javac"`; then
   `java -cp out Main` with small-heap flags (no -ea, like CodeGeeX).
-- js: `node test.js` with NODE_PATH=<toolchains>/node_modules (js-md5). Pass = exit 0 and
-  nothing at all on stdout/stderr (CodeGeeX's rule: `console.assert` only prints).
+- js: `node test.js` with NODE_PATH=<toolchains>/node_modules (js-md5). Pass = exit 0, stdout
+  exactly the marker and nothing on stderr (CodeGeeX's rule, "no output at all", with the marker:
+  `console.assert` only prints).
 - go: in a subdirectory of the module root <toolchains>/go-eval (go.mod, go.sum, vendor/):
   `go test -c -o main.test main_test.go` (vet on, as in CodeGeeX, unless `go_vet=False`) with
   GOFLAGS=-mod=vendor GOPROXY=off GOSUMDB=off and a per-worker GOCACHE kept under
@@ -41,6 +44,7 @@ import logging
 import math
 import os
 import queue
+import secrets
 import select
 import shutil
 import subprocess
@@ -56,7 +60,7 @@ from pathlib import Path
 from mft_core.eval.assemble import Program, assemble_program
 from mft_core.eval.problems import (LANGUAGES, Problem, language_of_task, normalize_language,
                                     normalize_task_id, select_problems)
-from mft_core.eval.sandbox import (Isolation, Limits, SampleDir, SandboxError, SandboxSlot,
+from mft_core.eval.sandbox import (Isolation, Limits, SampleDir, SandboxError, SandboxSlot, StepResult,
                                    acquire_slots, check_reachable, default_hidden, detect_isolation,
                                    require_isolation,
                                    toolchains_dir)
@@ -436,14 +440,44 @@ class JavaCompileServer:
 # --------------------------------------------------------------------------------------------
 # One program
 
+# Why a run that was not a pass failed (the `reason` of a "failed" verdict).
+FAILURE_REASONS = {
+    "exit_status": "the program exited with a non-zero status (a failed assertion, a crash, a limit)",
+    "output_limit": "stdout or stderr reached its size cap; the program is not trusted to have finished",
+    "no_completion_marker": "it exited 0 but never printed the completion marker: the tests did not all run",
+    "unexpected_output": "JavaScript printed something besides the marker (a failed console.assert prints)",
+}
+
+
+def run_verdict(language: str, step: StepResult, completion_marker: str, output_cap: int) -> tuple[str, str | None]:
+    """(verdict, failure reason) of a run step. A pass needs positive evidence: exit status 0, the
+    completion marker as the last line of stdout (assemble.py prints it after the last test), for
+    Go the test binary's own PASS line just before it, for JavaScript nothing else printed at all
+    (console.assert only prints), and neither output stream cut at its cap."""
+    if step.timed_out:
+        return "timeout", None
+    if step.stdout_bytes >= output_cap or step.stderr_bytes >= output_cap:
+        return "failed", "output_limit"
+    if step.returncode != 0:
+        return "failed", "exit_status"
+    lines = [line for line in step.stdout_tail.splitlines() if line.strip()] or [""]
+    if lines[-1] != completion_marker or (language == "go" and lines[-2:-1] != ["PASS"]):
+        return "failed", "no_completion_marker"
+    if language == "js" and (step.stderr_bytes or step.stdout_tail.strip() != completion_marker):
+        return "failed", "unexpected_output"
+    return "passed", None
+
+
 def _result(key: tuple[str, int], language: str, verdict: str, *, compile_s=None, run_s=None,
             cpu_s: float = 0.0, returncode=None, output_tail: str = "",
-            error: str | None = None) -> dict:
+            error: str | None = None, reason: str | None = None) -> dict:
     record = {"task_id": key[0], "sample_index": key[1], "language": language,
               "verdict": verdict, "passed": verdict == "passed",
               "compile_s": None if compile_s is None else round(compile_s, 4),
               "run_s": None if run_s is None else round(run_s, 4),
               "cpu_s": round(cpu_s, 4), "returncode": returncode, "output_tail": output_tail}
+    if reason:
+        record["reason"] = reason
     if error:
         record["error"] = error
     return record
@@ -677,19 +711,13 @@ class ProgramRunner:
             limits = config.limits(language, "run")
             if run_timeout_s:
                 limits = dataclasses.replace(limits, cpu_seconds=cpu_limit_for(run_timeout))
+            completion_marker = secrets.token_hex(16)
             step = slot.run(argv, sample=sample, step="run", timeout_s=run_timeout,
-                            limits=limits, env=env)
+                            limits=limits, env=env, fd3_data=completion_marker.encode())
             cpu += step.cpu_s
-            if step.timed_out:
-                verdict = "timeout"
-            elif step.returncode != 0:
-                verdict = "failed"
-            elif language == "js" and (step.stdout_bytes or step.stderr_bytes):
-                verdict = "failed"  # console.assert only prints: any output means a failure
-            else:
-                verdict = "passed"
+            verdict, reason = run_verdict(language, step, completion_marker, limits.file_size_bytes)
             return _result(key, language, verdict, compile_s=compile_s, run_s=step.wall_s,
-                           cpu_s=cpu, returncode=step.returncode,
+                           cpu_s=cpu, returncode=step.returncode, reason=reason,
                            output_tail=step.output_tail(config.output_tail_chars))
 
 

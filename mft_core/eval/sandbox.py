@@ -180,7 +180,7 @@ SANDBOX_HELPER_SOURCE = r"""
 static void write_file(const char *path, const char *text);
 
 /* mft-sandbox-run [--namespaces [--user-namespace]] [--tmpfs DIR]... [--hide DIR]... [--view DIR]
- *                 [--bind-ro SRC DST]... [--bind SRC DST]... [--chdir DIR] [--uid N --gid N]
+ *                 [--bind-ro SRC DST]... [--bind SRC DST]... [--chdir DIR] [--uid N --gid N] [--fd3 N]
  *                 [--as B] [--cpu S] [--fsize B] [--nproc N] [--nofile N]
  *                 [--no-parent-death] -- COMMAND...
  * Dies with the thread that started it (PDEATHSIG) unless --no-parent-death (long-lived
@@ -261,6 +261,7 @@ int main(int argc, char **argv) {
     int bind_writable[MAX_PATHS], bind_fd[MAX_PATHS];
     int n_tmpfs = 0, n_hide = 0, n_binds = 0, namespaces = 0, user_namespace = 0, parent_death = 1, i;
     const char *view = NULL, *workdir = NULL;
+    int fd3 = -1;  /* becomes descriptor 3 of COMMAND: the completion marker's pipe (execute.py) */
     long uid = -1, gid = -1;
     int resources[8]; long values[8]; int n_limits = 0;
     for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
@@ -280,6 +281,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(opt, "--hide") && n_hide < MAX_PATHS) hide[n_hide++] = val;
         else if (!strcmp(opt, "--view")) view = val;
         else if (!strcmp(opt, "--chdir")) workdir = val;
+        else if (!strcmp(opt, "--fd3")) fd3 = (int)number(val);
         else if (!strcmp(opt, "--uid")) uid = number(val);
         else if (!strcmp(opt, "--gid")) gid = number(val);
         else if (!strcmp(opt, "--as")) { resources[n_limits] = RLIMIT_AS; values[n_limits++] = number(val); }
@@ -354,6 +356,10 @@ int main(int argc, char **argv) {
     if (uid >= 0 && setresuid(uid, uid, uid) != 0) die("setuid", NULL);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) die("no_new_privs", NULL);
     if (workdir && chdir(workdir) != 0) die("chdir", workdir);  /* as the program's own uid */
+    if (fd3 >= 0 && fd3 != 3) {
+        if (dup2(fd3, 3) != 3) die("dup2 onto descriptor 3", NULL);
+        close(fd3);
+    }
     if (parent_death || namespaces)
         prctl(PR_SET_PDEATHSIG, SIGKILL);  /* a credential change cleared it */
     execvp(command[0], command);
@@ -786,22 +792,36 @@ class SandboxSlot:
 
     def run(self, argv: Sequence[str], *, sample: SampleDir, step: str, timeout_s: float,
             limits: Limits, env: dict[str, str] | None = None,
-            writable: Sequence[Path] = ()) -> StepResult:
+            writable: Sequence[Path] = (), fd3_data: bytes | None = None) -> StepResult:
         """Run one command in `sample.work` under the sandbox and wait at most `timeout_s`.
 
         The work directory is writable; so are the `writable` directories (inside the toolchain
-        folder); with namespaces the rest of the toolchain folder is read-only.
+        folder); with namespaces the rest of the toolchain folder is read-only. `fd3_data`: what
+        the command reads from its descriptor 3 (a pipe, closed after it: the completion
+        marker, which so never appears in the program's source, argv or environment).
         """
         marker = secrets.token_hex(8)
         stdout_path, stderr_path = sample.log / f"{step}.stdout", sample.log / f"{step}.stderr"
-        with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-            start = time.perf_counter()
-            proc = subprocess.Popen(self._argv(argv, limits, sample.work, [sample.work, *writable],
-                                               as_service=False),
-                                    cwd=sample.work,
-                                    env=self._env(self.in_sandbox(sample.work), env, marker),
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True, close_fds=True)
+        argv = self._argv(argv, limits, sample.work, [sample.work, *writable], as_service=False)
+        pass_fds: tuple[int, ...] = ()
+        if fd3_data is not None:
+            read_end, write_end = os.pipe()
+            os.write(write_end, fd3_data)  # a few bytes: the pipe's buffer holds them
+            os.close(write_end)
+            if self.uid is not None:  # Java reopens it as /proc/self/fd/3, which checks the owner
+                os.fchown(read_end, self.uid, self.gid)
+            argv[1:1] = ["--fd3", str(read_end)]
+            pass_fds = (read_end,)
+        try:
+            with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+                start = time.perf_counter()
+                proc = subprocess.Popen(argv, cwd=sample.work,
+                                        env=self._env(self.in_sandbox(sample.work), env, marker),
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                        start_new_session=True, close_fds=True, pass_fds=pass_fds)
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
         try:
             timed_out = not _wait_exit(proc.pid, timeout_s)
             # The leader is now a zombie or still running, so its pid (the group id) cannot be

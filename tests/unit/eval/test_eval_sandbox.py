@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from eval_testing import processes_with_token, wait_until_gone
-from mft_core.eval.assemble import Program
+from mft_core.eval.assemble import assemble_program
 from mft_core.eval.execute import ExecutionConfig, ProgramRunner
+from mft_core.eval.problems import load_problems
 from mft_core.eval.sandbox import (TOOLCHAINS_IN_SANDBOX, Isolation, Limits, SandboxError,
                                    check_reachable, default_hidden, detect_isolation, hideable,
                                    leased_slots, processes_of_uid, require_isolation, toolchains_dir)
@@ -189,9 +190,10 @@ def test_no_namespaces_means_no_generated_code_without_the_opt_in(monkeypatch, c
     try:
         with pytest.raises(SandboxError, match="refusing"):
             ProgramRunner(ExecutionConfig(), workers=1)
+        problem = load_problems("python")[0]
         with ProgramRunner(ExecutionConfig(allow_unsandboxed=True), workers=1) as runner:
-            record = runner.run(Program("python", "test.py", "print('ran')\n"))
-        assert record["verdict"] == "passed" and "ran" in record["output_tail"]
+            record = runner.run(assemble_program(problem, problem.canonical_solution))
+        assert record["verdict"] == "passed"
     finally:
         monkeypatch.delenv("MFT_SANDBOX_ISOLATION")
         detect_isolation.cache_clear()
