@@ -17,6 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from mft_core.config import load_config
+from mft_core.console import run_log
 from mft_core.preflight import preflight
 from mft_core.report import pipeline_summary
 from mft_core.stages import STAGE_ORDER, locate_stage
@@ -56,20 +57,22 @@ def mft_pipeline(
     forced = list(force or [])
     _check_names("stages", selected)
     _check_names("force", forced)
-    preflight(cfg, selected, forced)  # a missing toolchain, model or disk costs seconds, not a training run
-    last = max(STAGE_ORDER.index(name) for name in selected)
+    # `mft run` opened the run log already; under a worker (a deployment) it opens here.
+    with run_log(cfg.runs_root):
+        preflight(cfg, selected, forced)  # a missing toolchain, model or disk costs seconds, not a training run
+        last = max(STAGE_ORDER.index(name) for name in selected)
 
-    outputs: dict[str, str] = {}
-    upstream: str | None = None
-    for name in STAGE_ORDER[: last + 1]:
-        if name in selected:
-            stage_task = STAGE_TASKS[name].with_options(
-                refresh_cache=name in forced, result_storage=results_dir(cfg)
-            )
-            upstream = stage_task(cfg, upstream, force=name in forced)
-        else:
-            upstream = str(locate_stage(cfg, name))
-            logger.info("%s: not selected, using its existing output %s", name, upstream)
-        outputs[name] = upstream
-    print(pipeline_summary({name: Path(path) for name, path in outputs.items()}))
+        outputs: dict[str, str] = {}
+        upstream: str | None = None
+        for name in STAGE_ORDER[: last + 1]:
+            if name in selected:
+                stage_task = STAGE_TASKS[name].with_options(
+                    refresh_cache=name in forced, result_storage=results_dir(cfg)
+                )
+                upstream = stage_task(cfg, upstream, force=name in forced)
+            else:
+                upstream = str(locate_stage(cfg, name))
+                logger.info("%s: not selected, using its existing output %s", name, upstream)
+            outputs[name] = upstream
+        print(pipeline_summary({name: Path(path) for name, path in outputs.items()}))
     return outputs

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mft_core.config import ConfigError, config_to_yaml, load_config, parse_override
+from mft_core.console import run_log
 from mft_core.preflight import PreflightError
 
 
@@ -53,21 +54,24 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # Validate and check before paying for Prefect's start-up, so config errors and a missing
-    # toolchain, model or disk come back at once (the flow checks again: deployments start there).
     from mft_core.preflight import preflight
     from mft_core.stages import STAGE_ORDER
 
     cfg = load_config(args.config, _overrides(args.overrides))
-    preflight(cfg, _stage_list(args.stages) or STAGE_ORDER, _stage_list(args.force) or [])
+    # Imported before the run log opens: importing Prefect sets up its console handler, which the
+    # run log then filters (a handler of ours on the root logger first would make Prefect skip it).
     from flows.mft_pipeline import mft_pipeline
 
-    outputs = mft_pipeline(
-        config=args.config,
-        stages=_stage_list(args.stages),
-        force=_stage_list(args.force),
-        overrides=_overrides(args.overrides),
-    )
+    with run_log(cfg.runs_root):
+        # Checked before paying for Prefect's start-up, so a missing toolchain, model or disk comes
+        # back at once (the flow checks again: deployments start there).
+        preflight(cfg, _stage_list(args.stages) or STAGE_ORDER, _stage_list(args.force) or [])
+        outputs = mft_pipeline(
+            config=args.config,
+            stages=_stage_list(args.stages),
+            force=_stage_list(args.force),
+            overrides=_overrides(args.overrides),
+        )
     if args.json:
         print(json.dumps(outputs, indent=1))
     return 0
@@ -80,9 +84,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from mft_core.preflight import preflight
 
     cfg = load_config(args.config, _overrides(args.overrides))
-    preflight(cfg, [args.stage], [args.stage] if args.force else [])
-    run = run_stage(cfg, args.stage, force=args.force)
-    print(pipeline_summary({args.stage: run.directory}))
+    with run_log(cfg.runs_root):
+        preflight(cfg, [args.stage], [args.stage] if args.force else [])
+        run = run_stage(cfg, args.stage, force=args.force)
+        print(pipeline_summary({args.stage: run.directory}))
     return 0
 
 
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2-core machines are shared: oversubscribed OpenMP threads make runs several times slower.
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     args = build_parser().parse_args(argv)
-    if args.command != "run":  # under Prefect, the task forwards mft.* records to its own logger
+    if args.func not in (cmd_run, cmd_stage):  # a pipeline run sets up its console and run log itself
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         for name in ("mft", "mft_core"):

@@ -75,6 +75,7 @@ import yaml
 
 from mft_core import store
 from mft_core.config import PipelineConfig
+from mft_core.console import announce
 from mft_core.modeling import SMOLLM2_ALIAS, load_tokenizer, resolve_model
 from mft_core.store import FileHashCache
 from mft_core.train.stage import job_path, model_digest
@@ -165,6 +166,8 @@ def run_merge(cfg: PipelineConfig, train_dir: Path, out_dir: Path) -> dict[str, 
     template = json.loads((trained["tokenize_dir"] / "template.json").read_text())
     model_out = out_dir / MODEL_DIR
     shutil.rmtree(model_out, ignore_errors=True)
+    what = f"{method} adapter into {cfg.model.path}" if method in ADAPTER_METHODS else "the fully trained model"
+    announce(log, "merge", f"start: {what}, {settings.dtype}, then checked on {settings.check_samples} samples")
 
     started = time.perf_counter()
     if method in ADAPTER_METHODS:

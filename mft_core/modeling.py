@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mft_core import hub
+from mft_core.console import announce
 from mft_core.store import FileHashCache, exclusive_lock
 
 logger = logging.getLogger(__name__)
@@ -219,6 +220,8 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     gguf_path = Path(gguf_path)
+    # Once per runs root; says why the next stage line takes a while (no progress bar shows it).
+    announce(logger, "model", f"converting {gguf_path.name} into a Hugging Face folder under {out_dir.parent}, once")
     tokenizer = _load_gguf_tokenizer(gguf_path)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32

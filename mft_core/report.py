@@ -34,6 +34,13 @@ def tokenize_summary(directory: Path) -> str:
     return f"tokenize ({directory}; seq_length {stats['seq_length']}, {stats['shards']} shards)\n" + _table(headers, rows)
 
 
+def _train_speed(steps: list[dict]) -> float:
+    """Tokens/s over the steps after the first (the first carries start-up costs)."""
+    timed = steps[1:] or steps
+    seconds = sum(m.get("step_seconds", 0) for m in timed)
+    return sum(m.get("tokens", 0) for m in timed) / seconds if seconds else 0.0
+
+
 def train_summary(directory: Path) -> str:
     summary = json.loads((directory / "train_summary.json").read_text())
     metrics = [json.loads(l) for l in (directory / "metrics.jsonl").read_text().splitlines() if l.strip()]
@@ -43,9 +50,7 @@ def train_summary(directory: Path) -> str:
     headers = ["task", "first train loss", "last train loss", "final valid loss"]
     rows = [[t, _fmt(first.get("task_loss", {}).get(t)), _fmt(last.get("task_loss", {}).get(t)), _fmt(valid.get(t))]
             for t in summary["tasks"]]
-    timed = steps[1:] or steps  # the first step carries start-up costs
-    seconds = sum(m.get("step_seconds", 0) for m in timed)
-    speed = sum(m.get("tokens", 0) for m in timed) / seconds if seconds else 0.0
+    speed = _train_speed(steps)
     head = (f"train ({directory}; {summary['steps']} steps, {summary['trained_tokens']} trained tokens, "
             f"~{speed:.0f} tokens/s, best weighted valid loss {_fmt(summary.get('best_valid_loss'))})")
     return head + "\n" + _table(headers, rows)
@@ -74,6 +79,61 @@ def evaluate_summary(directory: Path) -> str:
     from mft_core.eval.stage import evaluate_summary as summary_of_evaluation
 
     return summary_of_evaluation(directory)
+
+
+# ----------------------------------------------------------------------------- one line per stage
+# What the console shows when a stage is done (`[train] done in 4m12s: <the line>`).
+
+
+def ingest_line(directory: Path) -> str:
+    t = json.loads((directory / "stats.json").read_text())["totals"]
+    return (f"{t['train']} train + {t['valid']} valid records from {t['lines']} lines "
+            f"({t['rejected']} rejected, {t['duplicates']} duplicates, {t['contaminated']} contaminated)")
+
+
+def tokenize_line(directory: Path) -> str:
+    stats = json.loads((directory / "stats.json").read_text())
+    splits = [s for task in stats["tasks"].values() for s in task.values()]
+    tokens, trained = sum(s["tokens"] for s in splits), sum(s["trained_tokens"] for s in splits)
+    return (f"{sum(s['samples'] for s in splits)} samples, {tokens} tokens ({trained} trained) "
+            f"in {stats['shards']} shards, seq_length {stats['seq_length']}")
+
+
+def train_line(directory: Path) -> str:
+    summary = json.loads((directory / "train_summary.json").read_text())
+    metrics = [json.loads(l) for l in (directory / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    steps = [m for m in metrics if "loss" in m]
+    parts = [f"{summary['steps']} steps"]
+    if steps:
+        parts.append(f"loss {steps[0]['loss']:.3g} → {steps[-1]['loss']:.3g}")
+        parts.append(f"{_train_speed(steps):.0f} tokens/s")
+    if summary.get("best_valid_loss") is not None:
+        parts.append(f"best valid loss {summary['best_valid_loss']:.3g} (step {summary['best_step']})")
+    if summary.get("early_stopped"):
+        parts.append("stopped early")
+    return ", ".join(parts)
+
+
+def merge_line(directory: Path) -> str:
+    report = json.loads((directory / "merge_report.json").read_text())
+    check = report["check"]
+    return (f"{report['method']} model saved ({report['dtype']}, {report['weight_bytes'] / 1e6:.0f} MB); "
+            f"check {'passed' if check['passed'] else 'FAILED'}: max |logit diff| {check['max_abs_diff']:.2g} "
+            f"(tolerance {check['tolerance']:.2g})")
+
+
+def evaluate_line(directory: Path) -> str:
+    summary = json.loads((directory / "summary.json").read_text())
+    k = summary["ks"][0]
+    scores = []
+    for model in summary["models"].values():
+        value = model["pass_at_k"]["average"].get(f"pass@{k}")
+        scores.append(f"{model['label']} pass@{k} " + ("-" if value is None else f"{100 * value:.1f}%"))
+    return ", ".join(scores) + f" (average over {', '.join(summary['languages'])})"
+
+
+RESULT_LINES = {"ingest": ingest_line, "tokenize": tokenize_line, "train": train_line, "merge": merge_line,
+                "evaluate": evaluate_line}
 
 
 SUMMARIES = {"ingest": ingest_summary, "tokenize": tokenize_summary, "train": train_summary, "merge": merge_summary,

@@ -7,6 +7,7 @@ a stage directly with `run_stage`, and the Prefect tasks in `tasks/` wrap the sa
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +15,17 @@ from typing import Any
 
 from mft_core import merge, store
 from mft_core.config import PipelineConfig
+from mft_core.console import announce, format_duration
 from mft_core.data import ingest, tokenize
 from mft_core.eval import stage as eval_stage
+from mft_core.report import RESULT_LINES
 from mft_core.train import stage as train_stage
 
 log = logging.getLogger("mft.stages")
 
 
-Progress = Callable[[int, int], None]  # (done, total), e.g. optimizer steps
+# (done, total, the progress line the console shows), e.g. optimizer steps; called when a line is due
+Progress = Callable[[int, int, str], None]
 
 
 class StageNotReady(RuntimeError):
@@ -123,6 +127,7 @@ def run_stage(cfg: PipelineConfig, name: str, upstream_dir: Path | None = None, 
         upstream_dir = locate_stage(cfg, stage.upstream)
     key = compute_key(cfg, name, upstream_dir)
     resolved = {"stage": name, "stage_version": stage.version, "config": cfg.model_dump(mode="json")}
+    started = time.monotonic()
     run = store.build_stage(
         cfg.runs_root,
         name,
@@ -132,7 +137,11 @@ def run_stage(cfg: PipelineConfig, name: str, upstream_dir: Path | None = None, 
         force=force,
         resumable=stage.resumable,
     )
-    log.info("%s: %s %s", name, "built" if run.computed else "reused", run.directory)
+    # The build itself announced its start (it knows what it is about to do, e.g. the precision).
+    if run.computed:
+        announce(log, name, f"done in {format_duration(time.monotonic() - started)}: {RESULT_LINES[name](run.directory)}")
+    else:
+        announce(log, name, f"cached: {run.directory}")
     return run
 
 

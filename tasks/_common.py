@@ -15,6 +15,7 @@ from prefect.context import TaskRunContext
 
 from mft_core import store
 from mft_core.config import PipelineConfig
+from mft_core.console import MFT_LOGGERS, on_console
 from mft_core.stages import compute_key
 
 RESULTS_DIR = ".prefect-results"
@@ -48,15 +49,18 @@ class _ToPrefect(logging.Handler):
         self.target = target
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.target.log(record.levelno, "%s", record.getMessage())
+        # Prefect's UI gets every record; its console handler only what console.on_console lets through.
+        self.target.log(record.levelno, "%s", record.getMessage(), exc_info=record.exc_info,
+                        extra={"console": on_console(record), "mft_logger": record.name})
 
 
 @contextlib.contextmanager
 def forward_mft_logs() -> Iterator[logging.LoggerAdapter]:
-    """Send the library's `mft.*` log records to the task's Prefect logger (UI, `prefect flow-run logs`)."""
+    """Send the library's `mft.*` log records to the task's Prefect logger (UI, `prefect flow-run logs`,
+    and the run log); the console shows only those mft_core.console.on_console lets through."""
     run_logger = get_run_logger()
     handler = _ToPrefect(run_logger)
-    roots = [logging.getLogger(name) for name in ("mft", "mft_core")]  # mft_core.*: modules named by __name__
+    roots = [logging.getLogger(name) for name in MFT_LOGGERS]
     previous = [(root.level, root.propagate) for root in roots]
     for root in roots:
         root.setLevel(logging.INFO)

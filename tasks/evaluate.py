@@ -18,12 +18,12 @@ from tasks._common import forward_mft_logs, publish_stats_table, stage_cache_key
 
 @task(name="evaluate", cache_key_fn=stage_cache_key, persist_result=True)
 def evaluate_task(cfg: PipelineConfig, upstream: str | None = None, force: bool = False) -> str:
-    with forward_mft_logs() as logger:
+    with forward_mft_logs():
         artifact_id = create_progress_artifact(progress=0.0, key="evaluate-progress",
                                                description="HumanEval-X samples generated and executed")
 
-        def on_progress(done: int, total: int) -> None:
-            update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / max(total, 1))
+        def on_progress(done: int, total: int, line: str) -> None:  # the console's line: done/total per language
+            update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / max(total, 1), description=line)
 
         run = run_stage(cfg, "evaluate", upstream_dir=Path(upstream) if upstream else None, force=force,
                         progress=on_progress)
@@ -33,5 +33,4 @@ def evaluate_task(cfg: PipelineConfig, upstream: str | None = None, force: bool 
                             f"HumanEval-X pass@k (%) per model and language, {run.directory}")
         create_markdown_artifact(key="evaluate-report", markdown=(run.directory / REPORT).read_text(),
                                  description="HumanEval-X evaluation report")
-        logger.info("evaluate output: %s (%s)", run.directory, "built" if run.computed else "reused")
     return str(run.directory)

@@ -16,7 +16,7 @@ from tasks._common import forward_mft_logs, publish_stats_table, stage_cache_key
 
 @task(name="merge", cache_key_fn=stage_cache_key, persist_result=True)
 def merge_task(cfg: PipelineConfig, upstream: str | None = None, force: bool = False) -> str:
-    with forward_mft_logs() as logger:
+    with forward_mft_logs():
         run = run_stage(cfg, "merge", upstream_dir=Path(upstream) if upstream else None, force=force)
         report = json.loads((run.directory / REPORT).read_text())
         check = report["check"]
@@ -31,5 +31,4 @@ def merge_task(cfg: PipelineConfig, upstream: str | None = None, force: bool = F
             "finetune_max_abs_diff": check["finetune_effect"]["max_abs_diff"],
             "finetune_argmax_changed": check["finetune_effect"]["argmax_changed"],
         }], f"Saved model vs {check['reference']} (logits), {run.directory / report['model_dir']}")
-        logger.info("merge output: %s (%s)", run.directory, "built" if run.computed else "reused")
     return str(run.directory)

@@ -13,7 +13,7 @@ from tasks._common import forward_mft_logs, publish_stats_table, stage_cache_key
 
 @task(name="tokenize", cache_key_fn=stage_cache_key, persist_result=True)
 def tokenize_task(cfg: PipelineConfig, upstream: str | None = None, force: bool = False) -> str:
-    with forward_mft_logs() as logger:
+    with forward_mft_logs():
         run = run_stage(cfg, "tokenize", upstream_dir=Path(upstream) if upstream else None, force=force)
         stats = stage_stats(run.directory) or {"tasks": {}}
         rows = [
@@ -22,5 +22,4 @@ def tokenize_task(cfg: PipelineConfig, upstream: str | None = None, force: bool 
             for split, s in splits.items()
         ]
         publish_stats_table("tokenize", rows, f"Tokenized shards in {run.directory}")
-        logger.info("tokenize output: %s (%s)", run.directory, "built" if run.computed else "reused")
     return str(run.directory)

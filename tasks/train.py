@@ -16,11 +16,11 @@ from tasks._common import forward_mft_logs, publish_stats_table, stage_cache_key
 
 @task(name="train", cache_key_fn=stage_cache_key, persist_result=True)
 def train_task(cfg: PipelineConfig, upstream: str | None = None, force: bool = False) -> str:
-    with forward_mft_logs() as logger:
+    with forward_mft_logs():
         artifact_id = create_progress_artifact(progress=0.0, key="train-progress", description="optimizer steps done")
 
-        def on_progress(done: int, total: int) -> None:
-            update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / max(total, 1))
+        def on_progress(done: int, total: int, line: str) -> None:  # the console's line: loss, tokens/s, ETA
+            update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / max(total, 1), description=line)
 
         run = run_stage(cfg, "train", upstream_dir=Path(upstream) if upstream else None, force=force, progress=on_progress)
         update_progress_artifact(artifact_id=artifact_id, progress=100.0)
@@ -34,7 +34,6 @@ def train_task(cfg: PipelineConfig, upstream: str | None = None, force: bool = F
             encoded = base64.b64encode(curves.read_bytes()).decode()
             create_markdown_artifact(key="train-loss-curves", markdown=f"![per-task loss](data:image/png;base64,{encoded})",
                                      description="Per-task train and validation loss")
-        logger.info("train output: %s (%s)", run.directory, "built" if run.computed else "reused")
     return str(run.directory)
 
 

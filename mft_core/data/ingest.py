@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mft_core.config import PipelineConfig
+from mft_core.console import announce
 from mft_core.data.records import (
     REJECT_FIXES,
     RecordError,
@@ -338,6 +339,8 @@ def _excerpt(item: bytes | dict[str, Any] | RecordError) -> str:
 def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
     """Build the ingest output into `out_dir` (an empty work directory). Returns stats.json's content."""
     settings = cfg.ingest
+    announce(log, "ingest", f"start: {len(cfg.data.tasks)} task(s) ({', '.join(t.task_name for t in cfg.data.tasks)}), "
+                            f"decontamination {'on' if settings.decontaminate.enabled else 'off'}")
     decontaminator = _load_decontaminator(cfg)
     seen: set[int] = set()
     all_stats: dict[str, TaskStats] = {}

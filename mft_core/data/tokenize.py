@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mft_core.config import PipelineConfig
+from mft_core.console import announce
 from mft_core.data.ingest import read_tasks
 from mft_core.data.render import fit_to_length, generation_chat_template, make_template, render_records
 from mft_core.modeling import load_tokenizer, resolve_special_tokens, resolve_tokenizer_folder, tokenizer_content_hash
@@ -234,6 +235,8 @@ def run_tokenize(cfg: PipelineConfig, ingest_dir: Path, out_dir: Path) -> dict[s
     if len(pending) < len(chunks):
         log.info("resuming: %d of %d shards are already done", len(chunks) - len(pending), len(chunks))
     workers = min(settings.num_workers or os.cpu_count() or 1, max(1, len(pending)))
+    announce(log, "tokenize", f"start: {len(pending)} shard(s) with {workers} worker(s), template {settings.template}, "
+                              f"seq_length {settings.seq_length}")
     init_args = (str(tok_dir), settings.template, settings.role_markers, eos_id, settings.seq_length,
                  settings.overlength, str(ingest_dir), str(out_dir))
     if workers == 1:

@@ -554,13 +554,15 @@ class GenerationRun:
 def generate_to_file(path: Path, model_tag: str, load_model: Callable[[], GenerationModel],
                      problems: Sequence[Problem], mode: str, settings: GenerationSettings,
                      render: Callable[[Problem, Any], RenderedPrompt], threads: int | None = None,
-                     on_record: Callable[[dict[str, Any]], None] | None = None,
+                     on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
                      stop_early: bool = True) -> GenerationRun:
     """Generate every missing sample of `model_tag` and append each record to `path` as it is done.
 
     Resumable: records of this model already in the file are kept and not generated again; the
     model is not even loaded when nothing is missing. `render(problem, tokenizer)` gives a
-    problem's prompt. Returns all of this model's records (earlier and new).
+    problem's prompt. `on_batch` gets each batch's records once they are written (a batch
+    finishes all at once: one progress report, not one per record). Returns all of this model's
+    records (earlier and new).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -583,15 +585,15 @@ def generate_to_file(path: Path, model_tag: str, load_model: Callable[[], Genera
                 started, tokens = time.perf_counter(), 0
                 for first in range(0, len(items), settings.batch_size):
                     batch = items[first:first + settings.batch_size]
-                    for record in generate_batch(gm, batch, mode, settings, stop_early):
-                        record = {"model": model_tag, **record}
+                    records = [{"model": model_tag, **record} for record in generate_batch(gm, batch, mode, settings, stop_early)]
+                    for record in records:
                         handle.write(json.dumps(record) + "\n")
                         handle.flush()
                         existing[(record["task_id"], record["sample_index"])] = record
                         tokens += record["new_tokens"]
                         run.generated += 1
-                        if on_record:
-                            on_record(record)
+                    if on_batch:
+                        on_batch(records)
                     elapsed = time.perf_counter() - started
                     log.info("%s: %d/%d samples generated, %.1f new tokens/s", model_tag, run.generated,
                              len(items), tokens / max(elapsed, 1e-9))

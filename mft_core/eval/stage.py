@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING, Any
 
 from mft_core.config import EvaluateConfig, PipelineConfig
 from mft_core.data.render import MFTCoderTemplate, Template, TokenizerChatTemplate, make_template
-from mft_core.eval.execute import ExecutionConfig, ToolchainMissing, execute_samples, missing_toolchain
+from mft_core.console import Throttle, announce
+from mft_core.eval.execute import ExecutionConfig, ToolchainMissing, execute_samples, missing_toolchain, read_results
 from mft_core.eval.passk import pass_at_k_table
 from mft_core.benchmark import FETCH_COMMAND
 from mft_core.eval.problems import (LANGUAGES, Problem, ProblemDataError, language_of_task,
@@ -69,7 +70,7 @@ TEMPLATE = "template.json"
 MODELS = ("base", "finetuned")  # report order: before, after
 MODEL_LABELS = {"base": "base", "finetuned": "fine-tuned"}
 
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, int, str], None]  # (samples done, total, the console's progress line)
 
 
 # ----------------------------------------------------------------------------- key
@@ -90,13 +91,19 @@ def select_evaluation_problems(cfg: PipelineConfig) -> list[Problem]:
         raise ProblemDataError(f"no benchmark data for evaluate.languages {list(settings.languages)}: "
                                f"{cfg.benchmark().describe()}; run `{FETCH_COMMAND}` with network")
     if skipped:
-        log.warning("evaluate: no HumanEval-X data for %s (%s); run `%s` to evaluate them",
-                    ", ".join(skipped), cfg.benchmark().describe(), FETCH_COMMAND)
+        _warn_skipped_once(tuple(skipped), cfg.benchmark().describe())
     task_ids = settings.task_ids
     if task_ids:
         task_ids = [task_id for task_id in task_ids if language_of_task(task_id) in languages]
     return select_problems(languages=languages, task_ids=task_ids, limit=settings.limit,
                            humaneval_dir=cfg.humaneval_dir)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_skipped_once(skipped: tuple[str, ...], source: str) -> None:
+    """Once per process: the key, the preflight and the stage all select the problems."""
+    log.warning("evaluate: no HumanEval-X data for %s (%s); run `%s` to evaluate them",
+                ", ".join(skipped), source, FETCH_COMMAND)
 
 
 def problems_digest(problems: list[Problem]) -> str:
@@ -225,8 +232,7 @@ def run_evaluate(cfg: PipelineConfig, merge_dir: Path, out_dir: Path, progress: 
         folders["base"] = resolve_model(cfg.model.path, cfg.runs_root)
     modes = prompt_modes(settings)
     sampling = generation_settings(settings)
-    total = 2 * len(problems) * settings.samples_per_problem * len(folders)  # generated, then executed
-    counter = _ProgressCounter(progress, total)
+    counter = _EvalProgress(progress, problems, settings.samples_per_problem, len(folders))
     chat_tokenizer = functools.cache(lambda: load_tokenizer(finetuned_folder))  # loaded on first use
 
     def renderer(mode: str) -> Callable[[Problem, Any], RenderedPrompt]:
@@ -237,25 +243,26 @@ def run_evaluate(cfg: PipelineConfig, merge_dir: Path, out_dir: Path, progress: 
             return render_prompt_for(problem, "chat", chat_tokenizer(), template, eos_id)
         return render
 
-    log.info("evaluate: %d problems (%s), %d sample(s) each; models: %s", len(problems),
-             ", ".join(f"{lang} {sum(p.language == lang for p in problems)}" for lang in languages),
-             settings.samples_per_problem, ", ".join(f"{MODEL_LABELS[t]} ({modes[t]} prompts)" for t in folders))
-    counter.add(sum(1 for r in read_generations(out_dir / GENERATIONS) if r["model"] in folders))
+    announce(log, "evaluate", f"start: {len(problems)} problem(s) ("
+             + ", ".join(f"{lang} {sum(p.language == lang for p in problems)}" for lang in languages)
+             + f"), {settings.samples_per_problem} sample(s) each; "
+             + ", ".join(f"{MODEL_LABELS[t]} ({modes[t]} prompts)" for t in folders))
     model_runs: dict[str, dict[str, Any]] = {}
     for tag, folder in folders.items():
+        counter.begin(tag, "generated", [r for r in read_generations(out_dir / GENERATIONS) if r["model"] == tag])
         started = time.perf_counter()
         run = generate_to_file(
             out_dir / GENERATIONS, tag, lambda folder=folder: load_generation_model(folder, cfg.train.precision, eos_id),
             problems, modes[tag], sampling, renderer(modes[tag]), threads=cfg.train.threads,
-            on_record=lambda _record: counter.add(1))
+            on_batch=counter.add)
         generated_s = time.perf_counter() - started
         gc.collect()  # the model is gone; its memory goes to the executors
         results_path = out_dir / EXECUTION_DIR / f"{tag}.jsonl"
-        counter.add(_count_lines(results_path))
+        counter.begin(tag, "executed", list(read_results(results_path).values()))
         started = time.perf_counter()
         # The stored generation is already truncated (truncation is idempotent, but say what is meant).
         results = execute_samples(run.records, results_path, problems=problems, config=execution_config(settings, cfg.runs_root),
-                                  truncate=False, on_result=lambda _record: counter.add(1))
+                                  truncate=False, on_result=lambda record: counter.add([record]))
         model_runs[tag] = {"folder": folder, "mode": modes[tag], "generation": run.stats, "results": results,
                            "generate_wall_s": round(generated_s, 3), "execute_wall_s": round(time.perf_counter() - started, 3)}
         log.info("%s: %s", MODEL_LABELS[tag], _average_line(pass_at_k_table(results, settings.ks), settings.ks))
@@ -267,18 +274,42 @@ def run_evaluate(cfg: PipelineConfig, merge_dir: Path, out_dir: Path, progress: 
     return summary
 
 
-class _ProgressCounter:
-    def __init__(self, callback: Progress | None, total: int):
-        self.callback, self.total, self.done = callback, total, 0
+class _EvalProgress:
+    """Samples generated, then executed, per model and language: a throttled console line per
+    phase (`fine-tuned: generated python 2/2, cpp 1/2, ...`; `executed ... (1 passed)`), which
+    also goes to the stage's progress callback with the samples done of the whole stage."""
 
-    def add(self, count: int) -> None:
-        self.done = min(self.total, self.done + count)
-        if self.callback and count:
-            self.callback(self.done, self.total)
+    def __init__(self, callback: Progress | None, problems: list[Problem], samples_per_problem: int, models: int):
+        self.callback = callback
+        per_language = Counter(p.language for p in problems)
+        self.expected = {lang: per_language[lang] * samples_per_problem for lang in LANGUAGES if per_language[lang]}
+        self.total = 2 * sum(self.expected.values()) * models  # generated, then executed
+        self.done = 0
 
+    def begin(self, tag: str, verb: str, finished: list[dict[str, Any]]) -> None:
+        """A new phase; `finished`: its records from an interrupted earlier run."""
+        self.label, self.verb, self.throttle = MODEL_LABELS[tag], verb, Throttle()
+        self.counts: Counter = Counter(record["language"] for record in finished)
+        self.passed: Counter = Counter(record["language"] for record in finished if record.get("passed"))
+        self.done += len(finished)
 
-def _count_lines(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.is_file() else 0
+    def add(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self.counts[record["language"]] += 1
+            self.passed[record["language"]] += bool(record.get("passed"))
+        self.done += len(records)
+        if self.throttle.due(sum(self.counts.values()), sum(self.expected.values())):
+            line = self.line()
+            announce(log, "evaluate", line)
+            if self.callback:
+                self.callback(min(self.done, self.total), self.total, line)
+
+    def line(self) -> str:
+        parts = []
+        for lang, expected in self.expected.items():
+            passed = f" ({self.passed[lang]} passed)" if self.verb == "executed" and self.counts[lang] else ""
+            parts.append(f"{lang} {self.counts[lang]}/{expected}{passed}")
+        return f"{self.label}: {self.verb} " + ", ".join(parts)
 
 
 def _write_results(path: Path, results: dict[str, list[dict[str, Any]]]) -> None:

@@ -20,13 +20,34 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from mft_core.config import TrainConfig
 
 log = logging.getLogger("mft.train")
 
-PROGRESS = re.compile(r"^progress step=(\d+) total=(\d+)")
+# The trainer's report after each optimizer step (step 0: before the first; no loss yet).
+PROGRESS = re.compile(r"^progress step=(\d+) total=(\d+)(?: loss=(\S+) tokens_per_s=(\S+))?")
+# A warning or error of our own code in the trainer (its log format: "LEVEL name: message"): the
+# console shows it; the rest of the trainer's output (libraries' warnings too) goes to the run log.
+OWN_PROBLEM = re.compile(r"^(WARNING|ERROR|CRITICAL) mft[\w.]*: ")
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int
+    total: int
+    loss: float | None = None
+    tokens_per_s: float | None = None
+
+
+def parse_progress(line: str) -> StepReport | None:
+    match = PROGRESS.match(line)
+    if match is None:
+        return None
+    step, total, loss, speed = match.groups()
+    return StepReport(int(step), int(total), float(loss) if loss else None, float(speed) if speed else None)
 
 
 class TrainerFailed(RuntimeError):
@@ -134,9 +155,10 @@ def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool) -> tuple[list[
 
 
 def run_trainer(argv: list[str], env: dict[str, str], log_path: Path,
-                on_progress: Callable[[int, int], None] | None = None) -> None:
-    """Run the trainer, streaming its output line by line into the log (and `log_path`);
-    a non-zero exit raises TrainerFailed with the tail of the output."""
+                on_progress: Callable[[StepReport], None] | None = None) -> None:
+    """Run the trainer, streaming its output line by line into the log (and `log_path`), its
+    progress reports into `on_progress`; a non-zero exit raises TrainerFailed with the tail of the
+    output."""
     log.info("launching trainer: %s", " ".join(argv))
     tail: collections.deque[str] = collections.deque(maxlen=40)
     # Not a new session: cancelling the flow run kills the worker's process group, trainer included.
@@ -148,10 +170,11 @@ def run_trainer(argv: list[str], env: dict[str, str], log_path: Path,
                 line = line.rstrip("\n")
                 log_file.write(line + "\n")
                 tail.append(line)
-                match = PROGRESS.match(line)
-                if match and on_progress is not None:
-                    on_progress(int(match.group(1)), int(match.group(2)))
-                log.info("[trainer] %s", line)
+                problem = OWN_PROBLEM.match(line)
+                log.log(logging.getLevelName(problem.group(1)) if problem else logging.INFO, "[trainer] %s", line)
+                report = parse_progress(line)
+                if report is not None and on_progress is not None:
+                    on_progress(report)
         except BaseException:
             proc.kill()
             raise

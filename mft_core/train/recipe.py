@@ -290,8 +290,9 @@ def main(work_dir: Path) -> None:
             })
             if balancer is not None and balancer.should_update(state["step"]):
                 balancer.update(state["step"], coba_measure())
-            if is_main:
-                print(f"progress step={state['step']} total={int(total_steps)}", flush=True)
+            if is_main:  # the stage turns it into the live line (step, loss, tokens/s, time left)
+                print(f"progress step={state['step']} total={int(total_steps)} loss={objective.item():.6g} "
+                      f"tokens_per_s={input_tokens / max(now - tick, 1e-9):.1f}", flush=True)
 
             last_step = state["step"] >= total_steps
             if valid_batches is not None and (state["step"] % cfg.eval_every == 0 or last_step):

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from mft_core.config import PipelineConfig
+from mft_core.console import TrainingProgress, announce
 from mft_core.hub import snapshot_of
 from mft_core.modeling import resolve_model
 from mft_core.store import FileHashCache
-from mft_core.train.launch import cuda_available, run_trainer, trainer_command
+from mft_core.train.launch import StepReport, cuda_available, run_trainer, trainer_command
 
 log = logging.getLogger("mft.train")
 
@@ -54,8 +55,25 @@ def train_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[st
     return section, [f"model:{model_digest(model_dir, hashes)}"]
 
 
+def describe_training(cfg: PipelineConfig, precision: str) -> str:
+    """The start line: `16 steps, LoRA r16 on smollm2-135m-instruct, fp32, 1 process`."""
+    train, launch = cfg.train, cfg.train.launch
+    length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs} epoch(s)"
+    if train.method == "full":
+        method = "full fine-tuning"
+    else:
+        method = f"{'Q' if train.method == 'qlora' else ''}{'DoRA' if train.lora.dora else 'LoRA'} r{train.lora.r}"
+    processes = launch.num_processes * launch.num_machines
+    where = f"{processes} process{'es' if processes > 1 else ''}"
+    if launch.backend == "deepspeed":
+        where += f" (DeepSpeed ZeRO-{launch.zero_stage})"
+    elif launch.backend == "fsdp":
+        where += " (FSDP)"
+    return f"{length}, {method} on {cfg.model.path}, {precision}, {where}"
+
+
 def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
-              on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+              on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     model_dir = resolve_model(cfg.model.path, cfg.runs_root)
     weights = {t.task_name: t.weight for t in cfg.data.tasks}
     tasks = [{"name": t["name"], "id": t["id"], "weight": weights[t["name"]]} for t in _tokenized_tasks(tokenize_dir)]
@@ -77,7 +95,17 @@ def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
     }
     job_file.write_text(json.dumps(job, indent=1) + "\n")
     argv, env = trainer_command(cfg.train, work_dir, precision == "bf16")
-    run_trainer(argv, env, work_dir / "train.log", on_progress)
+    announce(log, "train", "start: " + describe_training(cfg, precision))
+    progress = TrainingProgress()
+
+    def on_report(report: StepReport) -> None:
+        line = progress.update(report.step, report.total, report.loss, report.tokens_per_s)
+        if line is not None:
+            announce(log, "train", line)
+            if on_progress is not None:
+                on_progress(report.step, report.total, line)
+
+    run_trainer(argv, env, work_dir / "train.log", on_report)
     for required in ("model", "train_summary.json", "metrics.jsonl"):
         if not (work_dir / required).exists():
             raise RuntimeError(f"the trainer exited 0 but wrote no {required} in {work_dir}")

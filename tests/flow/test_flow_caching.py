@@ -2,6 +2,7 @@
 stale outputs, stage selection, artifacts."""
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -63,6 +64,15 @@ def run_flow(config: Path, **params):
     return state, task_states
 
 
+def progress_descriptions(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {artifact.key: artifact.description for artifact in artifacts if artifact.type == "progress"}
+
+
 def test_second_run_is_cached_and_a_changed_raw_file_recomputes(prefect_api, project):
     config = project()
     state, tasks = run_flow(config)
@@ -70,6 +80,10 @@ def test_second_run_is_cached_and_a_changed_raw_file_recomputes(prefect_api, pro
                                               "merge": "Completed", "evaluate": "Completed"}
     first = state.result()
     assert all((Path(d) / "_SUCCESS").exists() for d in first.values())
+    # The progress artifacts carry the console's progress line as their description.
+    progress = progress_descriptions(state.state_details.flow_run_id)
+    assert re.fullmatch(r"step 2/2: loss [\d.]+, \d+ tokens/s", progress["train-progress"])
+    assert re.fullmatch(r"fine-tuned: executed python 1/1 \(\d passed\)", progress["evaluate-progress"])
 
     state, tasks = run_flow(config)
     assert state.is_completed() and tasks == {"ingest": "Cached", "tokenize": "Cached", "train": "Cached",

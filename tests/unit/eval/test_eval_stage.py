@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -155,7 +156,10 @@ def test_stage_end_to_end(tmp_path, tiny_llama_dir):
     assert sorted(p.name for p in out.iterdir()) == ["execution", "generations.jsonl", "report.md", "results.jsonl",
                                                      "summary.json"]
     assert json.loads((out / "summary.json").read_text()) == summary
-    assert seen[-1] == (8, 8) and [done for done, _ in seen] == sorted(done for done, _ in seen)
+    assert seen[-1][:2] == (8, 8) and [done for done, *_ in seen] == sorted(done for done, *_ in seen)
+    # The console's line goes with it: per model and language, done/total (and passed once executed).
+    assert re.fullmatch(r"base: executed python 2/2 \(\d passed\)", seen[-1][2])
+    assert any(line == "fine-tuned: generated python 2/2" for *_, line in seen)
 
     generations = read_jsonl(out / "generations.jsonl")
     assert sorted((g["model"], g["task_id"]) for g in generations) == [

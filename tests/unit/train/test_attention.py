@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mft_core.data.pack import build_packed_row
 from mft_core.train.attention import packed_segments
 from tests.unit.train.test_model_families import COMMON, FAMILIES, load, packed_batch
 
