@@ -4,6 +4,8 @@
   mft config reference                               every key, its default and effect (markdown)
   mft run [--stages a,b] [--force a] [--set k=v]     run the flow in-process (Prefect, embedded DB)
   mft ingest [--force] [--set k=v]                    run one stage without Prefect (each stage has one)
+  mft status [--config F] [--json]                    each stage's key, output (complete, partial, missing), size
+  mft gc [--config F] [--delete]                      stage outputs no config or deployment refers to
   mft data demo --out DIR                             build the embedded demo data set
   mft data humaneval-x                                download HumanEval-X (pinned, checked) into the HF cache
   mft eval selfcheck | score                          HumanEval-X toolchain check / scoring
@@ -91,6 +93,35 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from mft_core.status import format_status, pipeline_status
+
+    cfg = load_config(args.config, _overrides(args.overrides))
+    statuses = pipeline_status(cfg)
+    if args.json:
+        print(json.dumps({"config": args.config, "runs_root": str(cfg.runs_root),
+                          "stages": [s.to_json() for s in statuses]}, indent=1))
+    else:
+        print(format_status(statuses, args.config, cfg.runs_root), end="")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from mft_core.gc import delete, format_plan, partial_of, plan_gc
+
+    plan = plan_gc(Path.cwd(), args.config)
+    if args.delete and plan.unloadable:
+        print(format_plan(plan, deleted=False), end="")
+        print("mft: error: not deleting anything while a config does not load (its outputs are unknown)", file=sys.stderr)
+        return 2
+    if args.delete:
+        _freed, skipped = delete(plan)
+        plan.garbage = [g for g in plan.garbage if g not in skipped]
+        plan.in_use += [partial_of(g.output) for g in skipped]
+    print(format_plan(plan, deleted=args.delete), end="")
+    return 0
+
+
 def cmd_data_demo(args: argparse.Namespace) -> int:
     from mft_core.data.demo import build_demo_data
 
@@ -135,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(stage)
         stage.add_argument("--force", action="store_true", help="recompute even if the output exists")
         stage.set_defaults(func=cmd_stage, stage=name)
+
+    status = sub.add_parser("status", help="each stage's key for the config and the state of its output")
+    _add_config_args(status)
+    status.add_argument("--json", action="store_true", help="print it as JSON")
+    status.set_defaults(func=cmd_status)
+    gc = sub.add_parser("gc", help="list (dry run) or --delete the stage outputs no config or deployment refers to")
+    gc.add_argument("--config", help="a config to keep besides pipeline.yaml, configs/*.yaml and prefect.yaml's deployments")
+    gc.add_argument("--delete", action="store_true", help="remove them (default: only list them)")
+    gc.set_defaults(func=cmd_gc)
 
     data = sub.add_parser("data", help="data utilities").add_subparsers(dest="action", required=True)
     demo = data.add_parser("demo", help="mine the demo tasks from the Python standard library")

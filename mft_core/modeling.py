@@ -100,6 +100,17 @@ def resolve_model(path_or_alias: str, cache_root: Path) -> Path:
     )
 
 
+def conversion_pending(path_or_alias: str, cache_root: Path) -> bool:
+    """Whether resolve_model would first convert a GGUF (tens of seconds): `mft status` does not."""
+    cache_root = Path(cache_root).expanduser()
+    path = Path(path_or_alias).expanduser()
+    if path_or_alias == SMOLLM2_ALIAS:
+        path = find_smollm2_gguf()
+    elif not (path.is_file() and path.suffix.lower() == ".gguf"):
+        return False
+    return not (cache_root / "models" / _gguf_cache_key(path.resolve(), cache_root) / CONVERSION_MARKER).is_file()
+
+
 def resolve_tokenizer_folder(path_or_alias: str, cache_root: Path) -> Path:
     """Return a folder holding the tokenizer of a model reference, converting as little as possible.
 

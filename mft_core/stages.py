@@ -87,13 +87,19 @@ STAGES: dict[str, Stage] = {
 STAGE_ORDER: list[str] = list(STAGES)
 
 
-def compute_key(cfg: PipelineConfig, name: str, upstream_dir: Path | None) -> str:
+def key_components(cfg: PipelineConfig, name: str, upstream_dir: Path | None) -> dict[str, Any]:
+    """What the stage key hashes, as `store.stage_key`'s arguments (kept beside each output as
+    key_parts.json, so that `mft status` can say why an output no longer matches the config)."""
     stage = STAGES[name]
     hashes = store.FileHashCache(cfg.runs_root)
     config_part, inputs = stage.key_parts(cfg, upstream_dir, hashes)
     if upstream_dir is not None:
         inputs = [f"upstream:{store.manifest_digest(upstream_dir)}", *inputs]
-    return store.stage_key(name, stage.version, config_part, inputs)
+    return {"stage": name, "version": stage.version, "config": config_part, "inputs": inputs}
+
+
+def compute_key(cfg: PipelineConfig, name: str, upstream_dir: Path | None) -> str:
+    return store.stage_key(**key_components(cfg, name, upstream_dir))
 
 
 def upstream_of(cfg: PipelineConfig, name: str) -> Path | None:
@@ -125,7 +131,8 @@ def run_stage(cfg: PipelineConfig, name: str, upstream_dir: Path | None = None, 
     stage = STAGES[name]
     if upstream_dir is None and stage.upstream is not None:
         upstream_dir = locate_stage(cfg, stage.upstream)
-    key = compute_key(cfg, name, upstream_dir)
+    parts = key_components(cfg, name, upstream_dir)
+    key = store.stage_key(**parts)
     resolved = {"stage": name, "stage_version": stage.version, "config": cfg.model_dump(mode="json")}
     started = time.monotonic()
     run = store.build_stage(
@@ -134,6 +141,7 @@ def run_stage(cfg: PipelineConfig, name: str, upstream_dir: Path | None = None, 
         key,
         lambda work: stage.build(cfg, upstream_dir, work, progress),
         config_copy=resolved,
+        key_parts=parts,
         force=force,
         resumable=stage.resumable,
     )

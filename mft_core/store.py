@@ -34,7 +34,9 @@ log = logging.getLogger("mft.store")
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
 CONFIG_COPY = "config.json"
+KEY_PARTS = "key_parts.json"  # what the key hashed (stage, version, config, inputs): `mft status` compares them
 KEY_LENGTH = 16
+PREFECT_RESULTS = ".prefect-results"  # Prefect's result records of the stage tasks, named by the full key
 _HASH_CACHE = ".file-hashes.json"
 
 
@@ -108,9 +110,10 @@ def write_manifest(directory: Path, stage: str, key: str) -> dict:
     files = []
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = path.relative_to(directory).as_posix()
-        if rel in (MANIFEST, SUCCESS, CONFIG_COPY):
+        if rel in (MANIFEST, SUCCESS, CONFIG_COPY, KEY_PARTS):
             # config.json holds machine-specific absolute paths; its content is in the key already,
             # and leaving it out keeps downstream keys independent of the checkout's location.
+            # key_parts.json is the key itself, spelled out: it adds nothing a downstream key needs.
             continue
         files.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
     manifest = {"stage": stage, "key": key, "files": files}
@@ -130,6 +133,36 @@ def exclusive_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def lock_held(lock_path: Path) -> bool:
+    """Whether another process holds `lock_path` (exclusive_lock) right now."""
+    try:
+        fh = open(lock_path)
+    except FileNotFoundError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+
+@contextlib.contextmanager
+def lock_or_skip(lock_path: Path) -> Iterator[bool]:
+    """exclusive_lock without waiting: yields False (and holds nothing) when another process has it."""
+    with open(lock_path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -158,6 +191,7 @@ def build_stage(
     build: Callable[[Path], Any],
     *,
     config_copy: Any = None,
+    key_parts: dict[str, Any] | None = None,
     force: bool = False,
     resumable: bool = False,
 ) -> StageRun:
@@ -165,6 +199,7 @@ def build_stage(
 
     `resumable`: keep what an interrupted earlier build left in the work directory (the stage
     itself must know how to continue from it); otherwise start from an empty directory.
+    `key_parts`: the arguments of `stage_key` that gave `key`, written beside the output.
     """
     final = stage_dir(runs_root, stage, key)
     with exclusive_lock(final.with_name(final.name + ".lock")):
@@ -177,6 +212,8 @@ def build_stage(
         build(work)
         if config_copy is not None:
             (work / CONFIG_COPY).write_text(json.dumps(config_copy, indent=1, default=str) + "\n")
+        if key_parts is not None:
+            (work / KEY_PARTS).write_text(json.dumps(key_parts, indent=1, default=str) + "\n")
         write_manifest(work, stage, key)
         (work / SUCCESS).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
         _fsync_dir(work)

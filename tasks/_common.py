@@ -18,7 +18,7 @@ from mft_core.config import PipelineConfig
 from mft_core.console import MFT_LOGGERS, on_console
 from mft_core.stages import compute_key
 
-RESULTS_DIR = ".prefect-results"
+RESULTS_DIR = store.PREFECT_RESULTS
 
 
 def results_dir(cfg: PipelineConfig) -> Path:

@@ -1,0 +1,143 @@
+"""`mft status` and `mft gc` on real stage outputs of a tiny project: keys and their recorded
+components, complete / partial / building outputs (a real trainer, killed), what differs when the
+config or a raw file changed, and garbage collection that never touches what a config refers to
+or what a running build writes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mft_core import store
+from mft_core.cli import main
+from mft_core.config import load_config
+from mft_core.stages import run_stage
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_project(root: Path, model_dir: Path, **train) -> Path:
+    for name in ("alpha", "beta"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "d.jsonl").write_text("".join(
+            json.dumps({"prompt": f"{name} question {i} " + "word " * (i % 9), "answer": f"answer {i}"}) + "\n"
+            for i in range(40)))
+    config = {
+        "runs_root": "runs",
+        "data": {"tasks": [{"path": "alpha"}, {"path": "beta"}]},
+        "model": {"path": str(model_dir)},
+        "ingest": {"decontaminate": {"enabled": False}, "min_valid": 3},
+        "tokenize": {"seq_length": 64, "num_workers": 1},
+        "train": {"max_steps": 4, "warmup_steps": 0, "grad_accum": 1, "eval_every": 100, "checkpoint_every": 2,
+                  "precision": "fp32", "threads": 1, **train},
+    }
+    (root / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    # gc's other sources of configs: none here but pipeline.yaml, and a deployment naming it.
+    (root / "prefect.yaml").write_text(yaml.safe_dump({"deployments": [{"name": "default", "parameters": {"config": "pipeline.yaml"}}]}))
+    return root / "pipeline.yaml"
+
+
+def status_json(capsys, config: Path, *sets: str) -> dict[str, dict]:
+    args = ["status", "--config", str(config), "--json"] + [item for s in sets for item in ("--set", s)]
+    assert main(args) == 0
+    return {s["stage"]: s for s in json.loads(capsys.readouterr().out)["stages"]}
+
+
+def test_key_parts_are_written_beside_each_output_and_stay_out_of_the_manifest(tmp_path, tiny_llama_dir):
+    cfg = load_config(write_project(tmp_path, tiny_llama_dir))
+    for name in ("ingest", "tokenize"):
+        out = run_stage(cfg, name).directory
+        parts = json.loads((out / store.KEY_PARTS).read_text())
+        manifest = json.loads((out / store.MANIFEST).read_text())
+        assert store.stage_key(**parts) == manifest["key"]  # the components are exactly what was hashed
+        assert store.KEY_PARTS not in {f["path"] for f in manifest["files"]}  # downstream keys unaffected
+
+
+def test_status_of_complete_missing_and_changed_outputs(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = write_project(tmp_path, tiny_llama_dir)
+    fresh = status_json(capsys, config)
+    assert fresh["ingest"]["state"] == "missing" and fresh["ingest"]["key"]
+    assert fresh["tokenize"]["state"] == "waiting" and fresh["tokenize"]["key"] is None
+
+    cfg = load_config(config)
+    ingest_dir = run_stage(cfg, "ingest").directory
+    run_stage(cfg, "tokenize")
+    done = status_json(capsys, config)
+    assert done["ingest"]["state"] == done["tokenize"]["state"] == "complete"
+    assert done["ingest"]["directory"] == str(ingest_dir) and done["ingest"]["size_bytes"] > 1000
+    assert done["ingest"]["built"].endswith("UTC") and done["ingest"]["other"] is None
+    assert done["train"]["state"] == "missing" and done["train"]["key"]
+
+    # Another setting: ingest's newest output has another key, and the status says which component.
+    changed = status_json(capsys, config, "ingest.valid_fraction=0.2")
+    assert changed["ingest"]["state"] == "missing"
+    assert changed["ingest"]["other"]["key16"] == ingest_dir.name
+    assert changed["ingest"]["other"]["differences"] == ["config ingest.valid_fraction: 0.05 -> 0.2"]
+
+    # A raw file changed in place: the input is named.
+    with open(tmp_path / "beta" / "d.jsonl", "a") as fh:
+        fh.write(json.dumps({"prompt": "one more", "answer": "record"}) + "\n")
+    assert status_json(capsys, config)["ingest"]["other"]["differences"] == ["input beta/d.jsonl: content changed"]
+
+    assert main(["status", "--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "input beta/d.jsonl: content changed" in text and f"newest ingest output is another key, {ingest_dir.name}" in text
+
+
+@pytest.mark.slow
+def test_training_in_progress_then_killed_and_gc_around_it(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = write_project(tmp_path, tiny_llama_dir, max_steps=400, epochs=50)
+    cfg = load_config(config)
+    run_stage(cfg, "ingest")
+    run_stage(cfg, "tokenize")
+    train_root = tmp_path / "runs" / "train"
+    proc = subprocess.Popen([sys.executable, "-m", "mft_core.cli", "train", "--config", str(config)],
+                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not list(train_root.glob("*.partial/checkpoints/step-0000002/COMPLETE")):
+            assert proc.poll() is None and time.time() < deadline, "the trainer never wrote checkpoint 2"
+            time.sleep(0.05)
+        running = status_json(capsys, config)["train"]
+        assert running["state"] == "building"  # the trainer's run holds the key's lock
+        assert running["progress"].startswith("step ") and " of 400" in running["progress"]
+
+        # pipeline.yaml now asks for fewer steps: the run in progress belongs to no config, but its
+        # lock is held, so gc keeps it; ingest and tokenize are still this config's.
+        config.write_text(config.read_text().replace("max_steps: 400", "max_steps: 3"))
+        assert main(["gc", "--delete"]) == 0
+        out = capsys.readouterr().out
+        assert "Nothing to remove" in out and f"kept, a run is writing it: {Path(running['directory'])}" in out
+        assert Path(running["directory"]).is_dir()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    config.write_text(config.read_text().replace("max_steps: 3", "max_steps: 400"))
+    killed = status_json(capsys, config)["train"]
+    assert killed["state"] == "partial"
+    step = int(killed["progress"].split()[1])
+    newest = max(int(p.parent.name.split("-")[1]) for p in train_root.glob("*.partial/checkpoints/step-*/COMPLETE"))
+    assert step >= newest >= 2
+    assert f"step {step} of 400, newest checkpoint step-{newest:07d} ({newest} steps: a rerun resumes there)" == killed["progress"]
+
+    # Dry run by default: listed with its size, nothing removed; --delete removes it (and its lock).
+    config.write_text(config.read_text().replace("max_steps: 400", "max_steps: 3"))
+    assert main(["gc"]) == 0
+    out = capsys.readouterr().out
+    key16 = Path(killed["directory"]).name.split(".")[0]
+    assert f"train  {key16}  partial" in out and "Dry run" in out
+    assert "ingest" not in out.split("Referring configs")[0]  # still referred to
+    assert Path(killed["directory"]).is_dir()
+    assert main(["gc", "--delete"]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert sorted(p.name for p in train_root.iterdir()) == []
+    assert status_json(capsys, config)["ingest"]["state"] == "complete"
