@@ -42,6 +42,9 @@ class Stage:
     # (cfg, upstream dir or None, work dir, progress callback or None) -> stats (JSON-able)
     build: Callable[[PipelineConfig, Path | None, Path, Progress | None], dict[str, Any]]
     resumable: bool = False
+    # Files of the output that describe how the run went, not what it produced (store.manifest_digest):
+    # left out of the keys of the stages after it.
+    context_files: tuple[str, ...] = ()
 
 
 STAGES: dict[str, Stage] = {
@@ -67,6 +70,8 @@ STAGES: dict[str, Stage] = {
         key_parts=lambda cfg, _up, hashes: train_stage.train_key_parts(cfg, hashes),
         build=lambda cfg, up, work, progress: train_stage.run_train(cfg, up, work, progress),
         resumable=True,  # checkpoints survive a crash; the rerun resumes from the newest
+        # step times, tokens/s, memory and TensorBoard's event files (named by time and host)
+        context_files=("metrics.jsonl", "tensorboard/*", "loss_curves.png"),
     ),
     "merge": Stage(
         name="merge",
@@ -94,7 +99,8 @@ def key_components(cfg: PipelineConfig, name: str, upstream_dir: Path | None) ->
     hashes = store.FileHashCache(cfg.runs_root)
     config_part, inputs = stage.key_parts(cfg, upstream_dir, hashes)
     if upstream_dir is not None:
-        inputs = [f"upstream:{store.manifest_digest(upstream_dir)}", *inputs]
+        context = STAGES[stage.upstream].context_files if stage.upstream else ()
+        inputs = [f"upstream:{store.manifest_digest(upstream_dir, context)}", *inputs]
     return {"stage": name, "version": stage.version, "config": config_part, "inputs": inputs}
 
 

@@ -17,6 +17,7 @@ serialize on `<key16>.lock` (fcntl): the second one finds the first one's output
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import fcntl
 import hashlib
 import json
@@ -101,9 +102,16 @@ def is_complete(directory: Path) -> bool:
     return (directory / SUCCESS).is_file()
 
 
-def manifest_digest(directory: Path) -> str:
-    """What a downstream key hashes: the upstream manifest (file names, sizes, sha256)."""
-    return hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
+def manifest_digest(directory: Path, context_files: Iterable[str] = ()) -> str:
+    """What a downstream key hashes: the upstream manifest (its key, file names, sizes, sha256),
+    without the `context_files` (fnmatch patterns): what describes how the run went (timings,
+    logs, plots of them) rather than what it produced, so that a forced rebuild with the same
+    results leaves every downstream key as it was."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    patterns = tuple(context_files)
+    manifest["files"] = [entry for entry in manifest["files"]
+                         if not any(fnmatch.fnmatch(entry["path"], pattern) for pattern in patterns)]
+    return hashlib.sha256(canonical_json(manifest).encode()).hexdigest()
 
 
 def write_manifest(directory: Path, stage: str, key: str) -> dict:

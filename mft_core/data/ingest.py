@@ -307,10 +307,9 @@ def benchmark_digest(cfg: PipelineConfig) -> str:
 def ingest_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[str, Any], list[str]]:
     """(config part, input content digests) of the ingest stage key. Paths enter only relative to
     their task, so moving the project does not change the key; file content always does."""
-    config = {
-        "ingest": cfg.stage_section("ingest"),
-        "tasks": [t.task_name for t in cfg.data.tasks],
-    }
+    section = cfg.stage_section("ingest")
+    section.pop("row_group_size")  # how the Parquet files are cut, not what they hold
+    config = {"ingest": section, "tasks": [t.task_name for t in cfg.data.tasks]}
     inputs = [f"benchmark:{benchmark_digest(cfg)}"]
     for task in cfg.data.tasks:
         root = task.path

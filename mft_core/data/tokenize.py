@@ -213,10 +213,12 @@ def tokenizer_folder(cfg: PipelineConfig) -> Path:
 
 
 def tokenize_key_parts(cfg: PipelineConfig) -> tuple[dict[str, Any], list[str]]:
-    """The key: the tokenize section without num_workers (the output does not depend on it) and
-    the tokenizer's content hash (not its path)."""
+    """The key: the tokenize section without num_workers and shard_size_mb (the samples, their
+    order and their tokens do not depend on them: only how they are cut into files) and the
+    tokenizer's content hash (not its path)."""
     section = cfg.stage_section("tokenize")
     section.pop("num_workers")
+    section.pop("shard_size_mb")
     return section, [f"tokenizer:{tokenizer_content_hash(tokenizer_folder(cfg))}"]
 
 

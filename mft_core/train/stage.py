@@ -50,6 +50,19 @@ def train_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[st
         section.pop(key)
     for key in _LAUNCH_NOT_IN_KEY:
         section["launch"].pop(key)
+    # Settings that have no effect in the chosen mode stay out of the key (they are kept beside the
+    # output, in config.json): changing them must not retrain.
+    train = cfg.train
+    if train.loss not in ("focal_sample", "focal_task"):
+        section.pop("focal_gamma")
+    if train.loss != "coba":
+        section.pop("coba")
+    if train.sampling != "temperature":
+        section.pop("sampling_alpha")
+    if train.launch.backend != "deepspeed":
+        section["launch"].pop("zero_stage")
+    if train.method == "full":
+        section.pop("lora")
     section["task_weights"] = {t.task_name: t.weight for t in cfg.data.tasks}
     model_dir = resolve_model(cfg.model.path, cfg.runs_root)
     return section, [f"model:{model_digest(model_dir, hashes)}"]
