@@ -11,7 +11,8 @@
 #   --runs-from CHECKOUT  copy CHECKOUT/runs into the clone first: a moved checkout reuses every
 #                stage whose inputs are the same (stage keys hash content, never paths)
 #   --keep-home  run with your HOME (its pip, Hugging Face and test caches); by default HOME is a
-#                new empty folder DIR/home, as on a fresh machine
+#                new empty folder DIR/home, as on a fresh machine (the machine's environment,
+#                its CA certificates and proxies included, is kept: only our variables are dropped)
 #
 # Prints a table of what ran: command, exit status, minutes, and the line that sums it up.
 # The full output of each command is in DIR/<command>.log.
@@ -62,8 +63,14 @@ run_readme_command() {  # run_readme_command "make demo"
     local command="$1" log="$TARGET/${1// /-}.log" started status minutes summary
     echo "== $command (in $CLONE; log: $log)"
     started=$(date +%s)
-    # A new shell: only HOME, PATH, LANG and TERM come in; no MFT_*, HF_*, PREFECT_* of ours.
-    env -i HOME="$HOME_FOR_RUN" PATH="$PATH" LANG=C.UTF-8 TERM=dumb \
+    # A new shell of this machine: its environment (PATH, the registries' CA certificates, proxies)
+    # without anything of ours: no MFT_*, HF_*, PREFECT_*, virtualenv or PYTHONPATH.
+    local -a clean=()
+    local name
+    while IFS= read -r name; do
+        case "$name" in MFT_*|HF_*|HUGGINGFACE_*|PREFECT_*|VIRTUAL_ENV|PYTHONPATH|PYTHONHOME|OLDPWD) ;; *) clean+=("$name=${!name}") ;; esac
+    done < <(compgen -e)
+    env -i "${clean[@]}" HOME="$HOME_FOR_RUN" TERM=dumb \
         bash -c "cd '$CLONE' && $command" >"$log" 2>&1
     status=$?
     minutes=$(( ($(date +%s) - started + 30) / 60 ))
