@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor
 
 from mft_core.data.render import Template, render_prompt
 from mft_core.eval.assemble import generation_is_complete, mask_comments_and_strings, truncate_generation
@@ -318,35 +318,27 @@ def completion_from_output(problem: Problem, mode: str, text: str) -> str:
 # ----------------------------------------------------------------------------- generation pieces
 
 
-class StopWhenComplete(StoppingCriteria):
-    """Per row: stop once the output is complete for its problem (EOS is handled by generate).
+class StopWhenComplete:
+    """Per row: whether the output is complete for its problem (the stop rules; EOS is checked
+    by the decoding loop). `stopped_at[row]` is the number of generated tokens when the row was
+    judged complete."""
 
-    `stopped_at[row]` is the number of generated tokens when the row was judged complete.
-    """
-
-    def __init__(self, tokenizer, problems: Sequence[Problem], mode: str, prompt_width: int, stop_ids: set[int]):
+    def __init__(self, tokenizer, problems: Sequence[Problem], mode: str, stop_ids: set[int]):
         self.tokenizer = tokenizer
         self.problems = list(problems)
         self.mode = mode
-        self.prompt_width = prompt_width
         self.stop_ids = stop_ids
         self.stopped_at: dict[int, int] = {}
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        generated = input_ids[:, self.prompt_width:].tolist()
-        done = torch.zeros(len(generated), dtype=torch.bool, device=input_ids.device)
-        rows, texts = [], []
-        for row, ids in enumerate(generated):
-            if row in self.stopped_at:
-                done[row] = True
-            elif not self.stop_ids.intersection(ids):  # a row that ended at EOS is generate's business
-                rows.append(row)
-                texts.append(ids)
-        decoded = self.tokenizer.batch_decode(texts, skip_special_tokens=False) if texts else []
+    def complete(self, generated: dict[int, list[int]]) -> set[int]:
+        """The rows among `generated` (row -> its generated tokens) that are complete now."""
+        rows = [row for row, ids in generated.items() if not self.stop_ids.intersection(ids)]
+        decoded = self.tokenizer.batch_decode([generated[row] for row in rows], skip_special_tokens=False) if rows else []
+        done = set()
         for row, text in zip(rows, decoded):
             if output_is_complete(self.problems[row], self.mode, text):
                 self.stopped_at[row] = len(generated[row])
-                done[row] = True
+                done.add(row)
         return done
 
 
@@ -378,6 +370,12 @@ class SeededSampling(LogitsProcessor):
         gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
         return logits + gumbel
 
+    def keep(self, rows: Sequence[int]) -> None:
+        """Only these rows (indices into the current batch) go on: the others finished."""
+        self.seeds = [self.seeds[i] for i in rows]
+        if self.generators is not None:
+            self.generators = [self.generators[i] for i in rows]
+
 
 # ----------------------------------------------------------------------------- the model
 
@@ -401,7 +399,8 @@ class GenerationModel:
 
 
 def load_generation_model(folder: Path, precision: str = "auto", eos_id: int | None = None) -> GenerationModel:
-    """Load a HF model folder for generation: fp32 weights, bf16 autocast where training would use it.
+    """Load a HF model folder for generation in `precision` (the one training resolved): on a GPU
+    bf16 means bf16 weights; on a CPU fp32 weights under bf16 autocast, as training computed.
 
     The model's own generation_config (sampling defaults, repetition penalties) is replaced by an
     empty one: only the evaluate settings decide how it decodes. Its EOS ids are kept as stops.
@@ -415,7 +414,9 @@ def load_generation_model(folder: Path, precision: str = "auto", eos_id: int | N
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     tokenizer = load_tokenizer(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    precision = resolve_precision(precision, on_gpu)
+    dtype = torch.bfloat16 if on_gpu and precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     model.to(device).eval()
     if eos_id is None:
         eos_id, _ = resolve_special_tokens(tokenizer, model.config)
@@ -423,7 +424,7 @@ def load_generation_model(folder: Path, precision: str = "auto", eos_id: int | N
     own = model.generation_config.eos_token_id
     stop_ids.update(int(i) for i in (own if isinstance(own, (list, tuple)) else [own]) if i is not None)
     model.generation_config = GenerationConfig()
-    return GenerationModel(model, tokenizer, device, resolve_precision(precision, on_gpu), int(eos_id), stop_ids, folder)
+    return GenerationModel(model, tokenizer, device, precision, int(eos_id), stop_ids, folder)
 
 
 @contextmanager
@@ -454,7 +455,14 @@ class WorkItem:
 
 def generate_batch(gm: GenerationModel, items: Sequence[WorkItem], mode: str, settings: GenerationSettings,
                    stop_early: bool = True) -> list[dict[str, Any]]:
-    """Generate one left-padded batch; one record per item (without the model tag)."""
+    """Generate one left-padded batch; one record per item (without the model tag).
+
+    Our own decoding loop rather than `model.generate`: a row that is finished (EOS, or its stop
+    rule says the function is complete) leaves the batch at once, its key/value cache rows too,
+    so the remaining steps run on fewer rows; generate would keep computing every finished row
+    until the longest one ends. The cache is reused across steps; positions and masks follow the
+    left padding exactly as generate sets them, so each row's tokens are those it would get
+    alone (tested)."""
     pad_id = gm.eos_id
     width = max(len(item.prompt.ids) for item in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
@@ -462,30 +470,53 @@ def generate_batch(gm: GenerationModel, items: Sequence[WorkItem], mode: str, se
     for row, item in enumerate(items):  # left padding: every prompt ends at the same column
         input_ids[row, width - len(item.prompt.ids):] = torch.tensor(item.prompt.ids)
         attention[row, width - len(item.prompt.ids):] = 1
-    stopper = StopWhenComplete(gm.tokenizer, [item.problem for item in items], mode, width, gm.stop_ids)
-    processors = LogitsProcessorList()
-    if not settings.greedy:
-        processors.append(SeededSampling([sample_seed(settings.seed, item.problem.task_id, item.sample_index)
-                                          for item in items], settings.temperature, settings.top_p))
-    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=sorted(gm.stop_ids), pad_token_id=pad_id, use_cache=True)
+    watch = StopWhenComplete(gm.tokenizer, [item.problem for item in items], mode, gm.stop_ids)
+    sampler = None if settings.greedy else SeededSampling(
+        [sample_seed(settings.seed, item.problem.task_id, item.sample_index) for item in items],
+        settings.temperature, settings.top_p)
+    generated: list[list[int]] = [[] for _ in items]
+    stopped: dict[int, str] = {}
+    active = list(range(len(items)))  # rows still generating, in batch order
     started = time.perf_counter()
     with torch.no_grad(), gm.autocast():
-        output = gm.model.generate(input_ids=input_ids.to(gm.device), attention_mask=attention.to(gm.device),
-                                   generation_config=config, logits_processor=processors,
-                                   stopping_criteria=StoppingCriteriaList([stopper] if stop_early else []))
+        attention = attention.to(gm.device)
+        positions = (attention.cumsum(-1) - 1).clamp_min(0)
+        output = gm.model(input_ids=input_ids.to(gm.device), attention_mask=attention, position_ids=positions,
+                          use_cache=True)
+        cache = output.past_key_values
+        for _ in range(settings.max_new_tokens):
+            scores = output.logits[:, -1, :].float()
+            if sampler is not None:
+                scores = sampler(None, scores)
+            next_tokens = scores.argmax(-1)
+            for index, row in enumerate(active):
+                generated[row].append(int(next_tokens[index]))
+            finished = {row for row in active if generated[row][-1] in gm.stop_ids}
+            stopped.update((row, "eos") for row in finished)
+            if stop_early:
+                complete = watch.complete({row: generated[row] for row in active if row not in finished})
+                stopped.update((row, "complete") for row in complete)
+                finished |= complete
+            keep = [index for index, row in enumerate(active) if row not in finished]
+            if not keep:
+                break
+            if len(keep) < len(active):  # finished rows leave the batch, and their cache rows
+                chosen = torch.tensor(keep, device=gm.device)
+                cache.batch_select_indices(chosen)
+                attention, next_tokens = attention[chosen], next_tokens[chosen]
+                if sampler is not None:
+                    sampler.keep(keep)
+                active = [active[index] for index in keep]
+            if len(generated[active[0]]) == settings.max_new_tokens:
+                break  # no forward pass for a token nobody will take
+            attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=-1)
+            output = gm.model(input_ids=next_tokens[:, None], attention_mask=attention,
+                              position_ids=attention.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True)
     seconds = time.perf_counter() - started
     records = []
     for row, item in enumerate(items):
-        generated = output[row, width:].tolist()
-        if row in stopper.stopped_at:
-            tokens, stopped = generated[:stopper.stopped_at[row]], "complete"
-        else:
-            eos_at = next((i for i, token in enumerate(generated) if token in gm.stop_ids), None)
-            if eos_at is None:
-                tokens, stopped = generated, "max_new_tokens"
-            else:
-                tokens, stopped = generated[:eos_at], "eos"
+        reason = stopped.get(row, "max_new_tokens")
+        tokens = generated[row][:-1] if reason == "eos" else generated[row]
         raw = gm.tokenizer.decode(tokens, skip_special_tokens=False)
         records.append({
             "task_id": item.problem.task_id,
@@ -496,8 +527,8 @@ def generate_batch(gm: GenerationModel, items: Sequence[WorkItem], mode: str, se
             "prompt_tokens": len(item.prompt.ids),
             "raw": raw,
             "generation": completion_from_output(item.problem, mode, raw),
-            "new_tokens": len(tokens) + (stopped == "eos"),
-            "stopped": stopped,
+            "new_tokens": len(tokens) + (reason == "eos"),
+            "stopped": reason,
             "seconds": round(seconds / len(items), 4),  # this row's share of the batch's wall time
         })
     return records

@@ -118,6 +118,23 @@ def problems_digest(problems: list[Problem]) -> str:
     return digest.hexdigest()
 
 
+def generation_precision(cfg: PipelineConfig) -> str:
+    """The precision models generate in: the one training resolved (hyperparameters.json of the
+    train output), so that `auto` is decided once per fine-tune, not measured again on every
+    evaluation or resume (which could then mix precisions); resolved here only when there is no
+    train output for this config (a merged folder evaluated on its own)."""
+    from mft_core.stages import locate_stage
+
+    try:
+        hyper = json.loads((locate_stage(cfg, "train") / "hyperparameters.json").read_text())
+        return hyper["precision"]
+    except Exception:  # noqa: BLE001 - no train output to be located for this config (or not readable)
+        from mft_core.train.launch import cuda_available
+        from mft_core.train.model import resolve_precision
+
+        return resolve_precision(cfg.train.precision, cuda_available())
+
+
 def evaluate_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[str, Any], list[str]]:
     """The evaluate section without `workers` (verdicts do not depend on it) plus the training
     precision (generation runs in it); inputs: the HumanEval-X problems' content and, when the base
@@ -126,7 +143,7 @@ def evaluate_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict
     section = cfg.stage_section("evaluate")
     section.pop("workers")
     section.pop("allow_unsandboxed")  # where programs may run, not what they print
-    section["precision"] = cfg.train.precision
+    section["precision"] = generation_precision(cfg)
     inputs = [f"humaneval-x:{problems_digest(select_evaluation_problems(cfg))}"]
     if cfg.evaluate.evaluate_base:
         from mft_core.modeling import resolve_model
@@ -298,7 +315,7 @@ def base_evaluation_key_parts(cfg: PipelineConfig, problems: list[Problem], mode
     for key in ("workers", "allow_unsandboxed", "evaluate_base", "prompt_mode", "languages", "limit", "task_ids"):
         section.pop(key)  # which problems: in the problems' digest below
     section["prompt_mode"] = mode
-    section["precision"] = cfg.train.precision
+    section["precision"] = generation_precision(cfg)
     hashes = FileHashCache(cfg.runs_root)
     inputs = [f"problems:{problems_digest(problems)}",
               f"base-model:{model_digest(resolve_model(cfg.model.path, cfg.runs_root), hashes)}"]
@@ -328,7 +345,7 @@ def _evaluate_model(cfg: PipelineConfig, tag: str, folder: Path, mode: str, prob
     counter.begin(tag, "generated", [r for r in read_generations(work_dir / GENERATIONS) if r["model"] == tag])
     started = time.perf_counter()
     run = generate_to_file(
-        work_dir / GENERATIONS, tag, lambda: load_generation_model(folder, cfg.train.precision, eos_id),
+        work_dir / GENERATIONS, tag, lambda: load_generation_model(folder, generation_precision(cfg), eos_id),
         problems, mode, generation_settings(settings), render, threads=cfg.train.threads, on_batch=counter.add)
     generated_s = time.perf_counter() - started
     gc.collect()  # the model is gone; its memory goes to the executors
@@ -432,7 +449,7 @@ def build_summary(cfg: PipelineConfig, problems: list[Problem], model_runs: dict
         "ks": list(settings.ks),
         "settings": {"samples_per_problem": settings.samples_per_problem, "temperature": settings.temperature,
                      "top_p": settings.top_p, "max_new_tokens": settings.max_new_tokens,
-                     "batch_size": settings.batch_size, "seed": settings.seed, "precision": cfg.train.precision,
+                     "batch_size": settings.batch_size, "seed": settings.seed, "precision": generation_precision(cfg),
                      "run_timeout_s": settings.run_timeout_s, "compile_timeout_s": settings.compile_timeout_s},
         "models": models,
     }

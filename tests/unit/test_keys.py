@@ -88,3 +88,22 @@ def test_a_forced_retrain_with_the_same_weights_keeps_the_merge_key(tmp_path, ti
     (again / "model" / "adapter_model.safetensors").write_bytes(b"other weights")  # what merge reads
     store.write_manifest(again, "train", "k" * 64)
     assert compute_key(cfg, "merge", again) != merge_key
+
+
+def test_evaluation_generates_in_the_precision_training_resolved(tmp_path, tiny_llama_dir, monkeypatch):
+    """`precision: auto` is resolved once, by training (it may time a matmul); evaluation and its
+    resumes take that answer from the train output instead of measuring again."""
+    from mft_core.eval.stage import generation_precision
+    from mft_core.train import model as train_model
+
+    cfg = load(make_project(tmp_path, tiny_llama_dir), **{"train.precision": "auto"})
+    tokenized = [run_stage(cfg, "ingest"), run_stage(cfg, "tokenize")][1].directory
+    key = compute_key(cfg, "train", tokenized)
+    store.build_stage(cfg.runs_root, "train", key,
+                      lambda work: (work / "hyperparameters.json").write_text(json.dumps({"precision": "bf16"})))
+
+    def measuring_again(*args):
+        raise AssertionError("precision measured again although training resolved it")
+
+    monkeypatch.setattr(train_model, "resolve_precision", measuring_again)
+    assert generation_precision(cfg) == "bf16"

@@ -292,15 +292,13 @@ def test_chat_early_stop_never_changes_the_result(language):
 @pytest.mark.parametrize("mode", ["completion", "chat"])
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_stop_criterion_fires_at_the_first_complete_token(tiny_tokenizer, language, mode):
-    """Fed one generated token at a time (as generate does), the criterion stops the row at the
+    """Fed one generated token at a time (as the decoding loop does), the criterion stops the row at the
     first token after which the output is complete, and cutting there changes nothing."""
     p = select_problems(task_ids=[MEMORIZED_TASKS[LANGUAGES.index(language)]])[0]
     answer = memorized_answers(p)[mode]
     tokens = tiny_tokenizer(answer, add_special_tokens=False)["input_ids"]
-    prompt = render_prompt_for(p, mode, tiny_tokenizer, MFTCODER).ids
-    stopper = StopWhenComplete(tiny_tokenizer, [p], mode, len(prompt), {tiny_tokenizer.eos_token_id})
-    fired = next(n for n in range(1, len(tokens) + 1)
-                 if bool(stopper(torch.tensor([prompt + tokens[:n]]), None)[0]))
+    stopper = StopWhenComplete(tiny_tokenizer, [p], mode, {tiny_tokenizer.eos_token_id})
+    fired = next(n for n in range(1, len(tokens) + 1) if stopper.complete({0: tokens[:n]}) == {0})
     text = lambda n: tiny_tokenizer.decode(tokens[:n])  # noqa: E731
     assert stopper.stopped_at == {0: fired}
     assert output_is_complete(p, mode, text(fired)) and not output_is_complete(p, mode, text(fired - 1))
