@@ -25,6 +25,7 @@ import yaml
 
 from mft_core import store
 from mft_core.config import load_config
+from mft_core.eval.stage import BASE_STAGE
 from mft_core.stages import STAGE_ORDER
 from mft_core.status import built_time, format_size, lock_path, pipeline_status, tree_size
 
@@ -91,16 +92,35 @@ def plan_gc(project: Path, extra: str | None = None) -> Plan:
         for status in pipeline_status(cfg, convert_models=True):
             if status.key:
                 keep[root].add((status.stage, status.key[: store.KEY_LENGTH]))
+            if status.stage == "evaluate":
+                base = _base_evaluation_of(status)
+                if base is not None:
+                    keep[root].add((BASE_STAGE, base))
+                elif status.state != "complete" and cfg.evaluate.evaluate_base:
+                    protect[root].add(BASE_STAGE)  # its coming evaluation may reuse any of them
             if status.state == "error":
                 later = STAGE_ORDER[STAGE_ORDER.index(status.stage):]
                 protect[root].update(later)
                 plan.protected.append(f"{', '.join(later)} in {root}: {origin}: {status.note}")
                 break
     for root in sorted(keep):
-        for stage in STAGE_ORDER:
+        for stage in (*STAGE_ORDER, BASE_STAGE):
             if stage not in protect[root]:
                 _scan(plan, root, stage, keep[root])
     return plan
+
+
+def _base_evaluation_of(status) -> str | None:
+    """The key16 of the base model's shared evaluation (mft_core/eval/stage.py) that a finished
+    evaluate output reports in its summary; None when there is none."""
+    if status.state != "complete" or not status.directory:
+        return None
+    summary = Path(status.directory) / "summary.json"
+    try:
+        output = json.loads(summary.read_text())["models"]["base"]["evaluation_output"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None
+    return Path(output).name
 
 
 def _scan(plan: Plan, root: Path, stage: str, keep: set[tuple[str, str]]) -> None:

@@ -141,3 +141,27 @@ def test_training_in_progress_then_killed_and_gc_around_it(tmp_path, tiny_llama_
     assert "removed" in capsys.readouterr().out
     assert sorted(p.name for p in train_root.iterdir()) == []
     assert status_json(capsys, config)["ingest"]["state"] == "complete"
+
+
+def test_gc_keeps_the_base_evaluation_a_finished_evaluate_refers_to(tmp_path, tiny_llama_dir):
+    """The base model's evaluation is its own output (runs/evaluate-base/<key>), shared by the
+    fine-tunes of one base: gc keeps the one the config's evaluate output reports, removes the
+    others, and removes none while that evaluate output is not built yet (it may reuse any)."""
+    from mft_core.eval.stage import BASE_STAGE
+    from mft_core.gc import plan_gc
+    from mft_core.stages import compute_key
+
+    cfg = load_config(write_project(tmp_path, tiny_llama_dir))
+    run_stage(cfg, "ingest")
+    upstream = run_stage(cfg, "tokenize").directory
+    for name in ("train", "merge"):
+        upstream = store.build_stage(cfg.runs_root, name, compute_key(cfg, name, upstream),
+                                     lambda work: (work / "out.txt").write_text(name)).directory
+    bases = [store.build_stage(cfg.runs_root, BASE_STAGE, key * 64, lambda work: None).directory for key in "ab"]
+    garbage = lambda: {(g.stage, g.key16) for g in plan_gc(tmp_path).garbage}  # noqa: E731
+    assert not {stage for stage, _ in garbage()} & {BASE_STAGE}  # evaluate not built: any base may be reused
+
+    summary = {"models": {"base": {"evaluation_output": f"{BASE_STAGE}/{bases[0].name}"}}}
+    store.build_stage(cfg.runs_root, "evaluate", compute_key(cfg, "evaluate", upstream),
+                      lambda work: (work / "summary.json").write_text(json.dumps(summary)))
+    assert {key for stage, key in garbage() if stage == BASE_STAGE} == {bases[1].name}
