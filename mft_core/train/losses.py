@@ -77,20 +77,6 @@ def trained_values(values: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return values[:, 1:][mask[:, 1:].to(values.device)]
 
 
-def sample_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Int64 [B, T]: a distinct id per packed segment of the micro-batch, numbered row-major.
-
-    A segment starts wherever position_ids is 0 (`build_packed_row` restarts them per sample and
-    for the padding tail). The padding tail gets an id too, but holds no trained token.
-    """
-    if position_ids.dim() != 2:
-        raise ValueError(f"position_ids must be [batch, seq_length], got shape {tuple(position_ids.shape)}")
-    if position_ids.numel() and bool((position_ids[:, 0] != 0).any()):
-        raise ValueError("every row's position_ids must start at 0 (a row starts a new sample)")
-    starts = (position_ids == 0).reshape(-1).long()
-    return (torch.cumsum(starts, 0) - 1).reshape(position_ids.shape)
-
-
 def token_losses(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -163,7 +149,7 @@ def token_losses_through_module(
 
     For DeepSpeed ZeRO-3, where the head's weight is partitioned outside its module's own
     forward: calling the module lets ZeRO gather it (and again when backward recomputes the
-    chunk). The logits come out in the head's dtype and are cast to fp32 for the loss.
+    chunk). The logits come out in the head's dtype, outside autocast, and are cast to fp32.
     """
     mask = trained_positions(labels)[:, 1:].to(hidden.device)
     states = hidden[:, :-1][mask]
@@ -172,10 +158,13 @@ def token_losses_through_module(
         return states.sum(dim=-1).float()
 
     def chunk_loss(chunk_states: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
-        logits = head(chunk_states).float()
-        if transform is not None:
-            logits = transform(logits)
-        return F.cross_entropy(logits, chunk_targets, reduction="none")
+        # Outside autocast, in the head's own dtype: fp32 logits for an fp32 head; a bf16 engine's
+        # head gives bf16 logits (its weight holds no more than that).
+        with torch.autocast(chunk_states.device.type, enabled=False):
+            logits = head(chunk_states.to(head.weight.dtype)).float()
+            if transform is not None:
+                logits = transform(logits)
+            return F.cross_entropy(logits, chunk_targets, reduction="none")
 
     pieces = []
     for start in range(0, targets.numel(), chunk_size):
@@ -188,10 +177,13 @@ def token_losses_through_module(
 
 
 def _chunk_cross_entropy(states, weight, bias, targets, *, transform, dtype):
-    logits = F.linear(states.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-    if transform is not None:
-        logits = transform(logits)
-    return F.cross_entropy(logits, targets, reduction="none")
+    # Autocast (accelerate's bf16 mixed precision) would run this matmul in bf16 whatever the
+    # inputs' dtype: 0.1-0.5 nat off on CPU. The logits are the one place that needs fp32.
+    with torch.autocast(states.device.type, enabled=False):
+        logits = F.linear(states.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        if transform is not None:
+            logits = transform(logits)
+        return F.cross_entropy(logits, targets, reduction="none")
 
 
 # ----------------------------------------------------------------------------- group counts
@@ -234,8 +226,8 @@ def group_counts(micro_batches: Sequence[Mapping[str, torch.Tensor]], num_tasks:
     """Local counts of one rank's micro-batches of a group, before any forward pass.
 
     Each micro-batch is a mapping with `labels`, `task_ids` and `sample_ids`, all [B, T]
-    (`sample_ids`: any id that is distinct per sample within the micro-batch, e.g.
-    `sample_ids_from_position_ids`). Every trained token must carry a task id in [0, num_tasks).
+    (`sample_ids`: any id that is distinct per sample within the micro-batch, as `collate`
+    numbers them). Every trained token must carry a task id in [0, num_tasks).
     """
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be positive, got {num_tasks}")

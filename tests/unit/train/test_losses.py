@@ -31,9 +31,9 @@ from mft_core.train.losses import (
     group_counts,
     mft_loss,
     per_task_loss_sums,
-    sample_ids_from_position_ids,
     task_mean_losses,
     token_losses,
+    token_losses_through_module,
     trained_positions,
     trained_values,
 )
@@ -221,6 +221,24 @@ def test_token_losses_fp32_and_bf16_inputs_compute_in_fp32():
     torch.testing.assert_close(ours_low, upcast_reference, rtol=0, atol=1e-5)
 
 
+def test_token_losses_under_bf16_autocast_equal_the_fp32_computation():
+    """accelerate's bf16 mixed precision runs the forward under autocast, which would turn the
+    chunk's fp32 logits matmul into a bf16 one (0.1-0.5 nat off on CPU): both loss paths (the head
+    weight, and the head module under ZeRO-3) must give the fp32 values under autocast too."""
+    hidden, weight, _, labels = random_problem(torch.float32, seed=3, hidden_size=64, vocab=256)
+    hidden = hidden * 4  # logits of a trained model's size, where bf16 rounding shows
+    head = torch.nn.Linear(64, 256, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    expected = full_logits_losses(hidden, weight, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        through_weight = token_losses(hidden, weight, labels, chunk_size=4)
+        through_module = token_losses_through_module(hidden, head, labels, chunk_size=4)
+    for got in (through_weight, through_module):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_no_tokens_by_vocab_tensor_is_kept_for_backward():
     # 70 trained tokens, vocabulary 64, chunks of 8: full logits would keep [70, 64] tensors.
     hidden, weight, _, labels = random_problem(torch.float32, seed=2, batch=2, length=40, hidden_size=4, vocab=64)
@@ -265,13 +283,18 @@ def test_token_losses_edge_cases():
 def packed_micro_batch(samples_per_row, seq_length=16):
     """Real packed rows (build_packed_row) -> the [B, T] tensors the loop has."""
     rows = [build_packed_row(samples, seq_length, pad_id=0) for samples in samples_per_row]
-    position_ids = torch.from_numpy(np.stack([row.position_ids for row in rows]))
+    sample_ids = torch.full((len(rows), seq_length), -1, dtype=torch.long)
+    numbered = 0
+    for r, row in enumerate(rows):  # 0, 1, 2, ... over the micro-batch, as collate numbers them
+        for start, end in row.sample_bounds:
+            sample_ids[r, start:end] = numbered
+            numbered += 1
     return {
         "input_ids": torch.from_numpy(np.stack([row.input_ids for row in rows])),
         "labels": torch.from_numpy(np.stack([row.labels for row in rows])),
         "task_ids": torch.from_numpy(np.stack([row.task_ids for row in rows])),
-        "position_ids": position_ids,
-        "sample_ids": sample_ids_from_position_ids(position_ids),
+        "position_ids": torch.from_numpy(np.stack([row.position_ids for row in rows])),
+        "sample_ids": sample_ids,
     }
 
 
@@ -408,10 +431,3 @@ def test_all_reduce_with_an_initialized_process_group():
         assert out.tolist() == [1.5, 2.5] and out is not values
     finally:
         dist.destroy_process_group()
-
-
-def test_sample_ids_follow_position_restarts():
-    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
-    assert sample_ids_from_position_ids(position_ids).tolist() == [[0, 0, 0, 1, 1, 2], [3, 3, 3, 3, 4, 4]]
-    with pytest.raises(ValueError, match="must start at 0"):
-        sample_ids_from_position_ids(torch.tensor([[1, 2, 0]]))
