@@ -6,7 +6,7 @@ task id), drops the last buffer, and lets packed samples attend to each other
   * ``pack_best_fit_decreasing`` plans rows with best-fit decreasing (fewer pad slots);
     ``pack_next_fit`` is MFTCoder's baseline, kept for comparison;
   * ``build_packed_row`` labels every token with its own sample's task id and restarts
-    position ids per sample, and gives ``cu_seqlens`` so attention can be isolated per sample.
+    position ids per sample, from which attention isolates the samples.
 
 Lengths must already fit ``seq_length`` (see ``mft_core.data.render.fit_to_length``).
 """
@@ -14,6 +14,7 @@ Lengths must already fit ``seq_length`` (see ``mft_core.data.render.fit_to_lengt
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -101,19 +102,21 @@ class PackingStats:
 
 
 def packing_stats(rows: Sequence[Sequence[int]], lengths: Sequence[int], seq_length: int) -> PackingStats:
-    """Real tokens over token slots (rows x seq_length), and samples per row."""
+    """Real tokens over token slots (rows x seq_length), and samples per row. `lengths` is indexed
+    by the sample indices the rows hold; vectorized, for epoch plans of a million samples."""
     lengths_array = np.asarray(lengths, dtype=np.int64)
-    per_row = [len(row) for row in rows]
-    real_tokens = int(sum(int(lengths_array[list(row)].sum()) for row in rows if row))
+    per_row = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
+    members = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(per_row.sum()))
+    real_tokens = int(lengths_array[members].sum())
     slots = len(rows) * seq_length
     return PackingStats(
         rows=len(rows),
-        samples=sum(per_row),
+        samples=int(per_row.sum()),
         real_tokens=real_tokens,
         token_slots=slots,
         efficiency=real_tokens / slots if slots else 0.0,
-        samples_per_row_mean=sum(per_row) / len(rows) if rows else 0.0,
-        samples_per_row_max=max(per_row, default=0),
+        samples_per_row_mean=float(per_row.mean()) if rows else 0.0,
+        samples_per_row_max=int(per_row.max()) if rows else 0,
     )
 
 
@@ -142,17 +145,15 @@ class PackedRow:
     ``labels`` follow the HF convention (not shifted; the model shifts): -100 where a token is
     not trained, and always at each sample's first token, which has nothing before it inside
     its own sample to be predicted from. ``position_ids`` restart at 0 for every sample (and
-    for the padding tail), so HF models detect the packed samples; ``cu_seqlens`` are the
-    cumulative segment boundaries (samples, then the padding tail as its own segment, ending
-    at ``seq_length``) for varlen attention kernels. ``sample_bounds`` are the samples'
-    (start, end) token ranges, without the padding.
+    for the padding tail), so the attention finds the packed samples from them (the segments,
+    also for flash-attention's varlen kernel: ``mft_core.train.attention``). ``sample_bounds``
+    are the samples' (start, end) token ranges, without the padding.
     """
 
     input_ids: np.ndarray  # int64 [seq_length]
     labels: np.ndarray  # int64 [seq_length]
     task_ids: np.ndarray  # int64 [seq_length], PAD_TASK_ID on padding
     position_ids: np.ndarray  # int64 [seq_length]
-    cu_seqlens: np.ndarray  # int32 [segments + 1]
     sample_bounds: list[tuple[int, int]]
 
     @property
@@ -191,14 +192,10 @@ def build_packed_row(samples: Sequence[Mapping[str, Any]], seq_length: int, pad_
         bounds.append((start, end))
         start = end
     position_ids[start:] = np.arange(seq_length - start)
-    boundaries = [0] + [end for _, end in bounds]
-    if start < seq_length:
-        boundaries.append(seq_length)
     return PackedRow(
         input_ids=input_ids,
         labels=labels,
         task_ids=task_ids,
         position_ids=position_ids,
-        cu_seqlens=np.asarray(boundaries, dtype=np.int32),
         sample_bounds=bounds,
     )

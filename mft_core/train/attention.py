@@ -39,6 +39,22 @@ def packed_segments(position_ids: torch.Tensor) -> Segments:
     return tuple(rows)
 
 
+def flash_varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """The sample boundaries for flash-attention's varlen kernel, over the micro-batch flattened
+    into one sequence (cu_seq_lens: cumulative offsets, int32; max_length: the longest segment).
+
+    transformers infers them from position ids only when a micro-batch has one row; with more
+    rows it runs plain causal attention over each whole row, and every sample attends to the
+    samples before it in its row. Passed explicitly, its varlen path flattens the rows and
+    isolates every segment (the same segments sdpa_varlen uses, padding tail included)."""
+    segments = packed_segments(position_ids)
+    length = position_ids.shape[1]
+    offsets = [0] + [number * length + end for number, row in enumerate(segments) for _, end in row]
+    cu_seq_lens = torch.tensor(offsets, dtype=torch.int32, device=position_ids.device)
+    longest = max(end - start for row in segments for start, end in row)
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
+
+
 def _window_too_short(module: torch.nn.Module, kwargs: dict, longest: int) -> bool:
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     return bool(window) and window < longest

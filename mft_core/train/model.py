@@ -225,11 +225,15 @@ class TokenLossModel(nn.Module):
         # asking the CausalLM for hidden states keeps every layer's output (measured: +40% peak
         # memory at 1024 tokens). position_ids restart per packed sample, attention_mask None and
         # use_cache False: that is what makes transformers isolate packed samples (with the cache
-        # on they leak into each other silently).
+        # on they leak into each other silently). sdpa_varlen and flash-attention also get the
+        # segments themselves (flash-attention finds them alone only in a micro-batch of one row).
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         extra: dict[str, Any] = {"output_router_logits": True} if self.moe else {}
-        if causal_lm.config._attn_implementation == packed_attention.NAME:
+        attention = causal_lm.config._attn_implementation
+        if attention == packed_attention.NAME:
             extra["packed_segments"] = packed_attention.packed_segments(position_ids)
+        elif attention == "flash_attention_2":
+            extra.update(packed_attention.flash_varlen_kwargs(position_ids))
         out = causal_lm.get_decoder()(
             input_ids=input_ids,
             position_ids=position_ids,

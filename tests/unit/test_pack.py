@@ -114,7 +114,6 @@ def test_packed_row_fields():
     assert row.labels.tolist() == [-100, -100, 13, 14, -100, 22, 23, -100, -100, -100]
     assert row.task_ids.tolist() == [0, 0, 0, 0, 2, 2, 2, PAD_TASK_ID, PAD_TASK_ID, PAD_TASK_ID]
     assert row.position_ids.tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2]
-    assert row.cu_seqlens.tolist() == [0, 4, 7, 10] and row.cu_seqlens.dtype == np.int32
     assert row.sample_bounds == [(0, 4), (4, 7)]
     assert row.num_real_tokens == 7
     assert row.input_ids.dtype == row.labels.dtype == np.int64
@@ -123,7 +122,7 @@ def test_packed_row_fields():
 def test_full_packed_row_has_no_padding_segment():
     samples = [{"input_ids": [1, 2], "loss_mask": [1, 1], "task_id": 1}] * 2
     row = build_packed_row(samples, seq_length=4, pad_id=0)
-    assert row.cu_seqlens.tolist() == [0, 2, 4]
+    assert row.position_ids.tolist() == [0, 1, 0, 1]
     assert (row.labels == IGNORE_INDEX).sum() == 2
 
 

@@ -87,3 +87,63 @@ def test_a_forward_without_segments_warns_and_gives_masked_values(tmp_path, capl
             logits[attention] = model(input_ids=ids, position_ids=pos, use_cache=False).logits
     torch.testing.assert_close(logits["sdpa_varlen"], logits["sdpa"])
     assert "did not hand `packed_segments`" in caplog.text
+
+
+# ----------------------------------------------------------------------------- flash-attention 2
+
+
+def flash_attention_stand_in(calls: list):
+    """Stands in for flash-attn, which needs CUDA and cannot be installed here. Registered as
+    `flash_attention_2` through transformers' AttentionInterface, it records the keywords the model
+    hands its attention and computes what transformers' flash path computes from them: the varlen
+    kernel over the given cu_seq_lens; else, for a micro-batch of one row whose position ids
+    restart, over the segments transformers derives from them; else plain causal attention over
+    each whole row (modeling_flash_attention_utils._flash_attention_forward)."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        batch, heads, length, dim = query.shape
+        calls.append({"rows": batch, **kwargs})
+        position_ids = kwargs.get("position_ids")
+        if kwargs.get("cu_seq_lens_q") is not None:
+            offsets = kwargs["cu_seq_lens_q"].tolist()
+        elif batch == 1 and position_ids is not None and len(packed_segments(position_ids)[0]) > 1:
+            offsets = prepare_fa_kwargs_from_position_ids(position_ids)[0][0].tolist()
+        else:
+            offsets = [row * length for row in range(batch + 1)]
+        flat = lambda t: t.transpose(1, 2).reshape(batch * length, t.shape[1], dim).transpose(0, 1)  # [H, B*T, D]
+        q, k, v = flat(query), flat(key), flat(value)
+        pieces = [torch.nn.functional.scaled_dot_product_attention(
+            q[None, :, a:b], k[None, :, a:b], v[None, :, a:b], is_causal=True, scale=scaling,
+            enable_gqa=q.shape[0] != k.shape[0])[0] for a, b in zip(offsets, offsets[1:])]
+        return torch.cat(pieces, dim=1).transpose(0, 1).reshape(batch, length, heads, dim), None
+
+    return attention
+
+
+def test_flash_attention_2_isolates_packed_samples_of_a_micro_batch_of_several_rows(tmp_path, monkeypatch):
+    """rows_per_micro_batch: 2 under flash-attention 2: transformers finds the packed samples from
+    the position ids only when the micro-batch has one row, so the boundaries must be handed to the
+    attention explicitly. Checked on CPU with a stand-in for flash-attn's kernels (see above): the
+    keywords the attention receives, and per-sample losses equal to each sample run alone."""
+    from transformers import AttentionInterface
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **COMMON, **FAMILIES["llama"])).save_pretrained(tmp_path)
+    calls = []
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2", flash_attention_stand_in(calls))
+    wrapper = load(tmp_path, attention="sdpa").eval()  # from_pretrained refuses flash_attention_2 without flash-attn
+    wrapper.model.get_base_model().config._attn_implementation = "flash_attention_2"
+    ids, pos, labels = two_rows()
+    with torch.no_grad():
+        packed = wrapper(ids, pos, labels).token_loss
+        alone = torch.cat([wrapper(ids[r:r + 1, a:b], pos[r:r + 1, a:b], labels[r:r + 1, a:b]).token_loss
+                           for r, row in enumerate(packed_segments(pos)) for a, b in row])
+
+    expected = [0] + [r * T + end for r, row in enumerate(packed_segments(pos)) for _, end in row]
+    seen = calls[0]
+    assert seen["rows"] == 2 and seen.get("cu_seq_lens_q") is not None, "flash-attention got no sample boundaries"
+    assert seen["cu_seq_lens_q"].tolist() == seen["cu_seq_lens_k"].tolist() == expected
+    assert seen["cu_seq_lens_q"].dtype == torch.int32
+    assert seen["max_length_q"] == seen["max_length_k"] == max(b - a for row in packed_segments(pos) for a, b in row)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
