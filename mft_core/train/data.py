@@ -16,8 +16,9 @@ G are, as long as their product is the same. So W processes x G accumulation ste
 exactly the same micro-batches, step by step, as 1 process x W*G steps: the property the
 recipe's loss normalization is built for (DESIGN.md §7).
 
-Resuming needs only a cursor (epoch, micro-batch index): the plan of an epoch is a pure
-function of its arguments, so the resumed process rebuilds it and continues with `iterate`.
+Resuming needs only a cursor (epoch, optimizer step within it): the plan of an epoch is a pure
+function of its arguments, so the resumed process rebuilds it and continues there. Epochs
+re-sample and re-pack, so they can hold different numbers of optimizer steps.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from mft_core.data.pack import PackingStats, build_packed_row, pack_best_fit_decreasing
+from mft_core.data.pack import PackingStats, build_packed_row, pack_best_fit_decreasing, packing_stats
 from mft_core.data.tokenize import open_shard
 
 log = logging.getLogger("mft.train")
@@ -309,7 +310,7 @@ def epoch_plan(
     # 2. Pack into rows; shuffle the rows (best-fit decreasing orders them longest first).
     lengths = split.lengths[chosen]
     rows = pack_best_fit_decreasing(lengths, seq_length, seed=int(rng.integers(2**63)))
-    packing = _packing_stats(rows, lengths, seq_length)
+    packing = packing_stats(rows, lengths, seq_length)
     rows = [rows[i] for i in rng.permutation(len(rows)).tolist()]
 
     # 3. Micro-batches, trimmed to what all ranks can take in whole accumulation groups.
@@ -354,35 +355,6 @@ def epoch_plan(
         row_samples=row_samples,
         row_offsets=row_offsets,
     )
-
-
-def _packing_stats(rows: list[list[int]], lengths: np.ndarray, seq_length: int) -> PackingStats:
-    # pack.packing_stats sums each row in a Python loop; here every drawn sample is in exactly
-    # one row, so the real tokens are simply the total length (matters at a million samples).
-    per_row = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
-    real_tokens, slots = int(lengths.sum()), len(rows) * seq_length
-    return PackingStats(
-        rows=len(rows),
-        samples=int(per_row.sum()),
-        real_tokens=real_tokens,
-        token_slots=slots,
-        efficiency=real_tokens / slots if slots else 0.0,
-        samples_per_row_mean=float(per_row.mean()) if rows else 0.0,
-        samples_per_row_max=int(per_row.max()) if rows else 0,
-    )
-
-
-def iterate(plan: EpochPlan, rank: int, start: int = 0) -> Iterator[tuple[int, MicroBatch]]:
-    """(index, micro-batch) of `rank` from micro-batch `start` on: the resume cursor is
-    (epoch, start). `start` must be an accumulation-group boundary (a multiple of grad_accum),
-    where checkpoints are taken: resuming inside a group would lose its partial gradient."""
-    if not 0 <= rank < plan.world_size:
-        raise ValueError(f"rank {rank} is outside 0..{plan.world_size - 1}")
-    if not 0 <= start <= plan.micro_batches_per_rank:
-        raise ValueError(f"resume index {start} is outside 0..{plan.micro_batches_per_rank} for this epoch")
-    if start % plan.grad_accum:
-        raise ValueError(f"resume index {start} is inside an accumulation group of {plan.grad_accum} micro-batches")
-    return ((k, plan.global_micro_batch(rank + k * plan.world_size)) for k in range(start, plan.micro_batches_per_rank))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -459,3 +431,10 @@ def collate(split: TokenizedSplit, rows: Sequence[Sequence[int]], seq_length: in
         "task_ids": stacked([p.task_ids for p, _ in built]),
         "sample_ids": stacked([s for _, s in built]),
     }
+
+
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """The micro-batch's tensors on the training device. collate builds them on the CPU and
+    nothing else moves them (a single process and DeepSpeed's engine do not move inputs; DDP
+    and FSDP would): the recipe sends every micro-batch through here."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -75,17 +76,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 # ----------------------------------------------------------------------------- schedule
 
 
-def total_optimizer_steps(num_epochs: int, steps_per_epoch: int, max_steps: int | None) -> int:
-    """Optimizer steps of the whole run: epochs x steps per epoch, capped by max_steps."""
-    if num_epochs < 1 or steps_per_epoch < 0:
-        raise ValueError(f"need num_epochs >= 1 and steps_per_epoch >= 0, got {num_epochs} and {steps_per_epoch}")
+def total_optimizer_steps(epoch_steps: Sequence[int], max_steps: int | None) -> int:
+    """Optimizer steps of the whole run: the sum of each epoch's own steps, capped by max_steps.
+
+    Each epoch re-samples and re-packs, so epochs can pack to different step counts (temperature
+    or weight sampling, and best-fit ties): taking one epoch's count times the epochs would stop
+    early or leave the last validation out.
+    """
+    if not epoch_steps or any(steps < 0 for steps in epoch_steps):
+        raise ValueError(f"need one step count >= 0 per epoch, got {list(epoch_steps)}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be at least 1 (or None for no cap), got {max_steps}")
-    total = num_epochs * steps_per_epoch
+    total = sum(epoch_steps)
     total = min(total, max_steps) if max_steps is not None else total
     if total < 1:
         raise ValueError(
-            f"no optimizer step: {num_epochs} epoch(s) x {steps_per_epoch} steps per epoch; add data or lower "
+            f"no optimizer step: {len(epoch_steps)} epoch(s) of {list(epoch_steps)} steps; add data or lower "
             "train.grad_accum / train.rows_per_micro_batch"
         )
     return total

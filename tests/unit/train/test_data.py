@@ -14,7 +14,7 @@ import torch
 
 from mft_core.data.pack import IGNORE_INDEX, PAD_TASK_ID, packing_stats
 from mft_core.data.tokenize import SHARD_SCHEMA, open_shard
-from mft_core.train.data import TokenizedSplit, collate, epoch_plan, iterate, task_targets, validation_plan
+from mft_core.train.data import TokenizedSplit, collate, epoch_plan, task_targets, validation_plan
 
 SEQ = 64
 PAD = 3
@@ -258,16 +258,9 @@ def test_too_little_data_for_one_step_is_a_clear_error(train):
         plan(train, world=8, accum=100)
 
 
-def test_iterate_resumes_from_a_cursor(train):
-    p = plan(train, world=2, accum=3)
-    full = list(iterate(p, rank=1))
-    assert [m for _, m in full] == p.micro_batches(1) and [k for k, _ in full] == list(range(len(full)))
-    assert list(iterate(p, rank=1, start=3)) == full[3:]
-    assert list(iterate(p, rank=1, start=p.micro_batches_per_rank)) == []
-    with pytest.raises(ValueError, match="inside an accumulation group of 3"):
-        iterate(p, rank=1, start=2)
+def test_a_rank_outside_the_world_is_an_error(train):
     with pytest.raises(ValueError, match="rank 2 is outside"):
-        p.micro_batches(2)
+        plan(train, world=2, accum=3).micro_batches(2)
 
 
 # ----------------------------------------------------------------------------- collate

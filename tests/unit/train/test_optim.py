@@ -105,14 +105,14 @@ def test_schedule_errors_say_what_to_change():
         lrs_per_update("cosine", 0, 0, FLOOR)
 
 
-def test_total_optimizer_steps():
-    assert total_optimizer_steps(3, 40, None) == 120
-    assert total_optimizer_steps(3, 40, 100) == 100
-    assert total_optimizer_steps(1, 40, 500) == 40
+def test_total_optimizer_steps_sum_the_epochs_own_counts():
+    assert total_optimizer_steps([40, 37, 41], None) == 118  # epochs re-sample and re-pack
+    assert total_optimizer_steps([40, 37, 41], 100) == 100
+    assert total_optimizer_steps([40], 500) == 40
     with pytest.raises(ValueError, match="no optimizer step"):
-        total_optimizer_steps(2, 0, None)
+        total_optimizer_steps([0, 0], None)
     with pytest.raises(ValueError, match="max_steps must be at least 1"):
-        total_optimizer_steps(2, 5, 0)
+        total_optimizer_steps([5, 5], 0)
 
 
 # ----------------------------------------------------------------------------- parameter groups
