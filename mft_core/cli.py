@@ -196,12 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     # 2-core machines are shared: oversubscribed OpenMP threads make runs several times slower.
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     args = build_parser().parse_args(argv)
+    loggers = [logging.getLogger(name) for name in ("mft", "mft_core")]
+    handler = None
     if args.func not in (cmd_run, cmd_stage):  # a pipeline run sets up its console and run log itself
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        for name in ("mft", "mft_core"):
-            logging.getLogger(name).addHandler(handler)
-            logging.getLogger(name).setLevel(logging.INFO)
+        for logger in loggers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, PreflightError) as err:
@@ -212,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mft: error: {type(err).__name__}: {err}\n(set MFT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:  # called in-process (tests, other tools): leave no handler on a stream that may close
+        if handler is not None:
+            for logger in loggers:
+                logger.removeHandler(handler)
 
 
 if __name__ == "__main__":
