@@ -94,7 +94,7 @@ def test_status_of_complete_missing_and_changed_outputs(tmp_path, tiny_llama_dir
 @pytest.mark.slow
 def test_training_in_progress_then_killed_and_gc_around_it(tmp_path, tiny_llama_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = write_project(tmp_path, tiny_llama_dir, max_steps=400, epochs=50)
+    config = write_project(tmp_path, tiny_llama_dir, max_steps=20000, epochs=2000)
     cfg = load_config(config)
     run_stage(cfg, "ingest")
     run_stage(cfg, "tokenize")
@@ -110,11 +110,11 @@ def test_training_in_progress_then_killed_and_gc_around_it(tmp_path, tiny_llama_
             time.sleep(0.05)
         running = status_json(capsys, config)["train"]
         assert running["state"] == "building"  # the trainer's run holds the key's lock
-        assert running["progress"].startswith("step ") and " of 400" in running["progress"]
+        assert running["progress"].startswith("step ") and " of 20000" in running["progress"]
 
         # pipeline.yaml now asks for fewer steps: the run in progress belongs to no config, but its
         # lock is held, so gc keeps it; ingest and tokenize are still this config's.
-        config.write_text(config.read_text().replace("max_steps: 400", "max_steps: 3"))
+        config.write_text(config.read_text().replace("max_steps: 20000", "max_steps: 3"))
         assert main(["gc", "--delete"]) == 0
         out = capsys.readouterr().out
         assert "Nothing to remove" in out and f"kept, a run is writing it: {Path(running['directory'])}" in out
@@ -123,16 +123,16 @@ def test_training_in_progress_then_killed_and_gc_around_it(tmp_path, tiny_llama_
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
-    config.write_text(config.read_text().replace("max_steps: 3", "max_steps: 400"))
+    config.write_text(config.read_text().replace("max_steps: 3", "max_steps: 20000"))
     killed = status_json(capsys, config)["train"]
     assert killed["state"] == "partial"
     step = int(killed["progress"].split()[1])
     newest = max(int(p.parent.name.split("-")[1]) for p in train_root.glob("*.partial/checkpoints/step-*/COMPLETE"))
     assert step >= newest >= 2
-    assert f"step {step} of 400, newest checkpoint step-{newest:07d} ({newest} steps: a rerun resumes there)" == killed["progress"]
+    assert f"step {step} of 20000, newest checkpoint step-{newest:07d} ({newest} steps: a rerun resumes there)" == killed["progress"]
 
     # Dry run by default: listed with its size, nothing removed; --delete removes it (and its lock).
-    config.write_text(config.read_text().replace("max_steps: 400", "max_steps: 3"))
+    config.write_text(config.read_text().replace("max_steps: 20000", "max_steps: 3"))
     assert main(["gc"]) == 0
     out = capsys.readouterr().out
     key16 = Path(killed["directory"]).name.split(".")[0]
