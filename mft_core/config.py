@@ -255,6 +255,12 @@ class TrainConfig(_Strict):
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.method == "full" and self.lora.dora:
             raise ValueError("lora.dora applies to method lora/qlora, not full")
+        if self.attention == "flash_attention_2" and self.precision == "fp32":
+            raise ValueError("attention flash_attention_2 has no fp32 kernels: set precision bf16 (or auto, bf16 on "
+                             "GPUs), or attention sdpa_varlen for fp32")
+        if self.method == "qlora" and self.precision == "fp32":
+            raise ValueError("method qlora stores its 4-bit weights in bf16 (so ZeRO-3 and FSDP can shard them) and "
+                             "computes in bf16: set precision bf16 or auto, or use method lora for fp32")
         return self
 
 

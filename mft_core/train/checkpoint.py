@@ -58,9 +58,10 @@ def install_trainable_only_hooks(accelerator) -> None:
 
 
 def save_checkpoint(accelerator, work_dir: Path, step: int, trainer_state: dict[str, Any], keep: int,
-                    protect: int | None) -> Path:
+                    protect: int | None, deepspeed: bool) -> Path:
     """Save on every rank; the main process publishes it and prunes to the newest `keep`
-    checkpoints plus `protect` (the best one)."""
+    checkpoints plus `protect` (the best one). DeepSpeed's engine saves without the frozen base
+    (for LoRA the base model supplies it on resume; the trainable weights are all it saves)."""
     final = checkpoint_path(work_dir, step)
     tmp = final.with_name(".tmp-" + final.name)
     if accelerator.is_main_process:
@@ -68,7 +69,7 @@ def save_checkpoint(accelerator, work_dir: Path, step: int, trainer_state: dict[
         for stale in checkpoints_dir(work_dir).glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if deepspeed else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n")
@@ -85,9 +86,14 @@ def save_checkpoint(accelerator, work_dir: Path, step: int, trainer_state: dict[
     return final
 
 
-def load_checkpoint(accelerator, checkpoint: Path, strict_keys: set[str]) -> dict[str, Any]:
-    """Restore everything saved by save_checkpoint; returns the trainer state."""
-    accelerator.load_state(str(checkpoint), strict=False)
+def load_checkpoint(accelerator, checkpoint: Path, strict_keys: set[str], deepspeed: bool) -> dict[str, Any]:
+    """Restore everything saved by save_checkpoint; returns the trainer state. The model's state
+    dict holds only the trainable weights: loaded non-strictly (DeepSpeed's engine names that
+    `load_module_strict`; given `strict` it fails with a TypeError), then checked here."""
+    if deepspeed:
+        accelerator.load_state(str(checkpoint), load_module_strict=False)
+    else:
+        accelerator.load_state(str(checkpoint), strict=False)
     saved = _saved_model_keys(checkpoint)
     if saved is not None and saved != strict_keys:
         missing, unexpected = sorted(strict_keys - saved)[:5], sorted(saved - strict_keys)[:5]

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from mft_core.config import TrainConfig
 
 log = logging.getLogger("mft.train")
@@ -115,7 +117,13 @@ def allocator_env(choice: str, env: dict[str, str]) -> dict[str, str]:
 
 
 def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool) -> tuple[list[str], dict[str, str]]:
-    """argv and environment of the trainer for this config."""
+    """argv and environment of the trainer for this config.
+
+    Nothing of the user's own accelerate setup takes part: `accelerate launch` would merge
+    ~/.cache/huggingface/accelerate/default_config.yaml into every setting its flags leave open,
+    and the processes read ACCELERATE_* variables (a stray ACCELERATE_GRADIENT_ACCUMULATION_STEPS
+    divides every loss). The environment loses every ACCELERATE_* variable, and the launch gets an
+    explicit config file, work_dir/accelerate.yaml, holding the same settings as its flags."""
     launch = cfg.launch
     on_gpu = cuda_available()
     if launch.backend == "fsdp" and not on_gpu:
@@ -123,21 +131,33 @@ def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool) -> tuple[list[
                          "use ddp or deepspeed on CPU")
     cores = os.cpu_count() or 1
     threads = cfg.threads or max(1, cores // launch.num_processes)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MFT_TRAIN_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("ACCELERATE_USE_CPU", None)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ACCELERATE_")}
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MFT_TRAIN_THREADS": str(threads),
+                "TOKENIZERS_PARALLELISM": "false"})
     env.update(allocator_env(cfg.allocator, env))
     recipe = ["-m", "mft_core.train.recipe", "--work-dir", str(work_dir)]
     single = launch.num_processes * launch.num_machines == 1
     if single and launch.backend == "ddp":
         return [sys.executable, *recipe], env
 
-    argv = [sys.executable, "-m", "accelerate.commands.launch",
-            "--num_processes", str(launch.num_processes * launch.num_machines),
-            "--num_machines", str(launch.num_machines),
-            "--machine_rank", str(launch.machine_rank),
-            "--main_process_port", str(launch.main_process_port or free_port()),
-            "--mixed_precision", "bf16" if bf16 else "no"]
+    settings = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": {"ddp": "MULTI_GPU", "deepspeed": "DEEPSPEED", "fsdp": "FSDP"}[launch.backend],
+        "num_processes": launch.num_processes * launch.num_machines,
+        "num_machines": launch.num_machines,
+        "machine_rank": launch.machine_rank,
+        "main_process_port": launch.main_process_port or free_port(),
+        "mixed_precision": "bf16" if bf16 else "no",
+        "gpu_ids": "all",
+        "debug": False,
+    }
+    if launch.main_process_ip:
+        settings["main_process_ip"] = launch.main_process_ip
+    config_file = work_dir / "accelerate.yaml"
+    config_file.write_text(yaml.safe_dump(settings, sort_keys=False))
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    for key in ("num_processes", "num_machines", "machine_rank", "main_process_port", "mixed_precision"):
+        argv += [f"--{key}", str(settings[key])]
     if launch.main_process_ip:
         argv += ["--main_process_ip", launch.main_process_ip]
     if launch.backend == "deepspeed":
@@ -145,8 +165,10 @@ def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool) -> tuple[list[
         ds_path.write_text(json.dumps(deepspeed_config(cfg, bf16), indent=1) + "\n")
         argv += ["--use_deepspeed", "--deepspeed_config_file", str(ds_path)]
     elif launch.backend == "fsdp":
-        argv += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-                 "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_reshard_after_forward", "true"]
+        # The recipe shards every decoder layer itself (model.shard_decoder_layers); checkpoints
+        # are saved sharded, each rank its own part.
+        argv += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "NO_WRAP",
+                 "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_reshard_after_forward", "true"]
     else:
         argv += ["--multi_gpu"]
         if not on_gpu:

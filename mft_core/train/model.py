@@ -63,10 +63,15 @@ def cpu_bf16_speedup(repeats: int = 5) -> float:
     return best[torch.float32] / best[torch.bfloat16]
 
 
-def resolve_precision(choice: str, on_gpu: bool) -> str:
+def resolve_precision(choice: str, on_gpu: bool, method: str = "lora") -> str:
     """'bf16' or 'fp32' (fp32 master weights; bf16 means autocast), logged with the reason."""
     if choice != "auto":
         return choice
+    if method == "qlora":  # its 4-bit weights are stored in bf16 and unpacked into bf16 (config.py)
+        if on_gpu and not torch.cuda.is_bf16_supported():
+            raise ValueError("train.method=qlora computes in bf16, which this GPU lacks: use method lora")
+        log.info("precision auto -> bf16 (QLoRA computes in bf16)")
+        return "bf16"
     if on_gpu:
         resolved, why = ("bf16", "GPU") if torch.cuda.is_bf16_supported() else ("fp32", "GPU without bf16")
     elif not cpu_has_native_bf16():
@@ -79,16 +84,18 @@ def resolve_precision(choice: str, on_gpu: bool) -> str:
     return resolved
 
 
-def resolve_attention(choice: str, on_gpu: bool) -> str:
-    """auto: flash-attention 2 (varlen over packed samples) when installed on CUDA, else sdpa run
-    once per packed sample (attention.py)."""
+def resolve_attention(choice: str, on_gpu: bool, precision: str) -> str:
+    """auto: flash-attention 2 (varlen over packed samples) when installed on CUDA and training in
+    bf16 (it has no fp32 kernels), else sdpa run once per packed sample (attention.py)."""
+    has_flash = on_gpu and importlib.util.find_spec("flash_attn") is not None
     if choice == "auto":
-        has_flash = on_gpu and importlib.util.find_spec("flash_attn") is not None
-        resolved = "flash_attention_2" if has_flash else packed_attention.NAME
+        resolved = "flash_attention_2" if has_flash and precision == "bf16" else packed_attention.NAME
         log.info("attention auto -> %s", resolved)
         return resolved
-    if choice == "flash_attention_2" and not (on_gpu and importlib.util.find_spec("flash_attn")):
-        raise ValueError("train.attention=flash_attention_2 needs CUDA and the flash-attn package; use auto or sdpa")
+    if choice == "flash_attention_2" and not has_flash:
+        raise ValueError("train.attention=flash_attention_2 needs CUDA and the flash-attn package; use auto or sdpa_varlen")
+    if choice == "flash_attention_2" and precision != "bf16":
+        raise ValueError(f"train.attention=flash_attention_2 has no {precision} kernels: train in bf16 or use sdpa_varlen")
     return choice
 
 
@@ -102,7 +109,11 @@ def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str
 
     if attention == packed_attention.NAME:
         packed_attention.register()
-    kwargs: dict[str, Any] = {"attn_implementation": attention, "dtype": torch.float32}
+    # A LoRA's frozen base has no gradient and no optimizer state: in bf16 when training in bf16
+    # (half its memory; autocast computes its matmuls in bf16 anyway). PEFT keeps the LoRA weights,
+    # and so their optimizer state, in fp32. Full fine-tuning keeps fp32 master weights.
+    base_dtype = torch.bfloat16 if precision == "bf16" and cfg.method == "lora" else torch.float32
+    kwargs: dict[str, Any] = {"attn_implementation": attention, "dtype": base_dtype}
     if cfg.method == "qlora":
         if not on_gpu:
             log.warning("QLoRA on CPU runs bitsandbytes' CPU backend: correct but slow (for testing the path)")
@@ -157,6 +168,30 @@ def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str
     total = sum(p.numel() for p in model.parameters())
     log.info("%s: %d trainable of %d parameters (%.2f%%)", cfg.method, trainable, total, 100 * trainable / total)
     return model
+
+
+def shard_decoder_layers(wrapper: nn.Module, precision: str) -> int:
+    """FSDP2 over the wrapper: one unit per decoder layer, then the root (embeddings, final norm,
+    output head); returns the number of units. accelerate's TRANSFORMER_BASED_WRAP would look up
+    the layer classes in `_no_split_modules` of the module it prepares, our TokenLossModel, which
+    names none: no unit below the root, the whole model gathered at once on every rank. Done
+    before accelerate.prepare, which leaves a module that is already FSDP as it is."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    causal_lm = wrapper.model.get_base_model() if hasattr(wrapper.model, "get_base_model") else wrapper.model
+    layer_classes = set(getattr(causal_lm, "_no_split_modules", None) or ())
+    layers = [module for module in wrapper.modules() if type(module).__name__ in layer_classes]
+    if not layers:
+        raise ValueError(f"FSDP: {type(causal_lm).__name__} names no decoder layer class in _no_split_modules "
+                         f"({sorted(layer_classes)}): use backend ddp or deepspeed")
+    # bf16: gathered and computed in bf16, gradients reduced in fp32 (torchtitan's policy)
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if precision == "bf16" else MixedPrecisionPolicy())
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(wrapper, mp_policy=policy)
+    log.info("FSDP: %d units (%d decoder layers and the root)", len(layers) + 1, len(layers))
+    return len(layers) + 1
 
 
 def checkpoint_mlps(model: nn.Module) -> int:

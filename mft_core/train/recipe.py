@@ -14,7 +14,8 @@ DIR/train_job.json, written by the stage. Everything it writes goes into DIR:
 One optimizer step = `grad_accum` micro-batches on each of the `world_size` processes. Per-task
 token and sample counts of the whole step are all-reduced before any loss is computed, so the
 objective of a step is the same whatever the process count and accumulation (MFTCoder balances
-inside one micro-batch on one process).
+inside one micro-batch on one process). The step's last micro-batch is its only sync point, on
+every backend: DDP reduces gradients there, and DeepSpeed's engine steps its optimizer there.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,11 +35,11 @@ from mft_core.config import TrainConfig
 from mft_core.train import checkpoint as ckpt
 from mft_core.train import losses
 from mft_core.train.coba import CoBa
-from mft_core.train.data import TokenizedSplit, collate, epoch_plan, validation_plan
+from mft_core.train.data import TokenizedSplit, collate, epoch_plan, to_device, validation_plan
 from mft_core.train.launch import cuda_available
 from mft_core.train.metrics import MetricsLog, peak_rss_mb, plot_loss_curves
-from mft_core.train.model import TokenLossModel, load_model, resolve_attention
-from mft_core.train.optim import make_scheduler, param_groups
+from mft_core.train.model import TokenLossModel, load_model, resolve_attention, shard_decoder_layers
+from mft_core.train.optim import make_scheduler, param_groups, total_optimizer_steps
 from mft_core.train.stage import job_path
 
 log = logging.getLogger("mft.train")
@@ -49,7 +50,7 @@ log = logging.getLogger("mft.train")
 
 def make_accelerator(precision: str):
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
     handlers = []
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -57,8 +58,11 @@ def make_accelerator(precision: str):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     # step_scheduler_with_optimizer=False: otherwise accelerate steps a prepared scheduler once per
     # process at every step, and the schedule ends after 1/N of training (MFTCoder's LR defect).
+    # Accumulation is the loop's own (below); an explicit plugin of 1 step also keeps a stray
+    # ACCELERATE_GRADIENT_ACCUMULATION_STEPS from dividing every loss.
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", kwargs_handlers=handlers,
-                       step_scheduler_with_optimizer=False)
+                       step_scheduler_with_optimizer=False,
+                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1))
 
 
 def check_world(accelerator, cfg: TrainConfig) -> None:
@@ -78,16 +82,65 @@ def check_world(accelerator, cfg: TrainConfig) -> None:
                                f"train.grad_accum={cfg.grad_accum}: they must agree")
 
 
+# ----------------------------------------------------------------------------- parts of a step
+
+
+def batch_maker(split: TokenizedSplit, seq_length: int, pad_id: int, device: torch.device):
+    """rows -> the micro-batch's tensors on the training device: every batch the model sees is
+    made here and moved by `to_device`."""
+    return lambda rows: to_device(collate(split, rows, seq_length, pad_id), device)
+
+
+def task_loss_totals(wrapper, make_batch, micro_batches, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task sums of token losses and trained-token counts [K] (float64) over `micro_batches`
+    (lists of rows), without gradients, summed over all ranks. Mode (train/eval) is the caller's."""
+    sums = torch.zeros(num_tasks, dtype=torch.float64)
+    counts = torch.zeros(num_tasks, dtype=torch.float64)
+    with torch.no_grad():
+        for rows in micro_batches:
+            batch = make_batch(rows)
+            out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"])
+            task_of_token = losses.trained_values(batch["task_ids"], batch["labels"])
+            s, c = losses.per_task_loss_sums(out.token_loss.double(), task_of_token, num_tasks)
+            sums += s.cpu()
+            counts += c.cpu()
+    return losses.all_reduce_sum(sums), losses.all_reduce_sum(counts)
+
+
+def focal_task_reference(wrapper, make_batch, micro_batches, num_tasks: int, device: torch.device) -> torch.Tensor:
+    """focal_task weighs each task by its mean loss over the whole step, known only after every
+    micro-batch: a no-grad pass computes it first (all ranks), at one forward's cost. The pass
+    runs on a fork of the random state, so the step's own forwards then draw the same dropout
+    masks: the means are those of the step itself, the exact case of `losses.mft_loss`."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        sums, counts = task_loss_totals(wrapper, make_batch, micro_batches, num_tasks)
+    return losses.task_mean_losses(sums, counts).float()
+
+
+def optimizer_step(accelerator, wrapper, optimizer, scheduler, max_grad_norm: float, deepspeed: bool) -> float | None:
+    """Clip, update, clear the gradients, advance the schedule; returns the pre-clip grad norm.
+    Under DeepSpeed the engine has already clipped and updated inside the step's last backward
+    (accelerate steps it where sync_gradients is set); its norm is read after that update."""
+    if deepspeed:
+        grad_norm = wrapper.get_global_grad_norm()
+    else:
+        grad_norm = accelerator.clip_grad_norm_(wrapper.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return None if grad_norm is None else float(grad_norm)
+
+
 def main(work_dir: Path) -> None:
     job = json.loads((work_dir / "train_job.json").read_text())
     cfg = TrainConfig.model_validate(job["train"])
     torch.set_num_threads(int(os.environ.get("MFT_TRAIN_THREADS", os.cpu_count() or 1)))
     on_gpu = cuda_available()
     precision = job["precision"]  # resolved by the stage, the same for every process
-    attention = resolve_attention(cfg.attention, on_gpu)
+    attention = resolve_attention(cfg.attention, on_gpu, precision)
     accelerator = make_accelerator(precision)
     check_world(accelerator, cfg)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     is_main = accelerator.is_main_process
     from accelerate.utils import DistributedType, set_seed
 
@@ -99,24 +152,23 @@ def main(work_dir: Path) -> None:
     seq_length, pad_id = template["seq_length"], template["pad_id"]
     train_split = TokenizedSplit(tokenize_dir, "train")
     valid_split = TokenizedSplit(tokenize_dir, "valid")
+    train_batch = batch_maker(train_split, seq_length, pad_id, device)
+    valid_batch = batch_maker(valid_split, seq_length, pad_id, device)
     task_names = [t["name"] for t in job["tasks"]]
     task_weights = torch.tensor([t["weight"] for t in job["tasks"]], dtype=torch.float32)
     # sampling=weights already puts the weights into the task mix; weighing the loss again would
     # apply them twice.
     loss_weights = torch.ones_like(task_weights) if cfg.sampling == "weights" else task_weights
 
-    def plan_for(epoch: int):
-        return epoch_plan(train_split, epoch=epoch, seed=cfg.seed, seq_length=seq_length,
-                          rows_per_micro_batch=cfg.rows_per_micro_batch, world_size=world,
-                          grad_accum=cfg.grad_accum, sampling=cfg.sampling, alpha=cfg.sampling_alpha,
-                          task_weights=task_weights.tolist())
-
-    steps_per_epoch = plan_for(0).num_optimizer_steps
-    total_steps = min(cfg.max_steps or math.inf, steps_per_epoch * cfg.epochs)
-    if total_steps < 1:
-        raise RuntimeError(f"no optimizer step fits the data: {len(train_split)} training samples give "
-                           f"{steps_per_epoch} steps per epoch at grad_accum={cfg.grad_accum} x {world} process(es); "
-                           "lower train.grad_accum or train.rows_per_micro_batch, or add data")
+    # Every epoch re-samples and re-packs, so epochs hold different numbers of steps: the run's
+    # total is the sum of the planned epochs' own counts (up to max_steps).
+    plans = []
+    while len(plans) < cfg.epochs and sum(p.num_optimizer_steps for p in plans) < (cfg.max_steps or float("inf")):
+        plans.append(epoch_plan(train_split, epoch=len(plans), seed=cfg.seed, seq_length=seq_length,
+                                rows_per_micro_batch=cfg.rows_per_micro_batch, world_size=world,
+                                grad_accum=cfg.grad_accum, sampling=cfg.sampling, alpha=cfg.sampling_alpha,
+                                task_weights=task_weights.tolist()))
+    total_steps = total_optimizer_steps([p.num_optimizer_steps for p in plans], cfg.max_steps)
     if len(valid_split) == 0:
         log.warning("no validation data (ingest.valid_fraction and min_valid are 0): no validation, "
                     "no early stopping, no best model")
@@ -127,9 +179,11 @@ def main(work_dir: Path) -> None:
 
     model = load_model(job_path(job["model_dir"], work_dir), cfg, precision, attention, on_gpu)
     wrapper = TokenLossModel(model)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        shard_decoder_layers(wrapper, precision)
+    optimizer = torch.optim.AdamW(param_groups(wrapper, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     scheduler = make_scheduler(optimizer, kind=cfg.schedule, warmup_steps=cfg.warmup_steps,
-                               total_steps=int(total_steps), min_lr=cfg.min_lr)
+                               total_steps=total_steps, min_lr=cfg.min_lr)
     wrapper, optimizer, scheduler = accelerator.prepare(wrapper, optimizer, scheduler)
     if not deepspeed:
         ckpt.install_trainable_only_hooks(accelerator)
@@ -145,7 +199,7 @@ def main(work_dir: Path) -> None:
                         tau=cfg.coba.tau, update_interval=cfg.coba.update_interval, min_weight=cfg.coba.min_weight)
     resume_from = ckpt.latest_checkpoint(work_dir)
     if resume_from is not None:
-        state = ckpt.load_checkpoint(accelerator, resume_from, trainable)
+        state = ckpt.load_checkpoint(accelerator, resume_from, trainable, deepspeed)
         if balancer is not None:
             balancer.load_state_dict(tensors_from_json(state["coba"]))
         log.info("resumed from %s (step %d)", resume_from, state["step"])
@@ -153,61 +207,29 @@ def main(work_dir: Path) -> None:
     if is_main:
         (work_dir / "hyperparameters.json").write_text(json.dumps({
             **job, "precision": precision, "attention": attention, "world_size": world,
-            "steps_per_epoch": steps_per_epoch, "total_steps": int(total_steps)}, indent=1) + "\n")
-        print(f"progress step={state['step']} total={int(total_steps)}", flush=True)
+            "steps_per_epoch": [p.num_optimizer_steps for p in plans], "total_steps": total_steps}, indent=1) + "\n")
+        print(f"progress step={state['step']} total={total_steps}", flush=True)
 
     # ------------------------------------------------------------------------- evaluation
 
     def evaluate() -> dict[str, float]:
         """Per-task token-mean validation loss over all validation data, all ranks together."""
         wrapper.eval()
-        sums = torch.zeros(len(task_names), dtype=torch.float64)
-        counts = torch.zeros(len(task_names), dtype=torch.float64)
-        with torch.no_grad():
-            for rows in valid_batches:
-                batch = collate(valid_split, rows, seq_length, pad_id)
-                out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"])
-                task_of_token = losses.trained_values(batch["task_ids"], batch["labels"])
-                s, c = losses.per_task_loss_sums(out.token_loss.double(), task_of_token, len(task_names))
-                sums += s.cpu()
-                counts += c.cpu()
-        sums, counts = losses.all_reduce_sum(sums), losses.all_reduce_sum(counts)
+        sums, counts = task_loss_totals(wrapper, valid_batch, valid_batches, len(task_names))
         wrapper.train()
         return {name: (sums[k] / counts[k]).item() for k, name in enumerate(task_names) if counts[k] > 0}
-
-    def group_task_means(batches) -> torch.Tensor:
-        """focal_task weighs each task by its mean loss over the whole step, known only after
-        every micro-batch: a no-grad pass computes it first (all ranks), at one forward's cost."""
-        sums = torch.zeros(len(task_names), dtype=torch.float64)
-        counts = torch.zeros(len(task_names), dtype=torch.float64)
-        with torch.no_grad():
-            for batch in batches:
-                out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"])
-                s, c = losses.per_task_loss_sums(out.token_loss.double(),
-                                                 losses.trained_values(batch["task_ids"], batch["labels"]), len(task_names))
-                sums += s.cpu()
-                counts += c.cpu()
-        return losses.task_mean_losses(losses.all_reduce_sum(sums), losses.all_reduce_sum(counts)).float()
 
     def coba_measure() -> torch.Tensor:
         """Per-task validation losses on the next `coba.valid_batches` validation micro-batches
         (cycled; every rank takes the same number), token-weighted and all-reduced; nan where a
         task had no token."""
-        sums = torch.zeros(len(task_names), dtype=torch.float64)
-        counts = torch.zeros(len(task_names), dtype=torch.float64)
+        cursor = state["coba_cursor"]
+        state["coba_cursor"] += cfg.coba.valid_batches
+        rows = [valid_batches[(cursor + i) % len(valid_batches)] for i in range(cfg.coba.valid_batches)]
         wrapper.eval()
-        with torch.no_grad():
-            for _ in range(cfg.coba.valid_batches):
-                rows = valid_batches[state["coba_cursor"] % len(valid_batches)]
-                state["coba_cursor"] += 1
-                batch = collate(valid_split, rows, seq_length, pad_id)
-                out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"])
-                s, c = losses.per_task_loss_sums(out.token_loss.double(),
-                                                 losses.trained_values(batch["task_ids"], batch["labels"]), len(task_names))
-                sums += s.cpu()
-                counts += c.cpu()
+        sums, counts = task_loss_totals(wrapper, valid_batch, rows, len(task_names))
         wrapper.train()
-        return losses.task_mean_losses(losses.all_reduce_sum(sums), losses.all_reduce_sum(counts))
+        return losses.task_mean_losses(sums, counts)
 
     if balancer is not None and resume_from is None:
         # The normalizers are the losses before any training: one full validation pass.
@@ -221,16 +243,18 @@ def main(work_dir: Path) -> None:
     # ------------------------------------------------------------------------- train
 
     wrapper.train()
-    stop = False
+    stop = state["step"] >= total_steps  # resumed from the final checkpoint: nothing left but saving
     tick = time.perf_counter()
-    for epoch in range(state["epoch"], cfg.epochs):
-        plan = plan_for(epoch)
-        micro_batches = plan.micro_batches(rank)
+    for epoch in range(state["epoch"], len(plans)):
+        if stop:
+            break
+        micro_batches = plans[epoch].micro_batches(rank)
         groups = [micro_batches[i : i + cfg.grad_accum] for i in range(0, len(micro_batches), cfg.grad_accum)]
         for group_index in range(state["group"], len(groups)):
-            batches = [collate(train_split, rows, seq_length, pad_id) for rows in groups[group_index]]
+            batches = [train_batch(rows) for rows in groups[group_index]]
             counts = losses.all_reduce_counts(losses.group_counts(batches, len(task_names)))
-            reference = group_task_means(batches) if cfg.loss == "focal_task" else None
+            reference = (focal_task_reference(wrapper, train_batch, groups[group_index], len(task_names), device)
+                         if cfg.loss == "focal_task" else None)
             # CoBa's weights hold for every micro-step of the step (changed only between steps)
             step_weights = balancer.weights.float() if balancer is not None else loss_weights
             mode = "case3" if balancer is not None else cfg.loss
@@ -240,7 +264,11 @@ def main(work_dir: Path) -> None:
             input_tokens = torch.tensor(float(sum(int((b["task_ids"] >= 0).sum()) for b in batches)), dtype=torch.float64)
             for i, batch in enumerate(batches):
                 last = i == len(batches) - 1
-                with accelerator.no_sync(wrapper) if not (last or deepspeed) else _nothing():
+                # The last micro-batch is the step's sync point: DDP and FSDP reduce gradients
+                # only there (no_sync before), and accelerate's backward steps DeepSpeed's engine
+                # wherever sync_gradients is set (left on, it stepped after every micro-batch).
+                accelerator.sync_gradients = last
+                with nullcontext() if last else accelerator.no_sync(wrapper):
                     out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"])
                     token_task = losses.trained_values(batch["task_ids"], batch["labels"])
                     token_sample = losses.trained_values(batch["sample_ids"], batch["labels"])
@@ -259,15 +287,13 @@ def main(work_dir: Path) -> None:
                 task_sums += s.cpu()
                 task_tokens += c.cpu()
             lr_used = scheduler.get_last_lr()[0]  # the lr of this update (scheduler.step() moves to the next)
-            grad_norm = accelerator.clip_grad_norm_(wrapper.parameters(), cfg.max_grad_norm)
-            if grad_norm is None and deepspeed:
-                grad_norm = wrapper.get_global_grad_norm()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(accelerator, wrapper, optimizer, scheduler, cfg.max_grad_norm, deepspeed)
 
             state["step"] += 1
             state["epoch"], state["group"] = epoch, group_index + 1
+            if deepspeed and wrapper.global_steps != state["step"]:
+                raise RuntimeError(f"DeepSpeed's engine took {wrapper.global_steps} optimizer steps in {state['step']} "
+                                   "steps of this loop: its accumulation boundary is not the loop's")
             objective = losses.all_reduce_sum(objective)
             task_sums, task_tokens = losses.all_reduce_sum(task_sums), losses.all_reduce_sum(task_tokens)
             step_tokens = int(task_tokens.sum().item())
@@ -277,7 +303,7 @@ def main(work_dir: Path) -> None:
             metrics.write({
                 "step": state["step"], "epoch": epoch, "lr": lr_used,
                 "loss": objective.item(),
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "grad_norm": grad_norm,  # before clipping
                 "task_loss": {n: (task_sums[k] / task_tokens[k]).item() for k, n in enumerate(task_names) if task_tokens[k] > 0},
                 "task_tokens": {n: int(task_tokens[k].item()) for k, n in enumerate(task_names)},
                 "trained_tokens_per_s": step_tokens / max(now - tick, 1e-9),
@@ -291,7 +317,7 @@ def main(work_dir: Path) -> None:
             if balancer is not None and balancer.should_update(state["step"]):
                 balancer.update(state["step"], coba_measure())
             if is_main:  # the stage turns it into the live line (step, loss, tokens/s, time left)
-                print(f"progress step={state['step']} total={int(total_steps)} loss={objective.item():.6g} "
+                print(f"progress step={state['step']} total={total_steps} loss={objective.item():.6g} "
                       f"tokens_per_s={input_tokens / max(now - tick, 1e-9):.1f}", flush=True)
 
             last_step = state["step"] >= total_steps
@@ -302,7 +328,7 @@ def main(work_dir: Path) -> None:
                 if improved:
                     state["best_loss"], state["best_step"] = score, state["step"]
                     state["evals_without_improvement"] = 0
-                    save_weights(accelerator, wrapper, work_dir / "best-model", deepspeed)
+                    save_weights(accelerator, wrapper, work_dir / "best-model")
                 else:
                     state["evals_without_improvement"] += 1
                 metrics.write({"step": state["step"], "valid_loss": score, "valid_task_loss": per_task})
@@ -314,24 +340,23 @@ def main(work_dir: Path) -> None:
                 if balancer is not None:
                     state["coba"] = tensors_to_json(balancer.state_dict())
                 ckpt.save_checkpoint(accelerator, work_dir, state["step"], state, cfg.keep_checkpoints,
-                                     protect=state["best_step"])
+                                     protect=state["best_step"], deepspeed=deepspeed)
             tick = time.perf_counter()
             if last_step or stop:
                 stop = True
                 break
-        if stop:
-            break
         state["group"] = 0
 
     # ------------------------------------------------------------------------- save
 
-    save_weights(accelerator, wrapper, work_dir / "model", deepspeed)
+    save_weights(accelerator, wrapper, work_dir / "model")
     if is_main:
         summary = {
-            "steps": state["step"], "total_steps": int(total_steps), "trained_tokens": state["trained_tokens"],
+            "steps": state["step"], "total_steps": total_steps, "trained_tokens": state["trained_tokens"],
             "best_valid_loss": state["best_loss"], "best_step": state["best_step"],
             "final_valid_task_loss": metrics.last_validation(), "tasks": task_names,
             "early_stopped": state["step"] < total_steps,
+            **({"deepspeed_global_steps": wrapper.global_steps} if deepspeed else {}),
         }
         (work_dir / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         plot_loss_curves(work_dir / "metrics.jsonl", work_dir / "loss_curves.png")
@@ -357,15 +382,7 @@ def tensors_from_json(value):
     return value
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def save_weights(accelerator, wrapper, out: Path, deepspeed: bool) -> None:
+def save_weights(accelerator, wrapper, out: Path) -> None:
     """The adapter (LoRA) or the full model in Hugging Face format, gathered from every rank."""
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(wrapper)  # gathers ZeRO-3 / FSDP shards

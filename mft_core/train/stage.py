@@ -85,8 +85,8 @@ def describe_training(cfg: PipelineConfig, precision: str) -> str:
     return f"{length}, {method} on {cfg.model.path}, {precision}, {where}"
 
 
-def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
-              on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+def write_train_job(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path) -> dict[str, Any]:
+    """train_job.json, everything the trainer reads (recipe.main(work_dir) runs from it alone)."""
     model_dir = resolve_model(cfg.model.path, cfg.runs_root)
     weights = {t.task_name: t.weight for t in cfg.data.tasks}
     tasks = [{"name": t["name"], "id": t["id"], "weight": weights[t["name"]]} for t in _tokenized_tasks(tokenize_dir)]
@@ -96,7 +96,8 @@ def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
     # precision; a resumed run keeps the precision its checkpoints were trained in.
     job_file = work_dir / "train_job.json"
     earlier = json.loads(job_file.read_text()).get("precision") if job_file.is_file() else None
-    precision = earlier if earlier and cfg.train.precision == "auto" else resolve_precision(cfg.train.precision, cuda_available())
+    precision = earlier if earlier and cfg.train.precision == "auto" else resolve_precision(
+        cfg.train.precision, cuda_available(), cfg.train.method)
     # Paths inside the runs root are stored relative to it: the train output (and so the keys of
     # the stages after it) must not depend on where the project is checked out.
     job = {
@@ -107,6 +108,12 @@ def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
         "precision": precision,
     }
     job_file.write_text(json.dumps(job, indent=1) + "\n")
+    return job
+
+
+def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
+              on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    precision = write_train_job(cfg, tokenize_dir, work_dir)["precision"]
     argv, env = trainer_command(cfg.train, work_dir, precision == "bf16")
     announce(log, "train", "start: " + describe_training(cfg, precision))
     progress = TrainingProgress()
@@ -125,6 +132,7 @@ def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
     (work_dir / "train.log").unlink(missing_ok=True)  # streamed into the run's log already
     (work_dir / "deepspeed.json").unlink(missing_ok=True)
+    (work_dir / "accelerate.yaml").unlink(missing_ok=True)
     return json.loads((work_dir / "train_summary.json").read_text())
 
 

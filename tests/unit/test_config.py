@@ -40,6 +40,8 @@ def test_minimal_config_fills_defaults_and_resolves_paths_against_the_file(tmp_p
         ("runs_root: runs\n", "data: required key is missing"),
         ("data:\n  tasks:\n    - {path: a, weight: 0}\n", "data.tasks.0.weight: Input should be greater than 0"),
         ("data:\n  tasks: '[/data/a,/data/b]'\n", "data.tasks: Input should be a valid list"),
+        (MINIMAL + "train: {attention: flash_attention_2, precision: fp32}\n", "flash_attention_2 has no fp32 kernels"),
+        (MINIMAL + "train: {method: qlora, precision: fp32}\n", "qlora stores its 4-bit weights in bf16"),
     ],
 )
 def test_errors_name_the_key_path(tmp_path, text, expected):
