@@ -3,13 +3,14 @@
 # README's two set-up commands there, each in a new shell with nothing of ours exported. Not part
 # of `make test` (it runs `make test` itself, and `make demo`: about 30-45 minutes on 2 cores).
 #
-#   scripts/fresh-clone-check.sh DIR [both|demo|test] [--runs-from CHECKOUT] [--keep-home]
+#   scripts/fresh-clone-check.sh DIR [both|demo|test] [--runs-from CHECKOUT] [--rev REV] [--keep-home]
 #
 #   DIR          a folder that does not exist yet (or is empty): the clone goes to DIR/mft-pipeline,
 #                so nothing is beside it (no ../shared, no data, no caches of this checkout)
 #   both|demo|test  which README commands to run (default: both, test first)
 #   --runs-from CHECKOUT  copy CHECKOUT/runs into the clone first: a moved checkout reuses every
 #                stage whose inputs are the same (stage keys hash content, never paths)
+#   --rev REV    clone this commit instead of main's head (e.g. the one a --runs-from checkout ran)
 #   --keep-home  run with your HOME (its pip, Hugging Face and test caches); by default HOME is a
 #                new empty folder DIR/home, as on a fresh machine (the machine's environment,
 #                its CA certificates and proxies included, is kept: only our variables are dropped)
@@ -19,15 +20,16 @@
 set -uo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2; }
 
 [[ $# -ge 1 ]] || usage
 TARGET="$1"; shift
-WHAT="both"; RUNS_FROM=""; KEEP_HOME=0
+WHAT="both"; RUNS_FROM=""; KEEP_HOME=0; REV=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         both|demo|test) WHAT="$1" ;;
         --runs-from) RUNS_FROM="${2:?--runs-from needs a checkout}"; shift ;;
+        --rev) REV="${2:?--rev needs a commit}"; shift ;;
         --keep-home) KEEP_HOME=1 ;;
         *) usage ;;
     esac
@@ -43,6 +45,7 @@ CLONE="$TARGET/mft-pipeline"
 
 # main as committed (not this working tree): --no-local copies objects like a network clone does
 git clone --quiet --no-local --branch main "$REPO_ROOT" "$CLONE" || exit 1
+if [[ -n "$REV" ]]; then git -C "$CLONE" checkout --quiet "$REV" || exit 1; fi
 echo "cloned main ($(git -C "$CLONE" log -1 --format='%h %s' | cut -c1-80)) into $CLONE"
 echo "beside it: $(ls -A "$TARGET" | tr '\n' ' ')"
 
