@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA := demo-data
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-data test test-fast bench balance toolchains prefect-up prefect-down clean
+.PHONY: setup demo demo-data test test-fast bench balance toolchains extras prefect-up prefect-down clean
 
 setup: $(STAMP)
 
@@ -34,13 +34,17 @@ $(STAMP): pyproject.toml
 toolchains:
 	scripts/install-toolchains.sh
 
+# The Prefect server's PostgreSQL (MFT_PREFECT_DB=postgres) and the headless browser the UI tests use.
+extras:
+	scripts/install-extras.sh postgresql chromium
+
 demo-data: setup
 	$(VENV)/bin/mft data demo --out $(DEMO_DATA)
 
 demo: setup toolchains demo-data
 	$(VENV)/bin/mft run
 
-test: setup toolchains
+test: setup toolchains extras
 	MFT_TESTS_REQUIRE_INSTALLED=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

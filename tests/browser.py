@@ -1,0 +1,177 @@
+"""Headless Chromium for tests: open a page, let its scripts run, read what it shows.
+
+Debian's `chromium` (installed by `scripts/install-extras.sh chromium`, which `make test` runs)
+is driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`: Chromium reads
+commands from its descriptor 3 and writes replies and events to descriptor 4, one JSON message
+per NUL-terminated chunk), so no port is opened and nothing else is needed. Every browser gets a
+new empty profile.
+
+    with Browser() as browser:
+        browser.open("http://127.0.0.1:4200/runs/flow-run/<id>")
+        browser.click("Task Runs")
+        text = browser.wait_for_text(["ingest-", "Completed"], timeout=60)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import select
+import shutil
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--remote-debugging-pipe", "--window-size=1400,1000",
+]
+INSTALL = "scripts/install-extras.sh chromium"
+
+
+def chromium_missing() -> str | None:
+    """Why no browser test can run here (with the fix), or None."""
+    if shutil.which("chromium") is None:
+        return f"chromium is not installed; run `{INSTALL}`"
+    return None
+
+
+class BrowserError(RuntimeError):
+    pass
+
+
+class Browser:
+    def __init__(self, executable: str = "chromium"):
+        self.profile = tempfile.mkdtemp(prefix="mft-chromium-")
+        to_child_r, self._to_child = os.pipe()
+        self._from_child, from_child_w = os.pipe()
+        # Above the descriptors the child's 3 and 4 are made of, so that placing one cannot clobber the other.
+        high_r = fcntl.fcntl(to_child_r, fcntl.F_DUPFD, 10)
+        high_w = fcntl.fcntl(from_child_w, fcntl.F_DUPFD, 10)
+        for fd in (to_child_r, from_child_w):
+            os.close(fd)
+
+        def place_pipes() -> None:  # in the child, before exec
+            os.dup2(high_r, 3)
+            os.dup2(high_w, 4)
+
+        self._log = tempfile.TemporaryFile()  # chromium's own messages, for the error of a crash
+        self.process = subprocess.Popen(
+            [executable, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+            pass_fds=(3, 4), preexec_fn=place_pipes, start_new_session=True)
+        os.close(high_r)
+        os.close(high_w)
+        self._buffer = b""
+        self._next_id = 0
+        self._session: str | None = None
+
+    # ------------------------------------------------------------------ protocol
+
+    def call(self, method: str, params: dict[str, Any] | None = None, session: str | None = None,
+             timeout: float = 30) -> dict[str, Any]:
+        """Send one command and return its result (events that arrive meanwhile are dropped)."""
+        self._next_id += 1
+        message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        os.write(self._to_child, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._read(deadline)
+            if reply.get("id") == self._next_id:
+                if "error" in reply:
+                    raise BrowserError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+
+    def _read(self, deadline: float) -> dict[str, Any]:
+        while b"\0" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrowserError("no reply from chromium in time")
+            ready, _, _ = select.select([self._from_child], [], [], left)
+            if ready:
+                chunk = os.read(self._from_child, 1 << 16)
+                if not chunk:
+                    raise BrowserError(f"chromium exited: {self._stderr_tail()}")
+                self._buffer += chunk
+        raw, self._buffer = self._buffer.split(b"\0", 1)
+        return json.loads(raw)
+
+    def _stderr_tail(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-2000:]
+
+    # ------------------------------------------------------------------ pages
+
+    def open(self, url: str) -> None:
+        """Load `url` in this browser's one tab."""
+        if self._session is None:
+            target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+            self._session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        self.call("Page.navigate", {"url": url}, session=self._session)
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page."""
+        result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True},
+                           session=self._session)
+        if "exceptionDetails" in result:
+            raise BrowserError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def text(self) -> str:
+        """What the page shows (document.body.innerText)."""
+        return self.evaluate("document.body ? document.body.innerText : ''") or ""
+
+    def wait_for_text(self, expected: list[str], timeout: float = 60) -> str:
+        """Wait until the page's visible text holds every string of `expected`; that text."""
+        deadline = time.monotonic() + timeout
+        text = ""
+        while time.monotonic() < deadline:
+            text = self.text()
+            if all(item in text for item in expected):
+                return text
+            time.sleep(0.5)
+        missing = [item for item in expected if item not in text]
+        raise AssertionError(f"{self.evaluate('location.href')} did not show {missing} within {timeout:.0f} s; "
+                             f"it showed:\n{text[:3000]}")
+
+    def click(self, text: str, timeout: float = 60) -> None:
+        """Click the first button, link or tab whose visible text is exactly `text`, once there is one."""
+        find = ("[...document.querySelectorAll('button, a, [role=tab], .p-tab')]"
+                f".find(e => e.innerText && e.innerText.trim() === {json.dumps(text)})")
+        deadline = time.monotonic() + timeout
+        while not self.evaluate(f"!!({find})"):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} to click on {self.evaluate('location.href')} within {timeout:.0f} s")
+            time.sleep(0.5)
+        self.evaluate(f"({find}).click()")
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        try:
+            if self.process.poll() is None:
+                self.call("Browser.close", timeout=5)
+                self.process.wait(timeout=10)
+        except (BrowserError, OSError, subprocess.TimeoutExpired):
+            pass
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 9)
+            self.process.wait()
+        for fd in (self._to_child, self._from_child):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._log.close()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
