@@ -77,9 +77,9 @@ def test_two_processes_one_accumulation_equal_one_process_two(trained, backend):
 @pytest.mark.parametrize("backend", ["zero2-2x2", "zero3-2x2"])
 def test_deepspeed_accumulates_like_ddp_and_steps_once_per_optimizer_step(trained, backend):
     out = trained(backend)
+    assert_same_training(trained("ddp-2x2"), out)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 3 and summary["deepspeed_global_steps"] == 3
-    assert_same_training(trained("ddp-2x2"), out)
 
 
 @pytest.mark.parametrize("backend", ["zero2-2x2", "zero3-2x2"])
@@ -119,14 +119,16 @@ def test_deepspeed_killed_then_resumed_equals_uninterrupted(trained, tmp_path, t
 
 
 def test_the_users_accelerate_config_and_variables_change_nothing(trained, tmp_path, tiny_llama_dir, monkeypatch):
-    """`accelerate launch` merges ~/.cache/huggingface/accelerate/default_config.yaml and ACCELERATE_*
-    variables into its own settings: a stray gradient_accumulation_steps there divides every loss."""
+    """`accelerate launch` merges ~/.cache/huggingface/accelerate/default_config.yaml into every
+    setting its flags leave open (here a one-GPU machine's), and the processes read ACCELERATE_*
+    variables: a stray ACCELERATE_GRADIENT_ACCUMULATION_STEPS divides every loss."""
+    reference = trained("ddp-2x1")  # before the poison
     home = tmp_path / "hf-home"
     (home / "accelerate").mkdir(parents=True)
     (home / "accelerate" / "default_config.yaml").write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
-        "gradient_accumulation_steps: 4\nmixed_precision: fp16\ndebug: true\nmain_process_port: 1\n")
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 1\ngpu_ids: '0'\n"
+        "mixed_precision: fp16\ndebug: true\nenable_cpu_affinity: true\n")
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
     out = train(make_project(tmp_path / "poisoned", tiny_llama_dir, **COMMON, **RUNS["ddp-2x1"])).directory
-    assert_same_training(trained("ddp-2x1"), out)
+    assert_same_training(reference, out)
