@@ -8,8 +8,9 @@
 #   DIR          a folder that does not exist yet (or is empty): the clone goes to DIR/mft-pipeline,
 #                so nothing is beside it (no ../shared, no data, no caches of this checkout)
 #   both|demo|test  which README commands to run (default: both, test first)
-#   --runs-from CHECKOUT  copy CHECKOUT/runs into the clone first: a moved checkout reuses every
-#                stage whose inputs are the same (stage keys hash content, never paths)
+#   --runs-from CHECKOUT  copy CHECKOUT/runs into the clone first, without its evaluate outputs: a
+#                moved checkout reuses every stage whose inputs are the same (stage keys hash
+#                content, never paths), and evaluate (the sandbox) runs in the new place
 #   --rev REV    clone this commit instead of main's head (e.g. the one a --runs-from checkout ran)
 #   --keep-home  run with your HOME (its pip, Hugging Face and test caches); by default HOME is a
 #                new empty folder DIR/home, as on a fresh machine (the machine's environment,
@@ -50,8 +51,10 @@ echo "cloned main ($(git -C "$CLONE" log -1 --format='%h %s' | cut -c1-80)) into
 echo "beside it: $(ls -A "$TARGET" | tr '\n' ' ')"
 
 if [[ -n "$RUNS_FROM" ]]; then
-    echo "copying $RUNS_FROM/runs (the cached stages) into the clone"
+    echo "copying $RUNS_FROM/runs (the cached stages but evaluate) into the clone"
     cp -a "$RUNS_FROM/runs" "$CLONE/runs"
+    # Evaluate is the stage that runs generated code in the sandbox: it must run in the new place.
+    rm -rf "$CLONE/runs/evaluate" "$CLONE/runs/evaluate-base"
 fi
 
 HOME_FOR_RUN="$HOME"
