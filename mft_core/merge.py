@@ -56,6 +56,12 @@ In bf16, W + delta is rounded to bf16 once, and an update smaller than W's bf16 
 its effect in places. BF16_TOLERANCE 4.0 passes bf16 merges that keep the fine-tune and fails
 those that lose it, with a message that says to merge in fp32; bf16 is for size, not exactness.
 
+That float64 check holds a model in 8 bytes per parameter on the CPU: cheap for small models, 56 GB
+and hours for a 7B. Above FLOAT64_CHECK_MAX_PARAMETERS the check runs in fp32 on the GPU (the CPU
+without one), on FP32_CHECK_TOKENS tokens, against the storage dtype's tolerance plus fp32's own
+arithmetic noise (2^14 fp32 epsilons of the largest reference logit); merge_report.json says which
+check ran and with what numbers. Either way one model is held at a time.
+
 Timings (load, merge, save, check) are logged, not written into the output: the output must be a
 pure function of the inputs, so that a rebuilt merge leaves the downstream keys unchanged.
 """
@@ -87,6 +93,14 @@ MODEL_DIR = "model"
 REPORT = "merge_report.json"
 FP32_TOLERANCE = 1e-4  # fp32 storage rounding of W + BA: see the module docstring
 BF16_TOLERANCE = 4.0  # measured bound, see the module docstring
+# The float64 check holds a model in 8 bytes per parameter on the CPU (and float64 matmuls):
+# cheap up to here, 56 GB and hours for a 7B. Larger models are checked in fp32 on the GPU.
+FLOAT64_CHECK_MAX_PARAMETERS = 1_000_000_000
+FP32_CHECK_TOKENS = 2048  # token budget of the fp32 check (its reference logits are kept on the CPU)
+# fp32 arithmetic of two different computations (W x + B A x against (W + BA) x, through every
+# layer) differs by up to ~2^12 fp32 epsilons of the logits' size (SmolLM2: 1.8e-2 at |logits| ~ 25);
+# the fp32 check allows 2^14 on top of the storage dtype's own tolerance. A wrong merge is off by 1+.
+FP32_CHECK_RELATIVE = 2**14 * 1.1920928955078125e-07
 ADAPTER_METHODS = ("lora", "qlora")
 # Hub ids of the model aliases, for the model card's `base_model` metadata.
 HUB_IDS = {SMOLLM2_ALIAS: "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -181,6 +195,7 @@ def run_merge(cfg: PipelineConfig, train_dir: Path, out_dir: Path) -> dict[str, 
         model = load_causal_lm(train_dir / MODEL_DIR, dtype)
         loaded = time.perf_counter()
     merged = time.perf_counter()
+    num_parameters = sum(p.numel() for p in model.parameters())
     model.generation_config.eos_token_id = template["eos_id"]
     model.generation_config.pad_token_id = template["pad_id"]
     model.save_pretrained(model_out, max_shard_size=settings.max_shard_size)
@@ -191,9 +206,16 @@ def run_merge(cfg: PipelineConfig, train_dir: Path, out_dir: Path) -> dict[str, 
     saved = time.perf_counter()
 
     split, samples = check_sample_ids(trained["tokenize_dir"], settings.check_samples)
-    check = check_equivalence(method, base_dir, train_dir / MODEL_DIR, model_out, dtype, samples)
+    plan = check_plan(num_parameters, torch.cuda.is_available())
+    samples = within_budget(samples, plan["token_budget"])
+    check = check_equivalence(method, base_dir, train_dir / MODEL_DIR, model_out, dtype, samples,
+                              getattr(torch, plan["precision"].replace("fp32", "float32")), torch.device(plan["device"]))
     checked = time.perf_counter()
-    check.update(split=split, tolerance=tolerance, passed=check["max_abs_diff"] <= tolerance)
+    if settings.tolerance is None and plan["precision"] == "fp32":
+        tolerance = default_tolerance(settings.dtype) + FP32_CHECK_RELATIVE * check["max_abs_reference_logit"]
+        plan["tolerance_rule"] = (f"{default_tolerance(settings.dtype):g} (merge.dtype {settings.dtype}) + 2^14 fp32 "
+                                  f"epsilons x max |reference logit| {check['max_abs_reference_logit']:.4g}")
+    check.update(plan, split=split, tolerance=tolerance, passed=check["max_abs_diff"] <= tolerance)
     log.info("merge: load %.2f s, merge %.2f s, save %.2f s, check %.2f s (%d samples, %d tokens)",
              loaded - started, merged - loaded, saved - merged, checked - saved, check["samples"], check["tokens"])
 
@@ -253,14 +275,39 @@ def save_tokenizer(tokenizer_dir: Path, model_out: Path, template: dict[str, Any
 # ----------------------------------------------------------------------------- the check
 
 
-LogitFn = Callable[["Any"], "Any"]  # token ids [1, T] -> logits [T, V] (float64)
+LogitFn = Callable[["Any"], "Any"]  # token ids [1, T] -> logits [T, V]
 
 
-def load_for_check(folder: Path, dtype):
-    """A model whose weights hold the values they have in `dtype`, for a float64 forward."""
-    import torch
+def check_plan(num_parameters: int, on_gpu: bool, max_float64: int | None = None) -> dict[str, Any]:
+    """How the merge is checked, by model size. Up to FLOAT64_CHECK_MAX_PARAMETERS: float64 on the
+    CPU, every logit of every check sample (exact to 3e-13, so only the saved weights show). Above:
+    fp32 on the GPU (the CPU without one), on at most FP32_CHECK_TOKENS tokens, against the storage
+    dtype's tolerance plus fp32's own noise (FP32_CHECK_RELATIVE x the logits' size)."""
+    limit = FLOAT64_CHECK_MAX_PARAMETERS if max_float64 is None else max_float64
+    plan = {"model_parameters": num_parameters, "float64_max_parameters": limit}
+    if num_parameters <= limit:
+        return {**plan, "precision": "float64", "device": "cpu", "token_budget": None,
+                "tolerance_rule": "merge.tolerance, else the storage dtype's (1e-4 fp32, 4.0 bf16)"}
+    return {**plan, "precision": "fp32", "device": "cuda" if on_gpu else "cpu", "token_budget": FP32_CHECK_TOKENS,
+            "tolerance_rule": "merge.tolerance"}
 
-    return load_causal_lm(folder, dtype).to(torch.float64)
+
+def within_budget(samples: list[list[int]], budget: int | None) -> list[list[int]]:
+    """The samples, the last one cut, up to `budget` tokens in all (None: all of them)."""
+    if budget is None:
+        return samples
+    kept, left = [], budget
+    for sample in samples:
+        if left <= 0:
+            break
+        kept.append(sample[:left])
+        left -= len(kept[-1])
+    return kept
+
+
+def load_for_check(folder: Path, dtype, compute_dtype, device):
+    """A model whose weights hold the values they have in `dtype`, computing in `compute_dtype`."""
+    return load_causal_lm(folder, dtype).to(device=device, dtype=compute_dtype)
 
 
 def float64_compute():
@@ -292,26 +339,43 @@ def float64_compute():
 
 
 def check_equivalence(method: str, base_dir: Path, trained_dir: Path, saved_dir: Path, dtype,
-                      samples: list[list[int]]) -> dict[str, Any]:
+                      samples: list[list[int]], compute_dtype, device) -> dict[str, Any]:
     """Saved model vs the trained one (base + adapter unmerged, or the trained full model), and,
-    to know the check means something, the trained model vs the base."""
-    saved = load_for_check(saved_dir, dtype)
+    to know the check means something, the trained model vs the base. One model at a time on
+    `device`: the reference logits are kept (on the CPU) and compared with the saved model's."""
+    reference_logits: list = []
+
+    def remembered(run: LogitFn) -> LogitFn:
+        def remember(ids):
+            logits = run(ids)
+            reference_logits.append(logits.cpu())
+            return logits
+        return remember
+
+    def replayed() -> LogitFn:
+        stored = iter(reference_logits)
+        return lambda ids: next(stored)
+
+    load = lambda folder: load_for_check(folder, dtype, compute_dtype, device)
     if method in ADAPTER_METHODS:
         from peft import PeftModel
 
-        reference = PeftModel.from_pretrained(load_for_check(base_dir, dtype), trained_dir).eval()
+        model = PeftModel.from_pretrained(load(base_dir), trained_dir).eval()
 
         def base_logits(ids):
-            with reference.disable_adapter():
-                return logits_of(reference)(ids)
+            with model.disable_adapter():
+                return logits_of(model)(ids)
 
-        equal = compare_logits(logits_of(saved), logits_of(reference), samples)
-        effect = compare_logits(logits_of(reference), base_logits, samples)
+        effect = compare_logits(remembered(logits_of(model)), base_logits, samples)
     else:
-        reference = load_for_check(trained_dir, dtype)
-        equal = compare_logits(logits_of(saved), logits_of(reference), samples)
-        del reference
-        effect = compare_logits(logits_of(saved), logits_of(load_for_check(base_dir, dtype)), samples)
+        model = load(trained_dir)
+        for sample in samples:
+            remembered(logits_of(model))(sample_ids(sample))
+        del model
+        model = load(base_dir)
+        effect = compare_logits(replayed(), logits_of(model), samples)
+    del model
+    equal = compare_logits(logits_of(load(saved_dir)), replayed(), samples)
     return {
         "reference": "base + adapter, unmerged" if method in ADAPTER_METHODS else "the trained model",
         "samples": len(samples),
@@ -319,6 +383,7 @@ def check_equivalence(method: str, base_dir: Path, trained_dir: Path, saved_dir:
         "max_abs_diff": equal["max_abs_diff"],
         "mean_abs_diff": equal["mean_abs_diff"],
         "argmax_agreement": equal["argmax_agreement"],
+        "max_abs_reference_logit": max(float(logits.abs().max()) for logits in reference_logits),
         "finetune_effect": {
             "max_abs_diff": effect["max_abs_diff"],
             "mean_abs_diff": effect["mean_abs_diff"],
@@ -327,14 +392,21 @@ def check_equivalence(method: str, base_dir: Path, trained_dir: Path, saved_dir:
     }
 
 
+def sample_ids(sample: list[int]):
+    import torch
+
+    return torch.tensor([sample], dtype=torch.long)
+
+
 def logits_of(model) -> LogitFn:
     import torch
 
-    in_float64 = next(model.parameters()).dtype == torch.float64
+    parameter = next(model.parameters())
+    in_float64 = parameter.dtype == torch.float64
 
     def run(ids):
         with torch.no_grad(), float64_compute() if in_float64 else contextlib.nullcontext():
-            return model(input_ids=ids, use_cache=False).logits[0]
+            return model(input_ids=ids.to(parameter.device), use_cache=False).logits[0]
 
     return run
 
@@ -342,12 +414,11 @@ def logits_of(model) -> LogitFn:
 def compare_logits(first: LogitFn, second: LogitFn, samples: list[list[int]]) -> dict[str, float]:
     """Max and mean |difference| over every logit of every position, and the share of positions
     whose argmax agrees; one sample at a time, so memory is one sample's logits."""
-    import torch
-
     max_diff, diff_sum, values, agree, positions = 0.0, 0.0, 0, 0, 0
     for sample in samples:
-        ids = torch.tensor([sample], dtype=torch.long)
-        a, b = first(ids), second(ids)
+        ids = sample_ids(sample)
+        a = first(ids)
+        b = second(ids).to(a.device)
         diff = (a - b).abs()
         max_diff = max(max_diff, diff.max().item())
         diff_sum += diff.double().sum().item()
@@ -439,7 +510,7 @@ Weights: safetensors, {report['dtype']}.
 ## Merge check
 
 The saved weights were loaded back and compared with {check['reference']} on {check['samples']}
-{check['split']} samples ({check['tokens']} tokens, every logit, float64 arithmetic): max |difference|
+{check['split']} samples ({check['tokens']} tokens, every logit, {check['precision']} arithmetic): max |difference|
 {check['max_abs_diff']:.3g} (tolerance {check['tolerance']:.3g}), mean {check['mean_abs_diff']:.3g},
 argmax agreement {check['argmax_agreement']:.2%}. The fine-tune moved the logits from the base by up
 to {check['finetune_effect']['max_abs_diff']:.3g}.

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from mft_core import merge
 from mft_core.train.stage import job_path
 from mft_core.config import load_config
 from mft_core.data.render import make_template, render_prompt
@@ -239,10 +240,10 @@ def test_merge_key_follows_merge_settings_and_train_output(lora):
     assert compute_key(load_config(lora.cfg.source, {"train.threads": 2}), "merge", train_dir) == key
 
 
-def test_a_merge_that_changes_the_model_fails_with_the_numbers(lora, tmp_path):
-    # A real defect, not a mock: the tiny Llama ties lm_head to the input embeddings. Add a trained
-    # LoRA on lm_head to the adapter: unmerged, it changes only the output head; merged, PEFT writes
-    # it into the shared matrix and so changes the input embeddings too.
+def tampered(lora) -> Path:
+    """A real defect, not a mock: the tiny Llama ties lm_head to the input embeddings. Add a trained
+    LoRA on lm_head to the adapter: unmerged, it changes only the output head; merged, PEFT writes
+    it into the shared matrix and so changes the input embeddings too."""
     train_dir = lora.train_dir.with_name("tampered")  # inside the runs root, like a real train output
     shutil.rmtree(train_dir, ignore_errors=True)
     shutil.copytree(lora.train_dir, train_dir)
@@ -256,15 +257,47 @@ def test_a_merge_that_changes_the_model_fails_with_the_numbers(lora, tmp_path):
     weights["base_model.model.lm_head.lora_A.weight"] = torch.randn(rank, hidden, generator=generator) * 0.1
     weights["base_model.model.lm_head.lora_B.weight"] = torch.randn(512, rank, generator=generator) * 0.1
     save_file(weights, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    return train_dir
 
+
+def test_a_merge_that_changes_the_model_fails_with_the_numbers(lora, tmp_path):
     out = tmp_path / "merge"
     out.mkdir()
     with pytest.raises(MergeCheckFailed, match=r"merge check failed: .* by up to [0-9.]+ in a logit, above "
                                                 r"merge.tolerance 0.0001 .*lm_head"):
-        run_merge(lora.cfg, train_dir, out)
+        run_merge(lora.cfg, tampered(lora), out)
     report = json.loads((out / "merge_report.json").read_text())
     assert not report["check"]["passed"] and report["check"]["max_abs_diff"] > 100 * FP32_TOLERANCE
     assert not (out / "model" / "README.md").exists()  # no model card for a model that failed its check
+
+
+def test_a_small_model_is_checked_in_float64_on_the_cpu(lora):
+    check = lora.report["check"]
+    assert check["precision"] == "float64" and check["device"] == "cpu" and check["token_budget"] is None
+    assert check["model_parameters"] <= check["float64_max_parameters"] == merge.FLOAT64_CHECK_MAX_PARAMETERS
+    assert check["tolerance"] == FP32_TOLERANCE
+
+
+def test_a_large_model_is_checked_in_fp32_on_a_token_budget_and_the_report_says_so(lora, tmp_path, monkeypatch):
+    """Stands in for a large model on a GPU: a threshold of 1,000 parameters sends the tiny model
+    down the large-model path (fp32 arithmetic, on the CPU here, where no GPU is)."""
+    monkeypatch.setattr(merge, "FLOAT64_CHECK_MAX_PARAMETERS", 1000)
+    monkeypatch.setattr(merge, "FP32_CHECK_TOKENS", 50)
+    out = tmp_path / "merge"
+    out.mkdir()
+    check = run_merge(lora.cfg, lora.train_dir, out)["check"]
+    assert json.loads((out / "merge_report.json").read_text())["check"] == check
+    assert check["precision"] == "fp32" and check["device"] == "cpu" and check["token_budget"] == check["tokens"] == 50
+    assert check["model_parameters"] > check["float64_max_parameters"] == 1000
+    assert check["tolerance"] == pytest.approx(FP32_TOLERANCE + merge.FP32_CHECK_RELATIVE * check["max_abs_reference_logit"])
+    assert check["passed"] and check["max_abs_diff"] <= check["tolerance"] < 0.05
+    assert check["finetune_effect"]["max_abs_diff"] > 2 * check["tolerance"]  # the check still means something
+
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    with pytest.raises(MergeCheckFailed):
+        run_merge(lora.cfg, tampered(lora), wrong)
+    assert json.loads((wrong / "merge_report.json").read_text())["check"]["precision"] == "fp32"
 
 
 def test_check_samples_alternate_tasks_and_fall_back_to_train_without_validation_data(tmp_path, tiny_llama_dir):
@@ -325,7 +358,7 @@ def test_an_adapter_trained_under_zero3_merges_exactly(tmp_path, tiny_llama_dir)
 
 @pytest.mark.slow
 def test_a_qlora_adapter_merges_into_the_unquantized_base(tmp_path, tiny_llama_dir):
-    run = train_and_merge(make_project(tmp_path, tiny_llama_dir, method="qlora"))  # bitsandbytes' CPU backend
+    run = train_and_merge(make_project(tmp_path, tiny_llama_dir, method="qlora", precision="bf16"))  # bitsandbytes' CPU backend
     check = run.report["check"]
     assert run.report["base_quantized_in_training"] and check["passed"] and check["max_abs_diff"] <= FP32_TOLERANCE
     assert check["finetune_effect"]["max_abs_diff"] > 0.05
