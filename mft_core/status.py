@@ -70,7 +70,7 @@ def pipeline_status(cfg: PipelineConfig, convert_models: bool = False) -> list[S
                 if name in MODEL_STAGES and not convert_models and model_pending(cfg):
                     status = StageStatus(name, "unknown", note=f"the model {cfg.model.path} is not converted yet (training converts it)")
                 else:
-                    status = _stage_status(cfg.runs_root, name, key_components(cfg, name, upstream_dir))
+                    status = _stage_status(cfg, name, key_components(cfg, name, upstream_dir), upstream_dir)
             except Exception as err:  # noqa: BLE001 - a status reports, it does not stop
                 status = StageStatus(name, "error", note=f"key not computable: {type(err).__name__}: {err}")
         status.other = _newest_other(cfg.runs_root, name, status)
@@ -85,9 +85,9 @@ def model_pending(cfg: PipelineConfig) -> bool:
     return conversion_pending(cfg.model.path, cfg.runs_root)
 
 
-def _stage_status(runs_root: Path, name: str, parts: dict[str, Any]) -> StageStatus:
+def _stage_status(cfg: PipelineConfig, name: str, parts: dict[str, Any], upstream_dir: Path | None) -> StageStatus:
     key = store.stage_key(**parts)
-    final = store.stage_dir(runs_root, name, key)
+    final = store.stage_dir(cfg.runs_root, name, key)
     status = StageStatus(name, "missing", key=key, parts=_as_json(parts))
     if store.is_complete(final):
         status.state, status.directory = "complete", str(final)
@@ -97,7 +97,7 @@ def _stage_status(runs_root: Path, name: str, parts: dict[str, Any]) -> StageSta
     if partial.is_dir():
         status.state = "building" if store.lock_held(lock_path(final)) else "partial"
         status.directory, status.size_bytes = str(partial), tree_size(partial)
-        status.progress = describe_partial(name, partial, runs_root)
+        status.progress = describe_partial(name, partial, cfg, upstream_dir)
     return status
 
 
@@ -126,24 +126,27 @@ def built_time(directory: Path) -> str | None:
     return stamp.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def describe_partial(name: str, work: Path, runs_root: Path) -> str:
+def describe_partial(name: str, work: Path, cfg: PipelineConfig, upstream_dir: Path | None) -> str:
     """What an unfinished build has done so far, from the files the stage writes as it goes."""
     try:
         if name == "tokenize":
-            return _tokenize_progress(work)
+            return _tokenize_progress(work, cfg, upstream_dir)
         if name == "train":
             return _train_progress(work)
         if name == "evaluate":
-            return _evaluate_progress(work)
-    except (OSError, ValueError, KeyError) as err:
-        return f"unreadable progress ({type(err).__name__}: {err})"
+            return _evaluate_progress(work, cfg)
+    except Exception as err:  # noqa: BLE001 - a status reports, it does not stop
+        return f"progress unknown ({type(err).__name__}: {err})"
     return "not resumable: a rerun starts it again"
 
 
-def _tokenize_progress(work: Path) -> str:
+def _tokenize_progress(work: Path, cfg: PipelineConfig, ingest_dir: Path | None) -> str:
+    from mft_core.data.tokenize import plan_chunks
+
     # A shard is done when its .stats.json (written last) and its .arrow are there.
     done = [p for p in work.glob("*/*.stats.json") if p.with_name(p.name[: -len(".stats.json")] + ".arrow").is_file()]
-    return f"{len(done)} shard(s) done"
+    total = len(plan_chunks(ingest_dir, cfg.tokenize.shard_size_mb)) if ingest_dir else "?"
+    return f"{len(done)} of {total} shards done"
 
 
 def _train_progress(work: Path) -> str:
@@ -173,12 +176,14 @@ def _train_progress(work: Path) -> str:
     return text
 
 
-def _evaluate_progress(work: Path) -> str:
-    from mft_core.eval.stage import EXECUTION_DIR, GENERATIONS
+def _evaluate_progress(work: Path, cfg: PipelineConfig) -> str:
+    from mft_core.eval.stage import EXECUTION_DIR, GENERATIONS, select_evaluation_problems
 
+    # The fine-tuned model's samples (the base model's evaluation is its own output, evaluate-base).
+    total = len(select_evaluation_problems(cfg)) * cfg.evaluate.samples_per_problem
     generated = _count_lines(work / GENERATIONS)
     executed = sum(_count_lines(path) for path in (work / EXECUTION_DIR).glob("*.jsonl"))
-    return f"{generated} sample(s) generated, {executed} executed"
+    return f"{generated} of {total} samples generated, {executed} of {total} executed"
 
 
 def _count_lines(path: Path) -> int:
