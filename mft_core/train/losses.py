@@ -166,12 +166,15 @@ def token_losses_through_module(
                 logits = transform(logits)
             return F.cross_entropy(logits, chunk_targets, reduction="none")
 
+    # Reentrant checkpointing: the recomputation calls the head module again inside backward,
+    # where ZeRO-3's hooks gather its weight anew (the non-reentrant variant rejects that). Only for
+    # a frozen head: each recomputation is a backward of its own, and a trainable head's gradient
+    # would reach ZeRO-3 once per chunk (and once more through tied input embeddings), which it
+    # refuses. A trainable head (full fine-tuning) keeps every chunk's logits for backward.
+    recompute = torch.is_grad_enabled() and states.requires_grad and not any(p.requires_grad for p in head.parameters())
     pieces = []
     for start in range(0, targets.numel(), chunk_size):
         args = (states[start : start + chunk_size], targets[start : start + chunk_size])
-        # Reentrant checkpointing: the recomputation calls the head module again inside backward,
-        # where ZeRO-3's hooks gather its weight anew (the non-reentrant variant rejects that).
-        recompute = torch.is_grad_enabled() and args[0].requires_grad
         pieces.append(checkpoint(chunk_loss, *args, use_reentrant=True) if recompute else chunk_loss(*args))
     return torch.cat(pieces)
 
