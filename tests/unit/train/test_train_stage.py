@@ -158,6 +158,8 @@ def test_coba_resumed_after_warmup_equals_uninterrupted(tmp_path, tiny_llama_dir
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not list((tmp_path / "halves" / "runs" / "train").glob("*/_SUCCESS")), "killed too late"
+    newest = max(p.parent.name for p in (tmp_path / "halves" / "runs" / "train").glob("*.partial/checkpoints/step-*/COMPLETE"))
+    assert newest == "step-0000003", "killed after step 6's checkpoint: nothing left to resume after warmup"
     resumed = run_stage(cfg, "train").directory
     again = [m["task_weight"] for m in metrics(resumed) if "task_weight" in m]
     assert len(again) == 6
