@@ -97,7 +97,7 @@ def measure(args, scale: int) -> dict:
     template = make_template()
     texts = []
     for path in sorted(ingest_dir.glob("data/*/*.parquet")):
-        for record in pq.read_table(path, columns=["messages", "text"]).to_pylist():
+        for record in pq.read_table(path, columns=["shape", "messages", "text"]).to_pylist():
             texts.append("".join(piece.text for piece in _mftcoder_pieces(record, template)))
 
     ours_s, base_s, base1_s = float("inf"), float("inf"), float("inf")

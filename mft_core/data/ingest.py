@@ -14,7 +14,8 @@ Output directory:
   rejects.jsonl           every line that was not kept: source file:line, reason, detail, excerpt
                           (the start of the line, or of a Parquet row as JSON)
   data/<task>/train.parquet, data/<task>/valid.parquet
-      columns: task, task_id (int16), messages (list<struct<role, content>>), text, source
+      columns: task, task_id (int16), shape (chat | pair | text: the record's source shape, which
+               decides how it is tokenized), messages (list<struct<role, content>>), text, source
                ("path:line"), record_hash (hex sha256 of the canonical content)
 
 Memory stays bounded whatever the input size: records stream from file to Parquet row groups.
@@ -52,7 +53,7 @@ from mft_core.store import FileHashCache
 
 log = logging.getLogger("mft.ingest")
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: the `shape` column (pair records tokenize as MFTCoder tokenizes pairs)
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 _BOM = b"\xef\xbb\xbf"
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -63,6 +64,7 @@ RECORD_SCHEMA = pa.schema(
     [
         ("task", pa.string()),
         ("task_id", pa.int16()),
+        ("shape", pa.string()),
         ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
         ("text", pa.string()),
         ("source", pa.string()),
@@ -439,6 +441,7 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
                         row = {
                             "task": name,
                             "task_id": task_id,
+                            "shape": record["shape"],
                             "messages": record["messages"],
                             "text": record["text"],
                             "source": source,

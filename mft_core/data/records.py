@@ -9,8 +9,12 @@ Accepted exactly as MFTCoder accepts them (reference/mftcoder.md §1.1), detecte
 Other keys (id, data_name, ...) are ignored, as MFTCoder ignores them.
 
 Canonical form (what every later stage reads):
-  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "text": str | None}
-chat/pair records have messages and text=None; text records have messages=[] and the text.
+  {"shape": "chat"|"pair"|"text",
+   "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "text": str | None}
+chat/pair records have messages and text=None; text records have messages=[] and the text. The
+shape is kept because MFTCoder tokenizes a pair differently from the same conversation written
+as chat_rounds (reference/mftcoder.md §1.3): the pair's system, prompt and markers are one
+tokenizer call, and no "\n" follows its EOS.
 """
 
 from __future__ import annotations
@@ -169,12 +173,12 @@ def normalize_record(obj: Any) -> dict[str, Any]:
             messages = _system(obj)
             messages.append({"role": "user", "content": _content(obj[user_key], user_key)})
             messages.append({"role": "assistant", "content": _content(obj[answer_key], answer_key)})
-            return {"messages": messages, "text": None}
+            return {"shape": "pair", "messages": messages, "text": None}
     rounds = obj.get("chat_rounds")
     if rounds:  # MFTCoder falls through to `text` when chat_rounds is empty
-        return {"messages": _chat_rounds(rounds), "text": None}
+        return {"shape": "chat", "messages": _chat_rounds(rounds), "text": None}
     if "text" in obj:
-        return {"messages": [], "text": _content(obj["text"], "text")}
+        return {"shape": "text", "messages": [], "text": _content(obj["text"], "text")}
     keys = ", ".join(json_repr(key) for key in sorted(obj)[:8]) or "none"
     raise RecordError("unknown_shape", f"no chat_rounds, text or known pair of keys (keys: {keys})")
 
@@ -199,7 +203,10 @@ def parse_line(raw: bytes) -> dict[str, Any]:
 
 
 def record_fingerprint(record: dict[str, Any]) -> bytes:
-    """sha256 of the canonical content (task-independent, so duplicates across tasks match)."""
+    """sha256 of the canonical content (task-independent, so duplicates across tasks match).
+
+    The shape is left out: a pair and a chat_rounds record of the same conversation are the same
+    content (the first one wins), and the content-keyed split of existing data never moves."""
     payload = json.dumps([record["messages"], record["text"]], ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).digest()
 

@@ -1,10 +1,13 @@
 """Render canonical records into token ids and loss masks (what the model trains on).
 
 Canonical records come from the ingest stage:
-  {"task": str, "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
+  {"task": str, "shape": "chat"|"pair"|"text",
+   "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
    "text": str | None, "source": "path/to/file.jsonl:LINE"}
 Chat records have messages (optional leading system, then user/assistant alternating, ending
 with an assistant turn) and ``text=None``; pretraining records have ``messages=[]`` and ``text``.
+A pair record (prompt/answer, instruction/output, ...) is one round with an optional system.
+Without ``shape``, a record with messages is a chat and one with text is text.
 
 Two templates:
   * ``mftcoder`` (default): MFTCoder's training rendering, to the token
@@ -182,12 +185,23 @@ class _Piece:
 def _mftcoder_pieces(record: Mapping[str, Any], template: MFTCoderTemplate) -> list[_Piece]:
     """The text pieces MFTCoder encodes separately, with their mask value (§1.3).
 
-    The assistant marker is glued to the user turn; the answer is encoded on its own and
-    followed by EOS (both trained); a lone "\\n" after the EOS is not trained.
+    A chat record: the system turn is a piece of its own; the assistant marker is glued to the
+    user turn; the answer is encoded on its own and followed by EOS (both trained); a lone
+    "\\n" after the EOS is not trained. A pair record is MFTCoder's other branch: system,
+    user marker, prompt and assistant marker in ONE piece (so a system ending in whitespace
+    merges with what follows, e.g. SmolLM2's "\\n\\n" token), then the answer and EOS, and
+    nothing after them.
     """
     kind, payload = _validate_record(record)
     if kind == "text":
         return [_Piece(normalize_content(payload) + "\n", 1, append_eos=True, ends_round=True)]
+    if kind == "pair":
+        *system, user, assistant = payload
+        # MFTCoder normalises the system marker with the system text here (not in chat records).
+        head = normalize_content(template.system_marker + system[0]["content"]) + "\n" if system else ""
+        prompt = head + template.user_marker + normalize_content(user["content"]) + "\n" + template.assistant_marker
+        answer = normalize_content(assistant["content"]) + "\n"
+        return [_Piece(prompt, 0), _Piece(answer, 1, append_eos=True, ends_round=True)]
     pieces: list[_Piece] = []
     messages = payload
     if messages[0]["role"] == "system":
@@ -364,11 +378,20 @@ def _require_chat_template(tokenizer) -> str:
 # ----------------------------------------------------------------------------- validation
 
 
+SHAPES = ("chat", "pair", "text")
+
+
 def _validate_record(record: Mapping[str, Any]) -> tuple[str, Any]:
-    """Return ("text", text) or ("chat", messages), or raise a ValueError naming the source."""
+    """Return ("text", text), ("chat", messages) or ("pair", messages), or raise a ValueError
+    naming the source."""
     source = record.get("source", "<unknown source>")
     messages = record.get("messages") or []
     text = record.get("text")
+    shape = record.get("shape") or ("text" if text is not None else "chat")
+    if shape not in SHAPES:
+        raise ValueError(f"{source}: shape {shape!r} is not one of {', '.join(SHAPES)}")
+    if (shape == "text") != (text is not None):
+        raise ValueError(f"{source}: a {shape} record must {'have' if shape == 'text' else 'not have'} text")
     if text is not None:
         if messages:
             raise ValueError(f"{source}: a record has either messages or text, not both")
@@ -393,7 +416,9 @@ def _validate_record(record: Mapping[str, Any]) -> tuple[str, Any]:
             )
     if not turns or turns[-1]["role"] != "assistant":
         raise ValueError(f"{source}: the conversation must end with an assistant message (nothing to train otherwise)")
-    return "chat", list(messages)
+    if shape == "pair" and len(turns) != 2:
+        raise ValueError(f"{source}: a pair record is one user and one assistant message, got {len(turns)} turns")
+    return shape, list(messages)
 
 
 def _default_eos_id(tokenizer, eos_id: int | None) -> int:

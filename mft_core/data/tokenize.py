@@ -39,7 +39,7 @@ from mft_core.modeling import load_tokenizer, resolve_special_tokens, resolve_to
 
 log = logging.getLogger("mft.tokenize")
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: pair records tokenized as MFTCoder tokenizes pairs (one prompt piece, nothing after EOS)
 SPLITS = ("train", "valid")
 HISTOGRAM_BINS = 16
 RENDER_BATCH = 256
@@ -139,7 +139,7 @@ def _init_worker(tokenizer_dir: str, template_name: str, role_markers: dict | No
 def _tokenize_chunk(chunk: Chunk) -> str:
     w = _WORKER
     table = pq.ParquetFile(w["ingest_dir"] / chunk.source_file).read_row_group(
-        chunk.row_group, columns=["messages", "text", "source"]
+        chunk.row_group, columns=["shape", "messages", "text", "source"]
     ).slice(chunk.start, chunk.stop - chunk.start)
     records = table.to_pylist()
     stats = _empty_stats(w["seq_length"])

@@ -40,11 +40,26 @@ A1 = {"role": "assistant", "content": "def add(a, b):\n    return a + b"}
 Q2 = {"role": "user", "content": "Now make it subtract,\u00a0please."}
 A2 = {"role": "assistant", "content": "def sub(a, b):\n    return a - b"}
 
+# A system text ending in whitespace: MFTCoder tokenizes a pair's system together with the user
+# marker after it (SmolLM2: "\n\n" is one token), a chat's system on its own ("\n", "\n").
+SYSTEM_NEWLINE = {"role": "system", "content": "You are a coding assistant.\n"}
+
 RECORDS = {
-    "system_one_round": {"task": "t2c", "messages": [SYSTEM, Q1, A1], "text": None, "source": "golden.jsonl:1"},
-    "system_two_rounds": {"task": "t2c", "messages": [SYSTEM, Q1, A1, Q2, A2], "text": None, "source": "golden.jsonl:2"},
-    "no_system": {"task": "t2c", "messages": [Q1, A1], "text": None, "source": "golden.jsonl:3"},
-    "text": {"task": "pretrain", "messages": [], "text": "import os\nprint(os.sep)", "source": "golden.jsonl:4"},
+    "system_one_round": {"task": "t2c", "shape": "chat", "messages": [SYSTEM, Q1, A1], "text": None,
+                         "source": "golden.jsonl:1"},
+    "system_two_rounds": {"task": "t2c", "shape": "chat", "messages": [SYSTEM, Q1, A1, Q2, A2], "text": None,
+                          "source": "golden.jsonl:2"},
+    "no_system": {"task": "t2c", "shape": "chat", "messages": [Q1, A1], "text": None, "source": "golden.jsonl:3"},
+    "text": {"task": "pretrain", "shape": "text", "messages": [], "text": "import os\nprint(os.sep)",
+             "source": "golden.jsonl:4"},
+    # pair formats (prompt/answer, instruction/output, ...): MFTCoder's other tokenization branch
+    "pair_no_system": {"task": "t2c", "shape": "pair", "messages": [Q1, A1], "text": None, "source": "golden.jsonl:5"},
+    "pair_system": {"task": "t2c", "shape": "pair", "messages": [SYSTEM, Q1, A1], "text": None,
+                    "source": "golden.jsonl:6"},
+    "pair_system_newline": {"task": "t2c", "shape": "pair", "messages": [SYSTEM_NEWLINE, Q2, A2], "text": None,
+                            "source": "golden.jsonl:7"},
+    "chat_system_newline": {"task": "t2c", "shape": "chat", "messages": [SYSTEM_NEWLINE, Q2, A2], "text": None,
+                            "source": "golden.jsonl:8"},
 }
 CUSTOM_MARKERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
 
@@ -83,7 +98,7 @@ def render_prompts(tokenizer) -> dict:
             continue
         template = make_template(template_name, markers)
         for record_name, record in RECORDS.items():
-            if record["messages"]:
+            if record["shape"] == "chat":  # evaluation prompts are chat conversations
                 prompts[f"{case}/{record_name}"] = render_prompt(record["messages"][:-1], tokenizer, template)
     return prompts
 

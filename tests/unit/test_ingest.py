@@ -60,6 +60,7 @@ def test_directory_task_reads_jsonl_and_gz_sorted_with_bom_crlf_and_blank_lines(
     assert [r["source"] for r in train[:3]] == ["t/a.jsonl:1", "t/a.jsonl:4", "t/b.jsonl.gz:1"]
     assert train[0]["messages"] == [{"role": "user", "content": "first"}, {"role": "assistant", "content": "a"}]
     assert train[1]["text"] == "t" and train[1]["messages"] == []
+    assert [r["shape"] for r in train[:2]] == ["chat", "text"]
     assert read_tasks(out) == [
         {"name": "t", "id": 0, "path": "t", "files": ["t/a.jsonl", "t/b.jsonl.gz"], "train": 12, "valid": 0}
     ]
@@ -390,6 +391,7 @@ def test_parquet_null_columns_are_absent_keys_and_bad_rows_are_located(tmp_path)
     stats, out = ingest(tmp_path, cfg)
     train = rows(out, "t", "train")
     assert train[0]["messages"] == [{"role": "user", "content": "I"}, {"role": "assistant", "content": "O"}]
+    assert train[0]["shape"] == "pair"  # the source shape survives ingest: it decides the tokenization
     assert (train[1]["text"], train[1]["source"]) == ("T", "t/x.parquet:row 2")
     [rejected] = rejects_of(out)
     assert (rejected["source"], rejected["reason"]) == ("t/x.parquet:row 3", "unknown_shape")

@@ -18,9 +18,11 @@ def assistant(c):
 
 @pytest.mark.parametrize("user_key,answer_key", PAIR_KEYS)
 def test_every_pair_format_with_and_without_system(user_key, answer_key):
-    assert normalize_record({user_key: "Q", answer_key: "A"}) == {"messages": [user("Q"), assistant("A")], "text": None}
+    assert normalize_record({user_key: "Q", answer_key: "A"}) == {
+        "shape": "pair", "messages": [user("Q"), assistant("A")], "text": None}
     with_system = normalize_record({"system": "S", user_key: "Q", answer_key: "A", "id": 7})
     assert with_system["messages"] == [{"role": "system", "content": "S"}, user("Q"), assistant("A")]
+    assert with_system["shape"] == "pair"  # tokenized as MFTCoder tokenizes pairs, not as a chat
 
 
 def test_pair_formats_are_detected_in_mftcoder_order():
@@ -44,12 +46,12 @@ def test_chat_rounds_with_role_aliases_and_multiple_rounds():
         }
     )
     assert [m["role"] for m in rec["messages"]] == ["system"] + ["user", "assistant"] * 3
-    assert rec["text"] is None
+    assert rec["text"] is None and rec["shape"] == "chat"
 
 
 def test_text_record_and_empty_chat_rounds_falls_back_to_text():
-    assert normalize_record({"text": "def f(): pass"}) == {"messages": [], "text": "def f(): pass"}
-    assert normalize_record({"chat_rounds": [], "text": "t"})["text"] == "t"
+    assert normalize_record({"text": "def f(): pass"}) == {"shape": "text", "messages": [], "text": "def f(): pass"}
+    assert normalize_record({"chat_rounds": [], "text": "t"})["shape"] == "text"
 
 
 def test_null_or_empty_system_means_no_system_turn():

@@ -119,6 +119,47 @@ def test_record_without_system_starts_with_the_user_marker(tiny_tokenizer):
     )
 
 
+def pair(*messages, source="data/pairs.jsonl:3"):
+    return {"task": "t2c", "shape": "pair", "messages": list(messages), "text": None, "source": source}
+
+
+@pytest.mark.parametrize("system", [None, "You write Python.", "You write Python.\n"])
+def test_pair_record_is_one_prompt_piece_then_the_answer_and_nothing_after_eos(tiny_tokenizer, system):
+    """MFTCoder's pair branch: system, user marker, prompt and assistant marker in one tokenizer
+    call (a system ending in whitespace merges with the marker after it), then answer + EOS, and
+    no "\n" after the EOS (that one belongs to chat records only)."""
+    eos = tiny_tokenizer.eos_token_id
+    messages = ([{"role": "system", "content": system}] if system else []) + [Q1, A1]
+    sample = render_record(pair(*messages), tiny_tokenizer, MFTCoderTemplate())
+    head = f"<s>system\n{system}\n" if system else ""
+    prompt = enc(tiny_tokenizer, head + "<s>human\nAdd two numbers.\n<s>bot\n")
+    answer = enc(tiny_tokenizer, "def add(a, b):\n    return a + b\n") + [eos]
+    assert sample.input_ids == prompt + answer
+    assert sample.loss_mask == [0] * len(prompt) + [1] * len(answer)
+    assert sample.round_ends == [len(sample.input_ids)]
+    as_chat = render_record(chat(*messages), tiny_tokenizer, MFTCoderTemplate())
+    assert as_chat.input_ids[-1:] == enc(tiny_tokenizer, "\n") and sample.input_ids[-1] == eos
+
+
+def test_pair_system_marker_is_normalised_with_the_system_text(tiny_tokenizer):
+    """MFTCoder applies content_format to system_marker + system in a pair record (only to the
+    content in a chat record): a no-break space in a custom system marker becomes a space."""
+    markers = {"system": "###\u00a0System:\n", "user": "### User:\n", "assistant": "### Bot:\n"}
+    template = make_template("mftcoder", markers)
+    system = {"role": "system", "content": "S"}
+    as_pair = render_record(pair(system, Q1, A1), tiny_tokenizer, template)
+    as_chat = render_record(chat(system, Q1, A1), tiny_tokenizer, template)
+    assert tiny_tokenizer.decode(as_pair.input_ids).startswith("### System:\nS\n### User:")
+    assert tiny_tokenizer.decode(as_chat.input_ids).startswith("###\u00a0System:\nS\n### User:")
+
+
+def test_pair_record_must_be_one_round(tiny_tokenizer):
+    with pytest.raises(ValueError, match="pairs.jsonl:3: a pair record is one user and one assistant message"):
+        render_record(pair(Q1, A1, Q2, A2), tiny_tokenizer, MFTCoderTemplate())
+    with pytest.raises(ValueError, match="shape 'table' is not one of chat, pair, text"):
+        render_record(dict(pair(Q1, A1), shape="table"), tiny_tokenizer, MFTCoderTemplate())
+
+
 def test_text_record_trains_every_token_including_eos(tiny_tokenizer):
     sample = render_record(text_record("import os\nprint(os.sep)"), tiny_tokenizer, MFTCoderTemplate())
     assert sample.input_ids == enc(tiny_tokenizer, "import os\nprint(os.sep)\n") + [tiny_tokenizer.eos_token_id]
@@ -409,6 +450,14 @@ def test_smollm2_rendering_matches_the_golden_file(smollm2_tokenizer, smollm2_to
     assert golden["cases"]["mftcoder/system_two_rounds"]["trained_text"] == (
         "def add(a, b):\n    return a + b\n<|im_end|>def sub(a, b):\n    return a - b\n<|im_end|>"
     )
+    # Pair records (checked against MFTCoder's own encoder when the file was made): the system is
+    # tokenized with the marker after it, so "assistant.\n" + "\n<s>human" gives "\n", "\n"
+    # (198, 198) where a chat record's system piece ends in the one token "\n\n" (1116); and the
+    # sample ends at its EOS, where a chat record has one more "\n".
+    pair, as_chat = (golden["cases"][f"mftcoder/{name}_system_newline"]["input_ids"] for name in ("pair", "chat"))
+    assert pair[9:13] == [11173, 30, 198, 198] and as_chat[9:12] == [11173, 30, 1116]
+    assert pair[-1] == 2 and as_chat[-2:] == [2, 198]
+    assert smollm2_tokenizer.decode(pair) + "\n" == smollm2_tokenizer.decode(as_chat)
 
 
 def test_smollm2_chat_template_masks_only_answers(smollm2_tokenizer):
