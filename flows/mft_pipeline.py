@@ -11,15 +11,18 @@ prefect.yaml):
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact
 
 from mft_core.config import load_config
 from mft_core.console import run_log
 from mft_core.preflight import preflight
 from mft_core.report import pipeline_summary
+from mft_core.run_report import write_report
 from mft_core.stages import STAGE_ORDER, locate_stage
 from tasks._common import results_dir
 from tasks.evaluate import evaluate_task
@@ -57,6 +60,7 @@ def mft_pipeline(
     forced = list(force or [])
     _check_names("stages", selected)
     _check_names("force", forced)
+    started = datetime.now(timezone.utc)  # outputs built after this were computed by this run
     # `mft run` opened the run log already; under a worker (a deployment) it opens here.
     with run_log(cfg.runs_root):
         preflight(cfg, selected, forced)  # a missing toolchain, model or disk costs seconds, not a training run
@@ -75,4 +79,8 @@ def mft_pipeline(
                 logger.info("%s: not selected, using its existing output %s", name, upstream)
             outputs[name] = upstream
         print(pipeline_summary({name: Path(path) for name, path in outputs.items()}))
+        report = write_report(cfg, {name: Path(path) for name, path in outputs.items()}, started)
+        create_link_artifact(key="run-report", link=report.as_uri(), link_text=report.name,
+                             description="the run's report.html (open it in a browser; it needs no network)")
+        print(f"run report: {report}")
     return outputs

@@ -46,25 +46,22 @@ class BrowserError(RuntimeError):
 class Browser:
     def __init__(self, executable: str = "chromium"):
         self.profile = tempfile.mkdtemp(prefix="mft-chromium-")
-        to_child_r, self._to_child = os.pipe()
-        self._from_child, from_child_w = os.pipe()
-        # Above the descriptors the child's 3 and 4 are made of, so that placing one cannot clobber the other.
-        high_r = fcntl.fcntl(to_child_r, fcntl.F_DUPFD, 10)
-        high_w = fcntl.fcntl(from_child_w, fcntl.F_DUPFD, 10)
-        for fd in (to_child_r, from_child_w):
-            os.close(fd)
-
-        def place_pipes() -> None:  # in the child, before exec
-            os.dup2(high_r, 3)
-            os.dup2(high_w, 4)
-
+        low_r, self._to_child = os.pipe()
+        self._from_child, low_w = os.pipe()
+        # Above 3 and 4, so that placing one of them there cannot clobber or close the other.
+        to_child_r, from_child_w = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (low_r, low_w))
+        os.close(low_r)
+        os.close(low_w)
         self._log = tempfile.TemporaryFile()  # chromium's own messages, for the error of a crash
+        # bash (dash takes one-digit descriptors only) puts the pipes on the descriptors 3 and 4 Chromium reads and writes, whatever
+        # numbers they have here (placing them in a preexec hook needs 3 and 4 open in this process).
+        place = f'exec "$0" "$@" 3<&{to_child_r} 4>&{from_child_w} {to_child_r}<&- {from_child_w}>&-'
         self.process = subprocess.Popen(
-            [executable, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+            ["bash", "-c", place, executable, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-            pass_fds=(3, 4), preexec_fn=place_pipes, start_new_session=True)
-        os.close(high_r)
-        os.close(high_w)
+            pass_fds=(to_child_r, from_child_w), start_new_session=True)
+        os.close(to_child_r)
+        os.close(from_child_w)
         self._buffer = b""
         self._next_id = 0
         self._session: str | None = None
@@ -149,6 +146,19 @@ class Browser:
                 raise AssertionError(f"no {text!r} to click on {self.evaluate('location.href')} within {timeout:.0f} s")
             time.sleep(0.5)
         self.evaluate(f"({find}).click()")
+
+    def screenshot(self, path, full_page: bool = True) -> None:
+        """Save what the page shows as a PNG (the whole page's height with `full_page`)."""
+        import base64
+
+        params = {"format": "png"}
+        if full_page:
+            size = self.call("Page.getLayoutMetrics", session=self._session)["cssContentSize"]
+            params.update(captureBeyondViewport=True,
+                          clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})
+        data = self.call("Page.captureScreenshot", params, session=self._session)["data"]
+        with open(path, "wb") as handle:
+            handle.write(base64.b64decode(data))
 
     # ------------------------------------------------------------------ lifetime
 
