@@ -91,18 +91,20 @@ def test_deepspeed_killed_then_resumed_equals_uninterrupted(trained, tmp_path, t
     cfg = load_config(path)
     run_stage(cfg, "ingest")
     run_stage(cfg, "tokenize")
-    proc = subprocess.Popen([sys.executable, "-m", "mft_core.cli", "train", "--config", str(path)],
-                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial, deadline = None, time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        hits = list((tmp_path / "runs" / "train").glob("*.partial/checkpoints/step-0000002/COMPLETE"))
-        if hits:
-            partial = hits[0].parents[2]
-            break
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert partial is not None, "the trainer never completed checkpoint 2"
+    with open(tmp_path / "cli.log", "w") as output:
+        proc = subprocess.Popen([sys.executable, "-m", "mft_core.cli", "train", "--config", str(path)],
+                                cwd=REPO, start_new_session=True, stdout=output, stderr=subprocess.STDOUT)
+        partial, deadline = None, time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            hits = list((tmp_path / "runs" / "train").glob("*.partial/checkpoints/step-0000002/COMPLETE"))
+            if hits:
+                partial = hits[0].parents[2]
+                break
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert partial is not None, "the trainer never completed checkpoint 2:\n" + (tmp_path / "cli.log").read_text()[-3000:]
     complete = sorted(p.name for p in (partial / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
     assert complete == ["step-0000002"], "killed too late: step 3 was checkpointed, nothing left to resume"
     saved = [torch.load(f, map_location="cpu", weights_only=False)["module"]
