@@ -13,7 +13,12 @@ The sample boundaries come in as the `packed_segments` keyword, computed once pe
 `packed_segments()` from the position ids; transformers hands model keywords down to the attention
 function. Anything this path does not cover goes to transformers' own sdpa with the mask it built
 (the same values): no boundaries given, a sliding window shorter than a sample, an additive
-position bias, a soft cap, a cache, non-causal attention.
+position bias, a cache, non-causal attention. A soft cap on the attention logits (Gemma 2) is
+beyond sdpa: it goes to the model family's own eager attention with that mask.
+
+transformers knows the implementation as `KERNEL`, a name without "sdpa" in it: a name holding
+"sdpa" makes transformers demand sdpa support of the model class, which Gemma 2 (soft cap)
+declines; this path serves it through the masked eager fallback instead.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import torch
 
 log = logging.getLogger("mft.train")
 
-NAME = "sdpa_varlen"
+NAME = "sdpa_varlen"  # the value of train.attention
+KERNEL = "mft_varlen"  # the attn_implementation transformers knows it by (module docstring)
 
 Segments = tuple[tuple[tuple[int, int], ...], ...]  # per row: (start, end) of each packed sample
 
@@ -67,8 +73,10 @@ def sdpa_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     longest = max((end - start for row in packed_segments or () for start, end in row), default=0)
+    if kwargs.get("softcap") is not None:
+        return _masked_eager_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if (packed_segments is None or len(packed_segments) != query.shape[0] or query.shape[2] != key.shape[2]
-            or not getattr(module, "is_causal", True) or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+            or not getattr(module, "is_causal", True) or kwargs.get("position_bias") is not None
             or _window_too_short(module, kwargs, longest)):
         if packed_segments is None:
             _warn_once("the model did not hand `packed_segments` to its attention: masked sdpa instead (same values, slower)")
@@ -88,6 +96,29 @@ def sdpa_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     return torch.cat(rows, dim=0), None
 
 
+def _masked_eager_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, dropout: float, scaling: float | None,
+                            **kwargs) -> tuple[torch.Tensor, None]:
+    """The model family's own eager attention (which applies the soft cap) with the mask transformers
+    built for this path: sdpa's boolean mask (True = attend) made additive, as eager adds it to the
+    scores. sdpa's mask is None where plain causal attention is all that is needed (one sample per
+    row, no padding): then the causal mask is built here, eager has no is_causal of its own."""
+    import sys
+
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(f"{type(module).__name__} soft-caps its attention logits but its module has no "
+                         "eager_attention_forward; use train.attention: eager")
+    length = query.shape[2]
+    if attention_mask is None:
+        attention_mask = torch.ones(length, key.shape[2], dtype=torch.bool, device=query.device).tril()[None, None]
+    if attention_mask.dtype == torch.bool:
+        additive = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+        attention_mask = additive.masked_fill(~attention_mask, torch.finfo(query.dtype).min)
+    output, _ = eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return output, None
+
+
 _warned: set[str] = set()
 
 
@@ -98,9 +129,9 @@ def _warn_once(message: str) -> None:
 
 
 def register() -> None:
-    """Make `sdpa_varlen` a valid attn_implementation (with sdpa's mask for the fallbacks)."""
+    """Make `sdpa_varlen` a valid attn_implementation, as KERNEL (with sdpa's mask for the fallbacks)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(NAME, sdpa_varlen_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    AttentionInterface.register(KERNEL, sdpa_varlen_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(KERNEL, sdpa_mask)

@@ -99,8 +99,30 @@ def resolve_attention(choice: str, on_gpu: bool, precision: str) -> str:
     return choice
 
 
+def num_experts(config: Any) -> int | None:
+    """The number of routed experts of a mixture-of-experts model, whatever its family calls it
+    (Mixtral, Qwen3-MoE: num_local_experts; Qwen2-MoE: num_experts; DeepSeek: n_routed_experts), or None."""
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return None
+
+
 def is_moe(config: Any) -> bool:
-    return any(getattr(config, key, None) for key in ("num_local_experts", "num_experts"))
+    return num_experts(config) is not None
+
+
+def router_balance(causal_lm: nn.Module):
+    """The family's router load-balancing loss function and its coefficient, or None for a mixture
+    of experts trained without one: DeepSeek-V2 and -V3 as transformers ships them have no
+    auxiliary loss (V3 balances with a routing bias, e_score_correction_bias, a buffer that
+    gradient training leaves as it is), so their routers learn from the language-model loss alone."""
+    family = sys.modules[type(causal_lm).__module__]
+    balance = getattr(family, "load_balancing_loss_func", None)
+    coefficient = float(getattr(causal_lm.config, "router_aux_loss_coef", 0.0) or 0.0)
+    if not is_moe(causal_lm.config) or balance is None or coefficient == 0.0:
+        return None
+    return balance, coefficient
 
 
 def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str, on_gpu: bool) -> nn.Module:
@@ -109,6 +131,7 @@ def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str
 
     if attention == packed_attention.NAME:
         packed_attention.register()
+        attention = packed_attention.KERNEL
     # A LoRA's frozen base has no gradient and no optimizer state: in bf16 when training in bf16
     # (half its memory; autocast computes its matmuls in bf16 anyway). PEFT keeps the LoRA weights,
     # and so their optimizer state, in fp32. Full fine-tuning keeps fp32 master weights.
@@ -131,8 +154,11 @@ def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str
         kwargs["dtype"] = compute
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.config.use_cache = False
-    if is_moe(model.config):
+    if router_balance(model) is not None:
         model.config.output_router_logits = True  # the router's load-balancing loss joins the loss
+    elif is_moe(model.config):
+        log.info("%s: a mixture of experts without a router auxiliary loss: its routers learn from the "
+                 "language-model loss alone", type(model).__name__)
     if cfg.gradient_checkpointing == "mlp":
         checkpoint_mlps(model)
     elif cfg.gradient_checkpointing:
@@ -252,10 +278,13 @@ class TokenLossModel(nn.Module):
         self.chunk_size = chunk_size
         config = model.config
         self.transform = _logit_transform(config)
-        self.moe = is_moe(config)
-        self.aux_coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+        self.balance = router_balance(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> ForwardOutput:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                real_tokens: torch.Tensor | None = None) -> ForwardOutput:
+        """real_tokens [B, T] bool: the positions that hold a sample, not padding (task_ids >= 0);
+        None when nothing is padding. A mixture of experts' load balance counts only those: a
+        padded row's tail would otherwise weigh in the balance (MFTCoder masks it too)."""
         # The decoder alone, not the CausalLM: its last hidden state is all the loss needs, and
         # asking the CausalLM for hidden states keeps every layer's output (measured: +40% peak
         # memory at 1024 tokens). position_ids restart per packed sample, attention_mask None and
@@ -263,9 +292,9 @@ class TokenLossModel(nn.Module):
         # on they leak into each other silently). sdpa_varlen and flash-attention also get the
         # segments themselves (flash-attention finds them alone only in a micro-batch of one row).
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        extra: dict[str, Any] = {"output_router_logits": True} if self.moe else {}
+        extra: dict[str, Any] = {"output_router_logits": True} if self.balance else {}
         attention = causal_lm.config._attn_implementation
-        if attention == packed_attention.NAME:
+        if attention == packed_attention.KERNEL:
             extra["packed_segments"] = packed_attention.packed_segments(position_ids)
         elif attention == "flash_attention_2":
             extra.update(packed_attention.flash_varlen_kwargs(position_ids))
@@ -283,19 +312,14 @@ class TokenLossModel(nn.Module):
         else:
             losses = token_losses(hidden, head.weight, labels, bias=getattr(head, "bias", None),
                                   chunk_size=self.chunk_size, transform=self.transform)
-        aux = self._router_loss(causal_lm, out) if self.moe else None
+        aux = self._router_loss(causal_lm.config, out, real_tokens) if self.balance else None
         return ForwardOutput(losses, aux)
 
-    def _router_loss(self, causal_lm: nn.Module, out: Any) -> torch.Tensor | None:
-        """The family's own load-balancing loss over the router logits, times its coefficient."""
+    def _router_loss(self, config: Any, out: Any, real_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """The family's own load-balancing loss over the router logits of the real tokens, times
+        its coefficient."""
         router_logits = getattr(out, "router_logits", None)
         if not router_logits:
             return None
-        family = sys.modules[type(causal_lm).__module__]
-        balance = getattr(family, "load_balancing_loss_func", None)
-        if balance is None:
-            raise RuntimeError(f"{type(causal_lm).__name__} is a mixture of experts without a load_balancing_loss_func; "
-                               "its router auxiliary loss cannot be computed")
-        config = causal_lm.config
-        experts = getattr(config, "num_local_experts", None) or config.num_experts
-        return balance(router_logits, experts, config.num_experts_per_tok, None) * self.aux_coef
+        balance, coefficient = self.balance
+        return balance(router_logits, num_experts(config), config.num_experts_per_tok, real_tokens) * coefficient

@@ -269,7 +269,9 @@ def main(work_dir: Path) -> None:
                 # wherever sync_gradients is set (left on, it stepped after every micro-batch).
                 accelerator.sync_gradients = last
                 with nullcontext() if last else accelerator.no_sync(wrapper):
-                    out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"])
+                    # real_tokens: a mixture of experts balances its routers over samples, not padding
+                    out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"],
+                                  real_tokens=batch["task_ids"] >= 0)
                     token_task = losses.trained_values(batch["task_ids"], batch["labels"])
                     token_sample = losses.trained_values(batch["sample_ids"], batch["labels"])
                     contribution = losses.mft_loss(mode, out.token_loss, token_task, token_sample, counts,
