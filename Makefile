@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA := demo-data
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-data test test-fast bench balance toolchains extras prefect-up prefect-down clean
+.PHONY: setup demo demo-data test test-fast bench balance toolchains extras gpu-setup gpu-check prefect-up prefect-down clean
 
 setup: $(STAMP)
 
@@ -45,10 +45,18 @@ demo: setup toolchains demo-data
 	$(VENV)/bin/mft run
 
 test: setup toolchains extras
-	MFT_TESTS_REQUIRE_INSTALLED=1 $(PY) -m pytest $(PYTEST_ARGS)
+	MFT_TESTS_REQUIRE_INSTALLED=1 $(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# On a GPU machine: DeepSpeed, bitsandbytes and flash-attn against the CUDA torch (README, GPU install).
+gpu-setup: setup
+	scripts/install-gpu.sh
+
+# The GPU acceptance check (bench/gpu_check.py): every training path on the GPU, a JSON and a table.
+gpu-check: setup
+	$(PY) bench/gpu_check.py
 
 bench: setup toolchains demo-data
 	$(PY) bench/run_all.py
