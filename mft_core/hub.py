@@ -77,6 +77,7 @@ _PYTORCH_BIN = re.compile(r"pytorch_model(?:-\d+-of-\d+)?\.bin|pytorch_model\.bi
 _MODEL_FALLBACK_PATTERNS = (
     *MODEL_METADATA_FILES,
     CHAT_TEMPLATES_FOLDER + "*",
+    "*.py",
     "model.safetensors",
     "model-*-of-*.safetensors",
     "model.safetensors.index.json",
@@ -322,8 +323,11 @@ def _model_patterns(files: list[str] | None, commit: str) -> list[str]:
 
 def model_files(files: list[str]) -> list[str]:
     """The files of a model repo to download: config, tokenizer, generation config and chat
-    templates, and the weights: safetensors when there are any, else PyTorch .bin, never both."""
-    metadata = [f for f in files if f in MODEL_METADATA_FILES or f.startswith(CHAT_TEMPLATES_FOLDER)]
+    templates, the model's own code (top-level *.py: what a config's auto_map names, run only
+    with model.trust_remote_code), and the weights: safetensors when there are any, else PyTorch
+    .bin, never both."""
+    metadata = [f for f in files if f in MODEL_METADATA_FILES or f.startswith(CHAT_TEMPLATES_FOLDER)
+                or ("/" not in f and f.endswith(".py"))]
     weights = [f for f in files if _SAFETENSORS.fullmatch(f)] or [f for f in files if _PYTORCH_BIN.fullmatch(f)]
     return sorted(metadata + weights)
 

@@ -82,7 +82,7 @@ import yaml
 from mft_core import store
 from mft_core.config import PipelineConfig
 from mft_core.console import announce
-from mft_core.modeling import SMOLLM2_ALIAS, load_tokenizer, resolve_model
+from mft_core.modeling import SMOLLM2_ALIAS, load_pretrained, load_tokenizer, resolve_model
 from mft_core.store import FileHashCache
 from mft_core.train.stage import job_path, model_digest
 
@@ -176,6 +176,7 @@ def run_merge(cfg: PipelineConfig, train_dir: Path, out_dir: Path) -> dict[str, 
     tolerance = settings.tolerance if settings.tolerance is not None else default_tolerance(settings.dtype)
     trained = read_train_output(train_dir, cfg.runs_root)
     method = trained["train"]["method"]
+    remote = cfg.model.trust_remote_code  # a model of its own code (model.trust_remote_code)
     base_dir = resolve_model(cfg.model.path, cfg.runs_root)
     template = json.loads((trained["tokenize_dir"] / "template.json").read_text())
     model_out = out_dir / MODEL_DIR
@@ -187,12 +188,12 @@ def run_merge(cfg: PipelineConfig, train_dir: Path, out_dir: Path) -> dict[str, 
     if method in ADAPTER_METHODS:
         from peft import PeftModel
 
-        peft_model = PeftModel.from_pretrained(load_causal_lm(base_dir, dtype), train_dir / MODEL_DIR)
+        peft_model = PeftModel.from_pretrained(load_causal_lm(base_dir, dtype, remote), train_dir / MODEL_DIR)
         loaded = time.perf_counter()
         model = merge_in_float64(peft_model, dtype)
         del peft_model
     else:
-        model = load_causal_lm(train_dir / MODEL_DIR, dtype)
+        model = load_causal_lm(train_dir / MODEL_DIR, dtype, remote)
         loaded = time.perf_counter()
     merged = time.perf_counter()
     num_parameters = sum(p.numel() for p in model.parameters())
@@ -200,7 +201,7 @@ def run_merge(cfg: PipelineConfig, train_dir: Path, out_dir: Path) -> dict[str, 
     model.generation_config.pad_token_id = template["pad_id"]
     model.save_pretrained(model_out, max_shard_size=settings.max_shard_size)
     del model
-    save_tokenizer(trained["tokenize_dir"] / "tokenizer", model_out, template)
+    save_tokenizer(trained["tokenize_dir"] / "tokenizer", model_out, template, remote)
     # Beside the model, not in it: how training rendered prompts, for exact prompts at evaluation.
     shutil.copyfile(trained["tokenize_dir"] / "template.json", out_dir / "template.json")
     saved = time.perf_counter()
@@ -209,7 +210,8 @@ def run_merge(cfg: PipelineConfig, train_dir: Path, out_dir: Path) -> dict[str, 
     plan = check_plan(num_parameters, torch.cuda.is_available())
     samples = within_budget(samples, plan["token_budget"])
     check = check_equivalence(method, base_dir, train_dir / MODEL_DIR, model_out, dtype, samples,
-                              getattr(torch, plan["precision"].replace("fp32", "float32")), torch.device(plan["device"]))
+                              getattr(torch, plan["precision"].replace("fp32", "float32")), torch.device(plan["device"]),
+                              trust_remote_code=remote)
     checked = time.perf_counter()
     if settings.tolerance is None and plan["precision"] == "fp32":
         tolerance = default_tolerance(settings.dtype) + FP32_CHECK_RELATIVE * check["max_abs_reference_logit"]
@@ -254,17 +256,17 @@ def merge_in_float64(peft_model, dtype):
     return peft_model.unload()  # the merged base layers, without the adapter modules
 
 
-def load_causal_lm(folder: Path, dtype):
+def load_causal_lm(folder: Path, dtype, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    return load_pretrained(AutoModelForCausalLM, folder, trust_remote_code, dtype=dtype).eval()
 
 
-def save_tokenizer(tokenizer_dir: Path, model_out: Path, template: dict[str, Any]) -> None:
+def save_tokenizer(tokenizer_dir: Path, model_out: Path, template: dict[str, Any], trust_remote_code: bool = False) -> None:
     """The tokenize stage's tokenizer (its chat template renders the training prompt). EOS and pad
     are filled in from training only where the tokenizer has none (MFTCoder pads with EOS), so a
     tokenizer that has them is saved unchanged."""
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
     if tokenizer.eos_token_id is None:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(template["eos_id"])
     if tokenizer.pad_token_id is None:
@@ -305,13 +307,14 @@ def within_budget(samples: list[list[int]], budget: int | None) -> list[list[int
     return kept
 
 
-def load_for_check(folder: Path, dtype, compute_dtype, device):
+def load_for_check(folder: Path, dtype, compute_dtype, device, trust_remote_code: bool = False):
     """A model whose weights hold the values they have in `dtype`, computing in `compute_dtype`.
     Experts run one by one ("eager"): the grouped matmul transformers picks for a mixture of
     experts has no float64 kernel (and the check wants plain arithmetic anyway)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, experts_implementation="eager").eval()
+    model = load_pretrained(AutoModelForCausalLM, folder, trust_remote_code, dtype=dtype,
+                            experts_implementation="eager").eval()
     return model.to(device=device, dtype=compute_dtype)
 
 
@@ -344,7 +347,7 @@ def float64_compute():
 
 
 def check_equivalence(method: str, base_dir: Path, trained_dir: Path, saved_dir: Path, dtype,
-                      samples: list[list[int]], compute_dtype, device) -> dict[str, Any]:
+                      samples: list[list[int]], compute_dtype, device, trust_remote_code: bool = False) -> dict[str, Any]:
     """Saved model vs the trained one (base + adapter unmerged, or the trained full model), and,
     to know the check means something, the trained model vs the base. One model at a time on
     `device`: the reference logits are kept (on the CPU) and compared with the saved model's."""
@@ -361,7 +364,7 @@ def check_equivalence(method: str, base_dir: Path, trained_dir: Path, saved_dir:
         stored = iter(reference_logits)
         return lambda ids: next(stored)
 
-    load = lambda folder: load_for_check(folder, dtype, compute_dtype, device)
+    load = lambda folder: load_for_check(folder, dtype, compute_dtype, device, trust_remote_code)
     if method in ADAPTER_METHODS:
         from peft import PeftModel
 

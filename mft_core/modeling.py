@@ -257,8 +257,28 @@ def _load_gguf_tokenizer(gguf_path: Path):
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def load_tokenizer(folder: Path):
-    """Load the (fast) tokenizer of a HF folder, as MFTCoder does (no tokens added or changed)."""
+REMOTE_CODE_KEY = "model.trust_remote_code"
+
+
+def load_pretrained(auto_class, folder: Path | str, trust_remote_code: bool = False, **kwargs):
+    """`auto_class.from_pretrained(folder, ...)`; a folder whose config names its own Python code
+    (auto_map: ChatGLM, Baichuan, Qwen v1, ...) loads only with trust_remote_code, and otherwise
+    fails with a message that names the config key which allows it."""
+    try:
+        return auto_class.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(
+            f"{folder} holds a model that runs its own Python code (the auto_map of its config names "
+            f"modeling or tokenization files beside it), which is off by default. Read that code, then set "
+            f"{REMOTE_CODE_KEY}: true in the config to allow it."
+        ) from error
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    """Load the (fast) tokenizer of a HF folder, as MFTCoder does (no tokens added or changed).
+    trust_remote_code: allow a tokenizer of the model's own code (config key model.trust_remote_code)."""
     from transformers import AutoTokenizer
 
     folder = Path(folder)
@@ -269,7 +289,7 @@ def load_tokenizer(folder: Path):
             f"{folder} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); "
             f"save the tokenizer with tokenizer.save_pretrained({str(folder)!r})"
         )
-    return _same_offline_or_not(AutoTokenizer.from_pretrained(str(folder)))
+    return _same_offline_or_not(load_pretrained(AutoTokenizer, folder, trust_remote_code))
 
 
 def _same_offline_or_not(tokenizer):

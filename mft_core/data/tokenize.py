@@ -117,7 +117,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer_dir: str, template_name: str, role_markers: dict | None, eos_id: int,
-                 seq_length: int, policy: str, ingest_dir: str, out_dir: str) -> None:
+                 seq_length: int, policy: str, ingest_dir: str, out_dir: str, trust_remote_code: bool) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process = one core; no nested threads
     tokenizer_json = Path(tokenizer_dir) / "tokenizer.json"
     if template_name == "mftcoder" and tokenizer_json.is_file():
@@ -127,7 +127,7 @@ def _init_worker(tokenizer_dir: str, template_name: str, role_markers: dict | No
 
         tokenizer = Tokenizer.from_file(str(tokenizer_json))
     else:
-        tokenizer = load_tokenizer(Path(tokenizer_dir))
+        tokenizer = load_tokenizer(Path(tokenizer_dir), trust_remote_code)
     _WORKER.update(
         tokenizer=tokenizer,
         template=make_template(template_name, role_markers),
@@ -225,7 +225,7 @@ def tokenize_key_parts(cfg: PipelineConfig) -> tuple[dict[str, Any], list[str]]:
 def run_tokenize(cfg: PipelineConfig, ingest_dir: Path, out_dir: Path) -> dict[str, Any]:
     settings = cfg.tokenize
     tok_dir = tokenizer_folder(cfg)
-    tokenizer = load_tokenizer(tok_dir)
+    tokenizer = load_tokenizer(tok_dir, cfg.model.trust_remote_code)
     model_config = tok_dir / "config.json"  # absent when only the tokenizer was extracted
     eos_id, pad_id = resolve_special_tokens(
         tokenizer, json.loads(model_config.read_text()) if model_config.is_file() else None
@@ -240,7 +240,7 @@ def run_tokenize(cfg: PipelineConfig, ingest_dir: Path, out_dir: Path) -> dict[s
     announce(log, "tokenize", f"start: {len(pending)} shard(s) with {workers} worker(s), template {settings.template}, "
                               f"seq_length {settings.seq_length}")
     init_args = (str(tok_dir), settings.template, settings.role_markers, eos_id, settings.seq_length,
-                 settings.overlength, str(ingest_dir), str(out_dir))
+                 settings.overlength, str(ingest_dir), str(out_dir), cfg.model.trust_remote_code)
     if workers == 1:
         _init_worker(*init_args)
         for done, chunk in enumerate(pending, 1):

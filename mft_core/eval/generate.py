@@ -398,7 +398,8 @@ class GenerationModel:
         return nullcontext()
 
 
-def load_generation_model(folder: Path, precision: str = "auto", eos_id: int | None = None) -> GenerationModel:
+def load_generation_model(folder: Path, precision: str = "auto", eos_id: int | None = None,
+                          trust_remote_code: bool = False) -> GenerationModel:
     """Load a HF model folder for generation in `precision` (the one training resolved): on a GPU
     bf16 means bf16 weights; on a CPU fp32 weights under bf16 autocast, as training computed.
 
@@ -407,16 +408,16 @@ def load_generation_model(folder: Path, precision: str = "auto", eos_id: int | N
     """
     from transformers import AutoModelForCausalLM
 
-    from mft_core.modeling import load_tokenizer, resolve_special_tokens
+    from mft_core.modeling import load_pretrained, load_tokenizer, resolve_special_tokens
     from mft_core.train.model import resolve_precision
 
     folder = Path(folder)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, trust_remote_code)  # trust_remote_code: model.trust_remote_code
     precision = resolve_precision(precision, on_gpu)
     dtype = torch.bfloat16 if on_gpu and precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    model = load_pretrained(AutoModelForCausalLM, folder, trust_remote_code, dtype=dtype, attn_implementation="sdpa")
     model.to(device).eval()
     if eos_id is None:
         eos_id, _ = resolve_special_tokens(tokenizer, model.config)

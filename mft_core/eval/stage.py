@@ -253,7 +253,7 @@ def run_evaluate(cfg: PipelineConfig, merge_dir: Path, out_dir: Path, progress: 
         folders["base"] = resolve_model(cfg.model.path, cfg.runs_root)
     modes = prompt_modes(settings)
     counter = _EvalProgress(progress, problems, settings.samples_per_problem, len(folders))
-    chat_tokenizer = functools.cache(lambda: load_tokenizer(finetuned_folder))  # loaded on first use
+    chat_tokenizer = functools.cache(lambda: load_tokenizer(finetuned_folder, cfg.model.trust_remote_code))  # on first use
 
     def renderer(mode: str) -> Callable[[Problem, Any], RenderedPrompt]:
         from mft_core.eval.generate import render_prompt_for
@@ -345,7 +345,8 @@ def _evaluate_model(cfg: PipelineConfig, tag: str, folder: Path, mode: str, prob
     counter.begin(tag, "generated", [r for r in read_generations(work_dir / GENERATIONS) if r["model"] == tag])
     started = time.perf_counter()
     run = generate_to_file(
-        work_dir / GENERATIONS, tag, lambda: load_generation_model(folder, generation_precision(cfg), eos_id),
+        work_dir / GENERATIONS, tag,
+        lambda: load_generation_model(folder, generation_precision(cfg), eos_id, cfg.model.trust_remote_code),
         problems, mode, generation_settings(settings), render, threads=cfg.train.threads, on_batch=counter.add)
     generated_s = time.perf_counter() - started
     gc.collect()  # the model is gone; its memory goes to the executors

@@ -125,9 +125,13 @@ def router_balance(causal_lm: nn.Module):
     return balance, coefficient
 
 
-def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str, on_gpu: bool) -> nn.Module:
-    """The model with its trainable parameters set up per `cfg.method`."""
+def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str, on_gpu: bool,
+               trust_remote_code: bool = False) -> nn.Module:
+    """The model with its trainable parameters set up per `cfg.method`; trust_remote_code
+    (model.trust_remote_code) allows a model of its own code."""
     from transformers import AutoModelForCausalLM
+
+    from mft_core.modeling import load_pretrained
 
     if attention == packed_attention.NAME:
         packed_attention.register()
@@ -152,7 +156,7 @@ def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str
             bnb_4bit_quant_storage=torch.bfloat16,
         )
         kwargs["dtype"] = compute
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model = load_pretrained(AutoModelForCausalLM, model_dir, trust_remote_code, **kwargs)
     model.config.use_cache = False
     if router_balance(model) is not None:
         model.config.output_router_logits = True  # the router's load-balancing loss joins the loss

@@ -177,7 +177,8 @@ def main(work_dir: Path) -> None:
         valid_batches = validation_plan(valid_split, seq_length=seq_length,
                                         rows_per_micro_batch=cfg.rows_per_micro_batch, world_size=world)[rank]
 
-    model = load_model(job_path(job["model_dir"], work_dir), cfg, precision, attention, on_gpu)
+    model = load_model(job_path(job["model_dir"], work_dir), cfg, precision, attention, on_gpu,
+                       trust_remote_code=job["trust_remote_code"])
     wrapper = TokenLossModel(model)
     if accelerator.distributed_type == DistributedType.FSDP:
         shard_decoder_layers(wrapper, precision)

@@ -106,6 +106,7 @@ def write_train_job(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path) -> 
         "tasks": tasks,
         "train": cfg.stage_section("train"),
         "precision": precision,
+        "trust_remote_code": cfg.model.trust_remote_code,  # allows the model's own code (not in the key)
     }
     job_file.write_text(json.dumps(job, indent=1) + "\n")
     return job

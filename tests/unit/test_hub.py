@@ -214,13 +214,14 @@ def test_model_files_prefer_safetensors_and_skip_other_formats():
                "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
                "training_args.bin", "onnx/model.onnx", "onnx/model.safetensors", "original/consolidated.00.pth",
                "original/tokenizer.model", "model.Q4_K_M.gguf", "tf_model.h5", "flax_model.msgpack", "README.md",
-               ".gitattributes"]
+               ".gitattributes", "modeling_chatglm.py", "tokenization_chatglm.py", "scripts/convert.py"]
     assert hub.model_files(listing) == [
         "additional_chat_templates/tool_use.jinja", "chat_template.jinja", "config.json", "generation_config.json",
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+        "modeling_chatglm.py", "tokenization_chatglm.py",  # the model's own code (model.trust_remote_code)
         "tokenizer.json", "tokenizer_config.json"]
     only_bin = [f for f in listing if "safetensors" not in f]
-    assert [f for f in hub.model_files(only_bin) if "model" in f and "config" not in f] == [
+    assert [f for f in hub.model_files(only_bin) if "model" in f and "config" not in f and ".py" not in f] == [
         "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json"]
 
 
