@@ -218,8 +218,9 @@ class TrainConfig(_Strict):
     )
     loss: Literal["case1", "case2", "case3", "case4", "focal_sample", "focal_task", "coba"] = Field(
         default="case3",
-        description="MFTCoder's loss modes (case3: task-level token mean), the paper's focal losses, and coba "
-        "(case3 with convergence-balanced task weights).",
+        description="MFTCoder's loss modes (case3: task-level token mean), the MFTCoder paper's focal losses "
+        "(focal_sample, focal_task: (1 - P)^γ (-log P) of the mean token probability P of a sample or a task), and "
+        "coba (case3 with convergence-balanced task weights).",
     )
     coba: CoBaConfig = CoBaConfig()
     focal_gamma: float = Field(default=2.0, ge=0, description="γ of the focal losses (0: no focusing).")

@@ -15,19 +15,22 @@ and ranks of the group, to the group's objective: the objective, and its gradien
 on how the group is cut into micro-batches and ranks. Under DDP the gradients are averaged over
 ranks, so the loop multiplies each contribution by W before backward.
 
-Loss modes (w_t = task weight; only the tasks present in the group count, T = that set):
+Loss modes (w_t = task weight; only the tasks present in the group count, T = that set; l_i is a
+token's cross-entropy and p_i = exp(-l_i) the probability the model gives that target token):
   case1         token mean:          sum_i w_t(i) l_i / sum_i w_t(i)
   case2         sample mean:         sum_s w_t(s) L_s / sum_s w_t(s),   L_s = token mean of sample s
   case3         task token mean:     sum_{t in T} w_t L_t / sum_{t in T} w_t,  L_t = token mean of task t
   case4         task sample mean:    as case3 with L_t = mean over the task's samples of L_s
-  focal_sample  sample focal:        as case2 with L_s replaced by f(L_s)
-  focal_task    task focal:          as case3 with L_t replaced by f(L_t)
-where f(L) = (1 - p)^gamma * L with p = exp(-L) (the geometric-mean token probability of the
-sample or task), MFTCoder paper's focal losses (reference/mftcoder.md §3.9). With gamma = 0 the
-focal modes equal case2 and case3. With all weights 1, case1..case4 are MFTCoder's modes, computed
-over the whole group instead of one micro-batch. Weights combine as in MFTCoder: a weighted mean
-normalized by the weights of what is present, so only weight ratios matter and a task absent from
-the group changes nothing. In case1/case2 (where MFTCoder ignores the weights) a task weight
+  focal_sample  sample focal:        sum_s w_t(s) g(P_s) / sum_s w_t(s),  P_s = mean of p_i over sample s
+  focal_task    task focal:          sum_{t in T} w_t g(P_t) / sum_{t in T} w_t,  P_t = mean of p_i over task t
+where g(P) = (1 - P)^gamma * (-log P): the MFTCoder paper's sample- and task-level focal losses
+(arXiv 2311.02303; reference/mftcoder.md §3.9) on the ARITHMETIC mean of the token probabilities,
+as the paper defines them (exp(-L_s), the geometric mean, would be another loss: it weighs a
+sample's hardest tokens more). gamma = 0 gives -log P, not case2/case3 (by Jensen, -log P_s <=
+L_s). With all weights 1, case1..case4 are MFTCoder's modes, computed over the whole group instead
+of one micro-batch; MFTCoder's code has no focal loss. Weights combine as in MFTCoder: a weighted
+mean normalized by the weights of what is present, so only weight ratios matter and a task absent
+from the group changes nothing. In case1/case2 (where MFTCoder ignores the weights) a task weight
 reweights that task's tokens or samples, so that every config key has an effect.
 """
 
@@ -286,7 +289,7 @@ def mft_loss(
     counts: GroupCounts,
     task_weights: torch.Tensor | None = None,
     gamma: float = 2.0,
-    task_reference_loss: torch.Tensor | None = None,
+    task_reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This micro-step's contribution (a scalar) to the group objective of `mode`.
 
@@ -296,20 +299,19 @@ def mft_loss(
 
     The contributions of all micro-steps on all ranks SUM to the group objective (module doc),
     and so do their gradients. case1..case4 are linear in the token losses: each token gets a
-    coefficient from the global counts. focal_sample is exact too: f is applied to a sample's
-    token mean, and a sample lies in one micro-batch; the gradient flows through the focal
-    factor (the true derivative of the objective).
+    coefficient from the global counts. focal_sample is exact too: g is applied to a sample's
+    mean token probability, and a sample lies in one micro-batch; the gradient flows through the
+    focal factor (the true derivative of the objective).
 
-    focal_task needs the task's token mean over the whole group, which a micro-step cannot see.
-    It takes task_reference_loss [K] (detached per-task token means, nan allowed for absent
-    tasks) and uses the first-order expansion of f around it:
-        f(L_t) ~ f(R_t) + f'(R_t) (L_t - R_t),
-    whose pieces are linear in the token losses. Gradient semantics: the step's gradient is
-    sum_t w_t f'(R_t) grad L_t / sum w_t, which is exactly the gradient of the focal_task
-    objective when R_t = L_t, and the summed value then equals the objective. So the exact
-    recipe is a no-grad pre-pass over the group's micro-batches with the same parameters
-    (`per_task_loss_sums`, `all_reduce_sum`, `task_mean_losses`); using the previous step's
-    per-task means instead is a cheaper first-order approximation (stale by one step).
+    focal_task needs the task's mean token probability over the whole group, which a micro-step
+    cannot see. It takes task_reference [K] (detached per-task mean token probabilities, nan
+    allowed for absent tasks) and uses the first-order expansion of g around it:
+        g(P_t) ~ g(R_t) + g'(R_t) (P_t - R_t),
+    whose pieces are linear in the token probabilities (P_t is their mean over the group). The
+    step's gradient is sum_t w_t g'(R_t) grad P_t / sum w_t, exactly the gradient of the
+    focal_task objective when R_t = P_t, and the summed value then equals the objective. So the
+    exact recipe is a no-grad pre-pass over the group's micro-batches with the same parameters
+    (`per_task_loss_sums` of exp(-token_loss), `all_reduce_sum`, `task_mean_losses`).
     """
     if mode not in LOSS_MODES:
         raise ValueError(f"unknown loss mode {mode!r}; choose one of {', '.join(LOSS_MODES)}")
@@ -357,15 +359,16 @@ def mft_loss(
     elif mode == "case4":
         coefficient = token_weight / (tokens_of_my_sample * task_samples[token_task] * present_weight)
     elif mode == "focal_sample":
-        sample_mean = torch.zeros(sample_sizes.numel(), device=device, dtype=dtype).index_add(0, inverse, token_loss)
-        sample_mean = sample_mean / sample_sizes.to(dtype)
-        return (weights[sample_task] * _focal(sample_mean, gamma)).sum() / sample_weight_total
+        log_mean_p = _log_mean_exp(-token_loss, inverse, sample_sizes)  # log P_s, exact from the losses
+        return (weights[sample_task] * _focal(log_mean_p, gamma)).sum() / sample_weight_total
     else:  # focal_task
-        reference = _checked_reference(task_reference_loss, present, num_tasks).to(device=device, dtype=dtype)
+        reference = _checked_reference(task_reference, present, num_tasks).to(device=device, dtype=dtype)
         slope = torch.where(present, _focal_derivative(reference, gamma), torch.zeros_like(reference))
-        intercept = torch.where(present, _focal(reference, gamma) - slope * reference, torch.zeros_like(reference))
+        at_reference = _focal(reference.clamp_min(torch.finfo(dtype).tiny).log(), gamma)
+        intercept = torch.where(present, at_reference - slope * reference, torch.zeros_like(reference))
+        # P_t = sum of the task's token probabilities / its token count: each token brings its share
         per_token = (weights / torch.where(present, task_tokens, torch.ones_like(task_tokens)) / present_weight)[token_task]
-        return (per_token * (slope[token_task] * token_loss + intercept[token_task])).sum()
+        return (per_token * (slope[token_task] * torch.exp(-token_loss) + intercept[token_task])).sum()
     return (coefficient * token_loss).sum()
 
 
@@ -384,8 +387,8 @@ def per_task_loss_sums(
 
 
 def task_mean_losses(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Token-weighted per-task mean losses [K] from summed `per_task_loss_sums`; nan where a task
-    has no token (the input CoBa.update and focal_task's reference expect)."""
+    """Token-weighted per-task means [K] from summed `per_task_loss_sums` (of the losses: CoBa's
+    input; of the token probabilities: focal_task's reference); nan where a task has no token."""
     if sums.shape != counts.shape:
         raise ValueError(f"sums {tuple(sums.shape)} and counts {tuple(counts.shape)} must have the same shape")
     means = sums.to(torch.float64) / counts.to(torch.float64)
@@ -395,18 +398,30 @@ def task_mean_losses(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _focal(mean_loss: torch.Tensor, gamma: float) -> torch.Tensor:
-    """f(L) = (1 - exp(-L))^gamma * L. 1 - exp(-L) is floored at the smallest normal float so
-    that a loss of exactly 0 gives 0 and a finite gradient for any gamma >= 0."""
-    one_minus_p = (-torch.expm1(-mean_loss)).clamp_min(torch.finfo(mean_loss.dtype).tiny)
-    return one_minus_p.pow(gamma) * mean_loss
+def _log_mean_exp(values: torch.Tensor, inverse: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """log of the mean of exp(values) within each group (inverse: each value's group; sizes: the
+    groups' sizes), shifted by each group's max so that no exp underflows: a sample whose every
+    token has a loss above ~87 (fp32) still gets a finite log P."""
+    groups = sizes.numel()
+    top = torch.full((groups,), float("-inf"), device=values.device, dtype=values.dtype)
+    top = top.scatter_reduce(0, inverse, values.detach(), reduce="amax")  # the result does not depend on it
+    sums = torch.zeros(groups, device=values.device, dtype=values.dtype).index_add(0, inverse, torch.exp(values - top[inverse]))
+    return top + sums.log() - sizes.to(values.dtype).log()
 
 
-def _focal_derivative(mean_loss: torch.Tensor, gamma: float) -> torch.Tensor:
-    """f'(L) = (1 - p)^gamma + gamma (1 - p)^(gamma - 1) p L, with p = exp(-L)."""
-    p = torch.exp(-mean_loss)
-    one_minus_p = (-torch.expm1(-mean_loss)).clamp_min(torch.finfo(mean_loss.dtype).tiny)
-    return one_minus_p.pow(gamma) + gamma * one_minus_p.pow(gamma - 1) * p * mean_loss
+def _focal(log_p: torch.Tensor, gamma: float) -> torch.Tensor:
+    """g(P) = (1 - P)^gamma * (-log P), from log P. 1 - P is floored at the smallest normal float
+    so that P = 1 gives 0 and a finite gradient for any gamma >= 0."""
+    one_minus_p = (-torch.expm1(log_p)).clamp_min(torch.finfo(log_p.dtype).tiny)
+    return one_minus_p.pow(gamma) * -log_p
+
+
+def _focal_derivative(p: torch.Tensor, gamma: float) -> torch.Tensor:
+    """g'(P) = -gamma (1 - P)^(gamma - 1) (-log P) - (1 - P)^gamma / P."""
+    tiny = torch.finfo(p.dtype).tiny
+    p = p.clamp_min(tiny)
+    one_minus_p = (1 - p).clamp_min(tiny)
+    return -gamma * one_minus_p.pow(gamma - 1) * -p.log() - one_minus_p.pow(gamma) / p
 
 
 def _check_task_ids(token_task: torch.Tensor, num_tasks: int, where: str) -> None:
@@ -447,14 +462,14 @@ def _checked_task_weights(task_weights: torch.Tensor | None, num_tasks: int) -> 
 def _checked_reference(reference: torch.Tensor | None, present: torch.Tensor, num_tasks: int) -> torch.Tensor:
     if reference is None:
         raise ValueError(
-            "loss mode focal_task needs task_reference_loss: the per-task token-mean losses of this group "
-            "(no-grad pre-pass, exact) or of the previous step (approximation); see mft_loss's docstring"
+            "loss mode focal_task needs task_reference: the per-task mean token probabilities of this group "
+            "(a no-grad pre-pass); see mft_loss's docstring"
         )
     reference = torch.as_tensor(reference).detach()
     if reference.shape != (num_tasks,):
-        raise ValueError(f"task_reference_loss must have shape [{num_tasks}], got {tuple(reference.shape)}")
-    usable = torch.isfinite(reference) & (reference >= 0)
+        raise ValueError(f"task_reference must have shape [{num_tasks}], got {tuple(reference.shape)}")
+    usable = torch.isfinite(reference) & (reference > 0) & (reference <= 1)
     missing = (present.cpu() & ~usable.cpu()).nonzero().flatten().tolist()
     if missing:
-        raise ValueError(f"task_reference_loss has no finite value >= 0 for task(s) {missing} present in this group")
+        raise ValueError(f"task_reference has no probability in (0, 1] for task(s) {missing} present in this group")
     return reference

@@ -91,9 +91,10 @@ def batch_maker(split: TokenizedSplit, seq_length: int, pad_id: int, device: tor
     return lambda rows: to_device(collate(split, rows, seq_length, pad_id), device)
 
 
-def task_loss_totals(wrapper, make_batch, micro_batches, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-task sums of token losses and trained-token counts [K] (float64) over `micro_batches`
-    (lists of rows), without gradients, summed over all ranks. Mode (train/eval) is the caller's."""
+def task_loss_totals(wrapper, make_batch, micro_batches, num_tasks: int, of=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task sums of token losses (or of `of(token losses)`) and trained-token counts [K]
+    (float64) over `micro_batches` (lists of rows), without gradients, summed over all ranks.
+    Mode (train/eval) is the caller's."""
     sums = torch.zeros(num_tasks, dtype=torch.float64)
     counts = torch.zeros(num_tasks, dtype=torch.float64)
     with torch.no_grad():
@@ -101,19 +102,20 @@ def task_loss_totals(wrapper, make_batch, micro_batches, num_tasks: int) -> tupl
             batch = make_batch(rows)
             out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"])
             task_of_token = losses.trained_values(batch["task_ids"], batch["labels"])
-            s, c = losses.per_task_loss_sums(out.token_loss.double(), task_of_token, num_tasks)
+            values = out.token_loss.double() if of is None else of(out.token_loss.double())
+            s, c = losses.per_task_loss_sums(values, task_of_token, num_tasks)
             sums += s.cpu()
             counts += c.cpu()
     return losses.all_reduce_sum(sums), losses.all_reduce_sum(counts)
 
 
 def focal_task_reference(wrapper, make_batch, micro_batches, num_tasks: int, device: torch.device) -> torch.Tensor:
-    """focal_task weighs each task by its mean loss over the whole step, known only after every
-    micro-batch: a no-grad pass computes it first (all ranks), at one forward's cost. The pass
-    runs on a fork of the random state, so the step's own forwards then draw the same dropout
-    masks: the means are those of the step itself, the exact case of `losses.mft_loss`."""
+    """focal_task weighs each task by its mean token probability over the whole step, known only
+    after every micro-batch: a no-grad pass computes it first (all ranks), at one forward's cost.
+    The pass runs on a fork of the random state, so the step's own forwards then draw the same
+    dropout masks: the means are those of the step itself, the exact case of `losses.mft_loss`."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        sums, counts = task_loss_totals(wrapper, make_batch, micro_batches, num_tasks)
+        sums, counts = task_loss_totals(wrapper, make_batch, micro_batches, num_tasks, of=lambda loss: torch.exp(-loss))
     return losses.task_mean_losses(sums, counts).float()
 
 
@@ -276,7 +278,7 @@ def main(work_dir: Path) -> None:
                     token_task = losses.trained_values(batch["task_ids"], batch["labels"])
                     token_sample = losses.trained_values(batch["sample_ids"], batch["labels"])
                     contribution = losses.mft_loss(mode, out.token_loss, token_task, token_sample, counts,
-                                                   step_weights, gamma=cfg.focal_gamma, task_reference_loss=reference)
+                                                   step_weights, gamma=cfg.focal_gamma, task_reference=reference)
                     # Gradients are averaged over ranks (x world) and DeepSpeed divides each
                     # micro-step by its accumulation steps (x grad_accum): undo both, so the step's
                     # gradient is that of the summed contributions, the global objective.

@@ -11,10 +11,14 @@ Hand-built batch used by the value tests (K = 3 tasks; task 2 is absent):
 
     task 0: 5 tokens, sum 19, token mean 3.8,   2 samples, sample mean (2+5)/2   = 3.5
     task 1: 8 tokens, sum 25, token mean 3.125, 3 samples, sample mean (5+2+1)/3 = 8/3
+
+The focal losses take the arithmetic mean of the token probabilities p = exp(-loss) of a sample
+(P_s) or of a task (P_t), and g(P) = (1 - P)^gamma * (-log P), written out below with `math`.
 """
 
 from __future__ import annotations
 
+import math
 import socket
 
 import numpy as np
@@ -48,17 +52,30 @@ HAND_TASK = [0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1]
 HAND_SAMPLE = [0, 0, 1, 1, 1, 1, 2, 3, 3, 3, 4, 4, 4]
 HAND_COUNTS = GroupCounts(torch.tensor([5, 8, 0]), torch.tensor([2, 3, 0]))
 
-# f(L) = (1 - exp(-L))^2 * L for the sample / task means above (gamma = 2):
-F_2, F_5, F_1 = 1.4952901448310176, 4.932847529657957, 0.39957640089372803
-F_3_8, F_3_125 = 3.6318838493402152, 2.856426834029415
+# The paper's focal losses by hand: mean token probability of each sample and task, then g.
+SAMPLE_LOSSES = [[1, 3], [4, 4, 4, 8], [2], [5, 7, 3], [1, 1, 1]]
+SAMPLE_TASK = [0, 1, 1, 0, 1]
+TASK_LOSSES = [[1, 3, 5, 7, 3], [4, 4, 4, 8, 2, 1, 1, 1]]
+
+
+def mean_p(losses):
+    return sum(math.exp(-l) for l in losses) / len(losses)
+
+
+def g(p, gamma=2.0):
+    return (1 - p) ** gamma * -math.log(p)
+
+
+P_SAMPLE = [mean_p(l) for l in SAMPLE_LOSSES]  # P_s0 = (e^-1 + e^-3) / 2, ...
+P_TASK = [mean_p(l) for l in TASK_LOSSES]  # P_t0 = (e^-1 + e^-3 + e^-5 + e^-7 + e^-3) / 5, ...
 
 UNWEIGHTED = {
     "case1": 44 / 13,  # (19 + 25) / (5 + 8)
     "case2": 3.0,  # (2 + 5 + 2 + 5 + 1) / 5
     "case3": 3.4625,  # (3.8 + 3.125) / 2
     "case4": 37 / 12,  # (3.5 + 8/3) / 2
-    "focal_sample": (F_2 + F_5 + F_2 + F_5 + F_1) / 5,  # = 2.6511703499743353
-    "focal_task": (F_3_8 + F_3_125) / 2,  # = 3.2441553416848152
+    "focal_sample": sum(g(p) for p in P_SAMPLE) / 5,  # = 1.4951...
+    "focal_task": (g(P_TASK[0]) + g(P_TASK[1])) / 2,
 }
 # Weights (1, 3, 5): task 2 is absent, so its weight 5 changes nothing.
 WEIGHTED = {
@@ -66,10 +83,10 @@ WEIGHTED = {
     "case2": 31 / 11,  # (2 + 5 + 3*(5 + 2 + 1)) / (2 + 3*3)
     "case3": 3.29375,  # (3.8 + 3*3.125) / (1 + 3)
     "case4": 2.875,  # (3.5 + 3*8/3) / (1 + 3)
-    "focal_sample": (F_2 + F_5 + 3 * (F_5 + F_2 + F_1)) / 11,
-    "focal_task": (F_3_8 + 3 * F_3_125) / 4,
+    "focal_sample": sum((1, 3)[t] * g(p) for t, p in zip(SAMPLE_TASK, P_SAMPLE)) / 11,
+    "focal_task": (g(P_TASK[0]) + 3 * g(P_TASK[1])) / 4,
 }
-HAND_TASK_MEANS = torch.tensor([3.8, 3.125, float("nan")], dtype=F64)
+HAND_TASK_P = torch.tensor(P_TASK + [float("nan")], dtype=F64)
 
 
 def hand_contribution(mode, indices, weights=None, counts=HAND_COUNTS, gamma=2.0):
@@ -82,7 +99,7 @@ def hand_contribution(mode, indices, weights=None, counts=HAND_COUNTS, gamma=2.0
         counts,
         task_weights=weights,
         gamma=gamma,
-        task_reference_loss=HAND_TASK_MEANS,
+        task_reference=HAND_TASK_P,
     )
 
 
@@ -110,9 +127,27 @@ def test_micro_batch_contributions_sum_to_the_group_value(mode):
     assert total == pytest.approx(UNWEIGHTED[mode], abs=1e-12)
 
 
-def test_focal_with_gamma_zero_is_the_plain_mode():
-    assert hand_contribution("focal_sample", ALL_TOKENS, gamma=0.0).item() == pytest.approx(3.0, abs=1e-12)
-    assert hand_contribution("focal_task", ALL_TOKENS, gamma=0.0).item() == pytest.approx(3.4625, abs=1e-12)
+def test_focal_with_gamma_zero_is_minus_log_of_the_mean_probability_not_the_mean_loss():
+    """The paper's P is the arithmetic mean of the token probabilities: with gamma = 0 the loss is
+    -log P, below the mean token loss (Jensen) unless all of a sample's losses are equal."""
+    focal_sample = hand_contribution("focal_sample", ALL_TOKENS, gamma=0.0).item()
+    focal_task = hand_contribution("focal_task", ALL_TOKENS, gamma=0.0).item()
+    assert focal_sample == pytest.approx(sum(-math.log(p) for p in P_SAMPLE) / 5, abs=1e-12)
+    assert focal_task == pytest.approx((-math.log(P_TASK[0]) - math.log(P_TASK[1])) / 2, abs=1e-12)
+    assert focal_sample < UNWEIGHTED["case2"] - 0.3 and focal_task < UNWEIGHTED["case3"] - 1.0
+    # a sample of equal token losses: -log P_s is its loss (s4: three tokens of loss 1)
+    assert -math.log(P_SAMPLE[4]) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_focal_sample_is_finite_where_every_token_probability_underflows():
+    """Losses of 200 and 300 nats: exp(-loss) is 0 in fp32, but log P_s is taken from the losses
+    (log-mean-exp), so the loss is -log((e^-200 + e^-300) / 2) = 200 + log 2 (gamma: (1 - P)^2 = 1)."""
+    loss = torch.tensor([200.0, 300.0], requires_grad=True)
+    counts = GroupCounts(torch.tensor([2]), torch.tensor([1]))
+    value = mft_loss("focal_sample", loss, torch.tensor([0, 0]), torch.tensor([0, 0]), counts)
+    assert value.item() == pytest.approx(200 + math.log(2), rel=1e-6)
+    value.backward()
+    assert torch.isfinite(loss.grad).all() and loss.grad[0] == pytest.approx(1.0, rel=1e-6)
 
 
 def test_absent_task_counts_nothing_and_empty_micro_batch_contributes_zero():
@@ -134,10 +169,12 @@ def test_bad_inputs_get_clear_errors():
         mft_loss("case9", loss, task, sample, HAND_COUNTS)
     with pytest.raises(ValueError, match="group counts do not have"):
         mft_loss("case3", loss, task, sample, GroupCounts(torch.tensor([5, 0, 0]), torch.tensor([2, 0, 0])))
-    with pytest.raises(ValueError, match="needs task_reference_loss"):
+    with pytest.raises(ValueError, match="needs task_reference"):
         mft_loss("focal_task", loss, task, sample, HAND_COUNTS)
-    with pytest.raises(ValueError, match="no finite value"):
-        mft_loss("focal_task", loss, task, sample, HAND_COUNTS, task_reference_loss=torch.tensor([1.0, float("nan"), 1.0]))
+    with pytest.raises(ValueError, match=r"no probability in \(0, 1\] for task\(s\) \[1\]"):
+        mft_loss("focal_task", loss, task, sample, HAND_COUNTS, task_reference=torch.tensor([0.5, float("nan"), 1.0]))
+    with pytest.raises(ValueError, match=r"no probability in \(0, 1\] for task\(s\) \[0\]"):
+        mft_loss("focal_task", loss, task, sample, HAND_COUNTS, task_reference=torch.tensor([3.8, 0.5, 1.0]))  # a loss
     with pytest.raises(ValueError, match="shape \\[3\\]"):
         mft_loss("case3", loss, task, sample, HAND_COUNTS, task_weights=torch.ones(2))
     with pytest.raises(ValueError, match="sum to 0"):
@@ -358,18 +395,19 @@ def test_objective_and_gradient_do_not_depend_on_ranks_and_accumulation(mode):
         return loss, trained_values(batch["task_ids"], batch["labels"]), trained_values(batch["sample_ids"], batch["labels"])
 
     def reference_losses(batches):
-        # The exact focal_task recipe: a no-grad pre-pass over the group, all ranks summed.
+        # The exact focal_task recipe: a no-grad pre-pass over the group, all ranks summed: each
+        # task's mean token probability.
         sums, counts = torch.zeros(3, dtype=F64), torch.zeros(3, dtype=torch.long)
         with torch.no_grad():
             for batch in batches:
                 loss, task, _ = forward(batch)
-                s, c = per_task_loss_sums(loss, task, 3)
+                s, c = per_task_loss_sums(torch.exp(-loss), task, 3)
                 sums, counts = sums + s, counts + c
         return task_mean_losses(sums, counts)
 
     def contribution(batch, counts, reference):
         loss, task, sample = forward(batch)
-        return mft_loss(mode, loss, task, sample, counts, weights, gamma=2.0, task_reference_loss=reference)
+        return mft_loss(mode, loss, task, sample, counts, weights, gamma=2.0, task_reference=reference)
 
     whole = packed_micro_batch(rows)
     whole_counts = group_counts([whole], 3)
@@ -398,18 +436,19 @@ def test_focal_modes_have_the_exact_gradient_of_the_focal_objective(mode):
     weights = torch.tensor([1.0, 3.0, 5.0], dtype=F64)
     gamma = 1.5
 
-    def focal(mean):
-        return (1 - torch.exp(-mean)) ** gamma * mean
+    def focal(mean_p):  # the paper's g, on the arithmetic mean of the token probabilities
+        return (1 - mean_p) ** gamma * -torch.log(mean_p)
 
+    p = torch.exp(-token_loss)
     if mode == "focal_sample":
-        means = torch.stack([token_loss[sample == s].mean() for s in range(5)])
+        means = torch.stack([p[sample == s].mean() for s in range(5)])
         sample_task = torch.tensor([0, 1, 1, 0, 1])
         direct = (weights[sample_task] * focal(means)).sum() / weights[sample_task].sum()
     else:
-        means = torch.stack([token_loss[task == t].mean() for t in range(2)])
+        means = torch.stack([p[task == t].mean() for t in range(2)])
         direct = (weights[:2] * focal(means)).sum() / weights[:2].sum()
-    reference = task_mean_losses(*per_task_loss_sums(token_loss, task, 3))
-    ours = mft_loss(mode, token_loss, task, sample, HAND_COUNTS, weights, gamma=gamma, task_reference_loss=reference)
+    reference = task_mean_losses(*per_task_loss_sums(p, task, 3))
+    ours = mft_loss(mode, token_loss, task, sample, HAND_COUNTS, weights, gamma=gamma, task_reference=reference)
     torch.testing.assert_close(ours, direct, rtol=0, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(ours, token_loss)[0], torch.autograd.grad(direct, token_loss)[0],
                                rtol=0, atol=1e-12)
