@@ -123,11 +123,20 @@ class Browser:
         """What the page shows (document.body.innerText)."""
         return self.evaluate("document.body ? document.body.innerText : ''") or ""
 
-    def wait_for_text(self, expected: list[str], timeout: float = 60) -> str:
-        """Wait until the page's visible text holds every string of `expected`; that text."""
+    def scroll_down(self) -> None:
+        """Scroll the page and every scrolled box in it to the bottom: lists that render their
+        items only once they come into view (the Prefect UI's artifacts) render them all."""
+        self.evaluate("[document.scrollingElement, ...document.querySelectorAll('*')]"
+                      ".forEach(e => { if (e && e.scrollHeight > e.clientHeight) e.scrollTop = e.scrollHeight })")
+
+    def wait_for_text(self, expected: list[str], timeout: float = 60, scroll: bool = False) -> str:
+        """Wait until the page's visible text holds every string of `expected` (scrolling down
+        between looks, with `scroll`); that text."""
         deadline = time.monotonic() + timeout
         text = ""
         while time.monotonic() < deadline:
+            if scroll:
+                self.scroll_down()
             text = self.text()
             if all(item in text for item in expected):
                 return text
