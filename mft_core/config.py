@@ -196,7 +196,8 @@ class CoBaConfig(_Strict):
     tau: float = Field(default=5.0, gt=0, description="Temperature of the divergence factor.")
     update_interval: int = Field(default=1, ge=1, description="Measure and re-weight every N optimizer steps.")
     min_weight: float | None = Field(default=None, gt=0, description="Floor of every weight (default 1/(10 K)).")
-    valid_batches: int = Field(default=1, ge=1, description="Validation micro-batches per measurement (per process), cycled.")
+    valid_batches: int = Field(default=1, ge=1, description="Validation micro-batches per measurement (per process): "
+                               "the same ones every time; more where it takes more to hold every task.")
 
 
 class TrainConfig(_Strict):

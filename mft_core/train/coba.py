@@ -1,9 +1,12 @@
 """CoBa, the Convergence Balancer (arXiv 2410.06741): task weights from validation-loss slopes.
 
-The loop measures per-task validation losses every `update_interval` optimizer steps and calls
-`CoBa.update(step, losses)`; the returned weights (on the simplex) are the task weights of the
-case3 loss for the following steps. Each task's validation curve, normalized by its first value,
-gets a least-squares slope alpha_k over the last `history_length` measurements, then:
+Before training, the loop gives `CoBa.set_normalizers` each task's loss over one full validation
+pass. Then it measures per-task validation losses every `update_interval` optimizer steps, always
+on the SAME validation micro-batches (`measurement_batches`: a fixed subset that holds every task,
+the first measurement at step 0, before any update), and calls `CoBa.update(step, losses)`; the returned weights (on the
+simplex) are the task weights of the case3 loss for the following steps. Each task's validation
+curve, divided by its normalizer, gets a least-squares slope alpha_k over the last
+`history_length` measurements, then:
 
   RCS_k = softmax_k( K alpha_k / sum_j |alpha_j| )             relative convergence score: a task
                                                                converging more slowly than the
@@ -20,6 +23,10 @@ gets a least-squares slope alpha_k over the last `history_length` measurements, 
   w     = floor + (1 - K floor) softmax_k( K (DF RCS_k + (1 - DF) ACS_k) )
 
 This follows MFTCoder's CoBaStatus (reference/mftcoder.md §3.7) with its defects fixed:
+  * every point of the slope window is measured on the same micro-batches: MFTCoder's first point
+    is the full validation pass and the later ones cycle through micro-batches of different task
+    mixes and lengths, so its slopes fit which samples were measured as much as training; the
+    full pass here is only the normalizer;
   * slopes are fitted against the TRUE step of each measurement; a task missing from a
     measurement (nan) is left out of its own fit (masked least squares), instead of dropping
     its zeros and shifting the remaining points left;
@@ -41,15 +48,18 @@ exist. Slope and max-slope histories start at the first update after warmup (as 
 and the max-slope history used by DF grows for the whole run (one float per update), as in the
 paper. A task with fewer than 2 finite measurements in the window has no slope; it gets the
 mean slope of the fitted tasks (neutral in RCS) and is left out of the max. If no task has a
-slope, the weights do not change. Each task's normalizer is its first finite validation loss,
-so the first call should be `update(0, losses of a full validation pass before training)`.
+slope, the weights do not change. A task without a normalizer (no validation data) or without
+tokens in the measurement batches has no curve: it keeps the mean slope.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Callable
 
 import torch
+
+log = logging.getLogger("mft.train")
 
 _STATE_FORMAT = "mft-coba-1"
 _HYPERPARAMETERS = ("num_tasks", "warmup_steps", "history_length", "tau", "update_interval", "min_weight")
@@ -119,6 +129,14 @@ class CoBa:
             return None
         return {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in self._diagnostics.items()}
 
+    def set_normalizers(self, full_pass_loss: torch.Tensor) -> None:
+        """Each task's loss over one full validation pass before training (nan: no validation
+        token), the divisor of its curve; call it once, before the first `update`."""
+        losses = torch.as_tensor(full_pass_loss).detach().to("cpu", torch.float64).reshape(-1)
+        if losses.numel() != self.num_tasks or bool((~torch.isnan(losses) & ~(torch.isfinite(losses) & (losses > 0))).any()):
+            raise ValueError(f"CoBa.set_normalizers: expected {self.num_tasks} losses > 0 (or nan), got {losses.tolist()}")
+        self._normalizers = losses.clone()
+
     def should_update(self, step: int) -> bool:
         """Whether the loop should measure validation losses and call `update` after `step`."""
         return step % self.update_interval == 0
@@ -127,9 +145,12 @@ class CoBa:
         """Record the validation losses measured after `step` optimizer steps; return the weights
         to use from the next step on (float64 [K])."""
         losses = self._checked_losses(step, per_task_valid_loss)
-        newly_seen = torch.isnan(self._normalizers) & ~torch.isnan(losses)
-        self._normalizers[newly_seen] = losses[newly_seen]
-        normalized = losses / self._normalizers  # nan stays nan (missing, or never seen)
+        if self._last_step is None:  # the first measurement: say which tasks will have no curve
+            unmeasured = (torch.isnan(losses) & ~torch.isnan(self._normalizers)).nonzero().flatten().tolist()
+            if unmeasured:
+                log.warning("CoBa: task(s) %s have no token in the measurement batches and get no slope: "
+                            "raise train.coba.valid_batches", unmeasured)
+        normalized = losses / self._normalizers  # nan stays nan (missing, or no normalizer)
 
         keep = self.history_length - 1
         self._history_steps = torch.cat([self._history_steps[-keep:], torch.tensor([step])])
@@ -215,6 +236,8 @@ class CoBa:
             )
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"CoBa.update: steps must increase, got step {step} after step {self._last_step}")
+        if bool(torch.isnan(self._normalizers).all()):
+            raise ValueError("CoBa.update before set_normalizers: give it the losses of a full validation pass first")
         given = torch.as_tensor(per_task_valid_loss).detach()
         if given.numel() != self.num_tasks:
             raise ValueError(f"CoBa.update: expected {self.num_tasks} per-task losses, got shape {tuple(given.shape)}")
@@ -226,6 +249,27 @@ class CoBa:
                 f"validation tokens; got {losses.tolist()}"
             )
         return losses
+
+
+def measurement_batches(batches: list, count: int, tasks_of: Callable[[Any], set]) -> list:
+    """The validation micro-batches every CoBa measurement uses: first, greedily, batches that add
+    the most tasks not yet measured until every task of the plan is in (a task missing from them
+    would have no curve), then batches evenly spread over the rest of the plan, up to `count` in
+    all (more when covering the tasks takes more; all of them when the plan has no more).
+    Deterministic: every process can compute every process's choice."""
+    chosen: list[int] = []
+    covered: set = set()
+    while True:
+        gain, negative_index = max(((len(tasks_of(batch) - covered), -i) for i, batch in enumerate(batches)
+                                    if i not in chosen), default=(0, 0))
+        if gain == 0:
+            break
+        chosen.append(-negative_index)
+        covered |= tasks_of(batches[-negative_index])
+    rest = [i for i in range(len(batches)) if i not in chosen]
+    left = min(len(rest), max(0, count - len(chosen)))
+    chosen += [rest[(j * len(rest)) // left] for j in range(left)]
+    return [batches[i] for i in sorted(chosen)]
 
 
 def window_slopes(steps: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

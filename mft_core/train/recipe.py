@@ -34,7 +34,7 @@ import torch
 from mft_core.config import TrainConfig
 from mft_core.train import checkpoint as ckpt
 from mft_core.train import losses
-from mft_core.train.coba import CoBa
+from mft_core.train.coba import CoBa, measurement_batches
 from mft_core.train.data import TokenizedSplit, collate, epoch_plan, to_device, validation_plan
 from mft_core.train.launch import cuda_available
 from mft_core.train.metrics import MetricsLog, peak_rss_mb, plot_loss_curves
@@ -193,7 +193,7 @@ def main(work_dir: Path) -> None:
     trainable = ckpt.trainable_names(wrapper)
 
     state = {"step": 0, "epoch": 0, "group": 0, "best_loss": None, "best_step": None,
-             "evals_without_improvement": 0, "trained_tokens": 0, "coba": None, "coba_cursor": 0}
+             "evals_without_improvement": 0, "trained_tokens": 0, "coba": None}
     balancer = None
     if cfg.loss == "coba":
         if valid_batches is None:
@@ -223,21 +223,28 @@ def main(work_dir: Path) -> None:
         return {name: (sums[k] / counts[k]).item() for k, name in enumerate(task_names) if counts[k] > 0}
 
     def coba_measure() -> torch.Tensor:
-        """Per-task validation losses on the next `coba.valid_batches` validation micro-batches
-        (cycled; every rank takes the same number), token-weighted and all-reduced; nan where a
-        task had no token."""
-        cursor = state["coba_cursor"]
-        state["coba_cursor"] += cfg.coba.valid_batches
-        rows = [valid_batches[(cursor + i) % len(valid_batches)] for i in range(cfg.coba.valid_batches)]
+        """Per-task validation losses on CoBa's `coba.valid_batches` validation micro-batches, the
+        same ones at every measurement (so the slopes see training, not which samples were drawn;
+        every rank takes as many), token-weighted and all-reduced; nan where a task had no token."""
         wrapper.eval()
-        sums, counts = task_loss_totals(wrapper, valid_batch, rows, len(task_names))
+        sums, counts = task_loss_totals(wrapper, valid_batch, coba_batches, len(task_names))
         wrapper.train()
         return losses.task_mean_losses(sums, counts)
 
+    if balancer is not None:
+        # Every process takes as many as the process that needs the most to hold all its tasks.
+        tasks_in = lambda rows: {int(valid_split.task_ids[sample]) for row in rows for sample in row}
+        valid_plans = validation_plan(valid_split, seq_length=seq_length, rows_per_micro_batch=cfg.rows_per_micro_batch,
+                                      world_size=world)
+        count = max(len(measurement_batches(plan, cfg.coba.valid_batches, tasks_in)) for plan in valid_plans)
+        coba_batches = measurement_batches(valid_batches, count, tasks_in)
+
     if balancer is not None and resume_from is None:
-        # The normalizers are the losses before any training: one full validation pass.
+        # The normalizers: one full validation pass before any training; the curves' first point:
+        # the measurement batches, before any training too.
         before = evaluate()
-        balancer.update(0, torch.tensor([before.get(n, float("nan")) for n in task_names], dtype=torch.float64))
+        balancer.set_normalizers(torch.tensor([before.get(n, float("nan")) for n in task_names], dtype=torch.float64))
+        balancer.update(0, coba_measure())
 
     def weighted(per_task: dict[str, float]) -> float:
         pairs = [(task_weights[task_names.index(n)].item(), v) for n, v in per_task.items()]

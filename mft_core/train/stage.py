@@ -24,7 +24,7 @@ from mft_core.train.launch import StepReport, cuda_available, run_trainer, train
 
 log = logging.getLogger("mft.train")
 
-STAGE_VERSION = 3  # 3: bf16 runs load a LoRA's base in bf16, fp32 logits under autocast, DeepSpeed accumulates (2: sdpa_varlen)
+STAGE_VERSION = 4  # 4: the paper's focal losses, CoBa on fixed measurement batches, MoE balance over real tokens (3: bf16 base, fp32 logits, DeepSpeed accumulation; 2: sdpa_varlen)
 # Keys that change how training runs, not what it computes.
 _NOT_IN_KEY = ("threads", "allocator", "checkpoint_every", "keep_checkpoints")
 _LAUNCH_NOT_IN_KEY = ("machine_rank", "main_process_ip", "main_process_port")

@@ -8,14 +8,17 @@ import math
 import pytest
 import torch
 
-from mft_core.train.coba import CoBa, window_slopes
+from mft_core.train.coba import CoBa, measurement_batches, window_slopes
 
 torch.set_num_threads(1)
 NAN = float("nan")
 
 
 def run(coba: CoBa, curves, steps):
-    """Feed loss curves (one function of the step per task) at the given steps; return the weights."""
+    """Feed loss curves (one function of the step per task) at the given steps; return the weights.
+    A fresh CoBa is normalized by the curves' first values (as if the full pass measured those)."""
+    if coba.state_dict()["last_step"] is None:
+        coba.set_normalizers(torch.tensor([curve(steps[0]) for curve in curves], dtype=torch.float64))
     out = []
     for step in steps:
         out.append(coba.update(step, torch.tensor([curve(step) for curve in curves], dtype=torch.float64)))
@@ -98,6 +101,30 @@ def test_weights_stay_on_the_simplex_above_the_floor():
         CoBa(4, min_weight=0.3)
 
 
+def test_the_full_pass_normalises_and_the_curves_are_the_same_batches_measured_again():
+    """The full validation pass before training divides the curves and is no point of them: with
+    nothing trained, the measurement batches give the same losses at every step, the curves are
+    flat, and the weights stay uniform (a full pass of 2.0 then batches of 1.5 would be a slope)."""
+    coba = CoBa(2, warmup_steps=1, history_length=5)
+    coba.set_normalizers(torch.tensor([2.0, 4.0]))
+    weights = [coba.update(step, torch.tensor([1.5, 3.0])) for step in range(5)]
+    assert coba.state_dict()["history_losses"].tolist() == [[0.75, 0.75]] * 5
+    assert coba.diagnostics["slopes"].tolist() == [0.0, 0.0]
+    assert all(w.tolist() == pytest.approx([0.5, 0.5], abs=1e-15) for w in weights)
+
+
+def test_measurement_batches_hold_every_task_then_spread_over_the_plan():
+    # ten micro-batches (the tasks each holds): task 2 only in batch 7, task 1 only in 4 and 8
+    tasks = [{0}, {0}, {0}, {0}, {0, 1}, {0}, {0}, {0, 2}, {1}, {0}]
+    plan = list(range(10))
+    of = lambda batch: tasks[batch]
+    assert measurement_batches(plan, 2, of) == [4, 7]  # the fewest batches that hold every task
+    assert measurement_batches(plan, 1, of) == [4, 7]  # more than asked: every task needs a curve
+    assert measurement_batches(plan, 4, of) == [0, 4, 5, 7]  # then evenly over the others (0, 5)
+    assert measurement_batches(plan, 4, of) == measurement_batches(plan, 4, of)  # fixed
+    assert measurement_batches(plan, 12, of) == plan  # fewer than asked: all of them
+
+
 def test_missing_measurements_keep_their_true_step_positions():
     steps = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
     line = 1.0 - 0.01 * steps.double()
@@ -110,6 +137,7 @@ def test_missing_measurements_keep_their_true_step_positions():
 
     # Through CoBa: a task absent from some measurements still gets its exact slope.
     coba = CoBa(2, warmup_steps=6, history_length=10)
+    coba.set_normalizers(torch.tensor([1.0, 2.0]))
     for step in range(10):
         task0 = NAN if step in (2, 3, 7) else 1.0 - 0.01 * step
         coba.update(step, torch.tensor([task0, 2.0 - 0.01 * step], dtype=torch.float64))
@@ -118,6 +146,7 @@ def test_missing_measurements_keep_their_true_step_positions():
 
 def test_task_without_slope_gets_the_mean_slope_and_is_left_out_of_the_max():
     coba = CoBa(3, warmup_steps=2, history_length=4)
+    coba.set_normalizers(torch.tensor([1.0, 1.0, 1.0]))
     for step in range(4):
         losses = [1.0 - 0.01 * step, 1.0 - 0.03 * step, 1.0 if step == 0 else NAN]
         coba.update(step, torch.tensor(losses, dtype=torch.float64))
@@ -139,6 +168,11 @@ def test_update_interval_above_one_uses_true_steps():
 
 def test_bad_inputs_get_clear_errors():
     coba = CoBa(2)
+    with pytest.raises(ValueError, match="before set_normalizers"):
+        coba.update(3, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="expected 2 losses > 0"):
+        coba.set_normalizers(torch.tensor([0.0, 2.0]))
+    coba.set_normalizers(torch.tensor([1.0, 2.0]))
     coba.update(3, torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="steps must increase"):
         coba.update(3, torch.tensor([1.0, 2.0]))

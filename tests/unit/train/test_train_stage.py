@@ -169,6 +169,22 @@ def test_coba_resumed_after_warmup_equals_uninterrupted(tmp_path, tiny_llama_dir
         [m["loss"] for m in metrics(resumed) if "loss" in m], rel=1e-6)
 
 
+def test_coba_measures_the_same_validation_batches_so_an_unchanged_model_has_flat_curves(tmp_path, tiny_llama_dir):
+    """A learning rate of 1e-30 leaves the model as it was (LoRA's B moves to ~1e-30, far below
+    fp32's resolution of the outputs it adds to), so validation losses cannot change. CoBa divides
+    by the full pass and measures the same micro-batches at every step: flat curves, zero slopes,
+    uniform weights. With the full pass as the curves' first point, or micro-batches that cycle
+    through the validation set (other task mixes and lengths each time), the slopes would fit
+    which samples were measured and the weights would move."""
+    settings = dict(max_steps=6, lr=1e-30, min_lr=0.0, warmup_steps=0, checkpoint_every=100, loss="coba",
+                    lora={"dropout": 0.0}, coba={"warmup_steps": 2, "history_length": 4, "valid_batches": 1})
+    out = train(make_project(tmp_path, tiny_llama_dir, beta_weight=1.0, **settings)).directory
+    weights = [m["task_weight"] for m in metrics(out) if "task_weight" in m]
+    assert len(weights) == 6
+    for step_weights in weights:
+        assert list(step_weights.values()) == pytest.approx([0.5, 0.5], abs=1e-12)
+
+
 def test_every_micro_batch_reaches_the_model_through_to_device(tmp_path, tiny_llama_dir, monkeypatch):
     """Stands in for a GPU. collate builds CPU tensors and a single process (like DeepSpeed's
     engine) does not move inputs: on a GPU the first forward fails. On a CPU a batch left behind
