@@ -142,6 +142,14 @@ class TokenizeConfig(_Strict):
     overlength: Literal["truncate", "drop"] = Field(
         default="truncate", description="truncate: keep whole earlier rounds; drop: drop the sample (counted)."
     )
+    packing: Literal["isolated", "concatenated"] = Field(
+        default="isolated",
+        description="isolated: each sample whole in a packed row, attending only to itself, trained as its template "
+        "says (fine-tuning). concatenated: continued pretraining, as MFTCoder's mpt: every record rendered as in "
+        "MFTCoder's pretrain mode (no role markers), one stream per task (an EOS closes each record), cut into "
+        "windows of seq_length tokens (records split across windows), every token trained; template, role_markers "
+        "and overlength then have no effect.",
+    )
     num_workers: int | None = Field(
         default=None, ge=1, description="Worker processes (default: the number of cores); the output does not depend on it."
     )

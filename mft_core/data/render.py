@@ -37,6 +37,8 @@ DEFAULT_ROLE_MARKERS: dict[str, str] = {
     "assistant": "<s>bot\n",
 }
 ROLES = ("system", "user", "assistant")
+# MFTCoder's tokenize_mode "pretrain" (continued pretraining): the same rendering without markers.
+PRETRAIN_MARKERS: dict[str, str] = {"system": "", "user": "", "assistant": ""}
 
 # A "{% generation %}" block marks assistant text for HF's return_assistant_tokens_mask.
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")

@@ -14,13 +14,23 @@ Work is cut into chunks by input size (`shard_size_mb`) along Parquet row groups
 any worker starts, so the output is the same whatever the number of workers. Each chunk is one
 shard, published atomically; a killed run keeps its finished shards and the rerun (same key)
 only does the rest. Memory per worker is one row group plus one shard.
+
+packing "concatenated" (continued pretraining, MFTCoder's mpt): the chunks' shards hold whole
+records (documents/<split>/..., rendered as MFTCoder's pretrain mode: no role markers, every token
+trained), then one pass per task and split joins them into a stream and cuts it into windows of
+seq_length tokens, each starting at the previous window's last token: every token of the stream
+but the first is a target exactly once, as in MFTCoder's windows of seq_length + 1 with stride
+seq_length. The rest after the last full window is the last, shorter window. The window shards
+are the output's <split>/<task>-<NNNNN>.arrow; documents/ goes once they are written.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+import shutil
 import multiprocessing
 import os
 from dataclasses import asdict, dataclass
@@ -34,7 +44,15 @@ import pyarrow.parquet as pq
 from mft_core.config import PipelineConfig
 from mft_core.console import announce
 from mft_core.data.ingest import read_tasks
-from mft_core.data.render import fit_to_length, generation_chat_template, make_template, render_records
+from mft_core.data.render import (
+    PRETRAIN_MARKERS,
+    FitStatus,
+    RenderedSample,
+    fit_to_length,
+    generation_chat_template,
+    make_template,
+    render_records,
+)
 from mft_core.modeling import load_tokenizer, resolve_special_tokens, resolve_tokenizer_folder, tokenizer_content_hash
 
 log = logging.getLogger("mft.tokenize")
@@ -116,8 +134,12 @@ def _add_stats(total: dict[str, Any], part: dict[str, Any]) -> None:
 _WORKER: dict[str, Any] = {}
 
 
+DOCUMENTS = "documents"  # concatenated packing: the whole records, before they are cut into windows
+
+
 def _init_worker(tokenizer_dir: str, template_name: str, role_markers: dict | None, eos_id: int,
-                 seq_length: int, policy: str, ingest_dir: str, out_dir: str, trust_remote_code: bool) -> None:
+                 seq_length: int, policy: str, ingest_dir: str, out_dir: str, trust_remote_code: bool,
+                 packing: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process = one core; no nested threads
     tokenizer_json = Path(tokenizer_dir) / "tokenizer.json"
     if template_name == "mftcoder" and tokenizer_json.is_file():
@@ -131,7 +153,7 @@ def _init_worker(tokenizer_dir: str, template_name: str, role_markers: dict | No
     _WORKER.update(
         tokenizer=tokenizer,
         template=make_template(template_name, role_markers),
-        eos_id=eos_id, seq_length=seq_length, policy=policy,
+        eos_id=eos_id, seq_length=seq_length, policy=policy, concatenated=packing == "concatenated",
         ingest_dir=Path(ingest_dir), out_dir=Path(out_dir),
     )
 
@@ -151,7 +173,10 @@ def _tokenize_chunk(chunk: Chunk) -> str:
     for begin in range(0, len(records), RENDER_BATCH):
         batch = records[begin : begin + RENDER_BATCH]
         for record, sample in zip(batch, render_records(batch, w["tokenizer"], w["template"], w["eos_id"])):
-            fitted, status = fit_to_length(sample, w["seq_length"], w["policy"])
+            if w["concatenated"]:  # a whole document of the stream, every token trained: windows cut it later
+                fitted, status = RenderedSample(sample.input_ids, [1] * len(sample), sample.round_ends), FitStatus.KEPT
+            else:
+                fitted, status = fit_to_length(sample, w["seq_length"], w["policy"])
             stats[status.value] += 1
             if fitted is None:
                 log.debug("dropped over-length sample %s (%d tokens)", record["source"], len(sample))
@@ -166,18 +191,23 @@ def _tokenize_chunk(chunk: Chunk) -> str:
             lengths.append(length)
             sources.append(record["source"])
 
-    out = w["out_dir"] / chunk.shard_name
+    base = w["out_dir"] / DOCUMENTS if w["concatenated"] else w["out_dir"]
+    _write_shard(base / chunk.shard_name, _shard_columns(ids, mask, lengths, chunk.task_id, sources),
+                 {"chunk": asdict(chunk), "stats": stats})
+    return chunk.shard_name
+
+
+def _write_shard(out: Path, arrays: list[pa.Array], stats: dict[str, Any]) -> None:
+    """out.arrow, then out.stats.json, each published atomically: the stats file, written last,
+    means the shard is complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    arrays = _shard_columns(ids, mask, lengths, chunk.task_id, sources)
     tmp = out.with_name(out.name + ".arrow.tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, SHARD_SCHEMA) as writer:
         writer.write_table(pa.Table.from_arrays(arrays, schema=SHARD_SCHEMA))
     os.replace(tmp, out.with_name(out.name + ".arrow"))
-    # The stats file is written last: its presence means the shard is complete.
     stats_tmp = out.with_name(out.name + ".stats.json.tmp")
-    stats_tmp.write_text(json.dumps({"chunk": asdict(chunk), "stats": stats}) + "\n")
+    stats_tmp.write_text(json.dumps(stats) + "\n")
     os.replace(stats_tmp, out.with_name(out.name + ".stats.json"))
-    return chunk.shard_name
 
 
 def _from_numpy(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
@@ -201,8 +231,79 @@ def _shard_columns(ids: list[int], mask: list[int], lengths: list[int], task_id:
     ]
 
 
-def _shard_done(out_dir: Path, chunk: Chunk) -> bool:
-    return (out_dir / f"{chunk.shard_name}.stats.json").is_file() and (out_dir / f"{chunk.shard_name}.arrow").is_file()
+def _shard_done(base: Path, chunk: Chunk) -> bool:
+    return (base / f"{chunk.shard_name}.stats.json").is_file() and (base / f"{chunk.shard_name}.arrow").is_file()
+
+
+# ----------------------------------------------------------------------------- concatenated windows
+
+
+def cut_windows(out_dir: Path, chunks: list[Chunk], seq_length: int, shard_size_mb: float
+                ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """The documents of each task and split, in chunk order, as one stream cut into windows of
+    seq_length tokens, each starting at the previous one's last token (module docstring), written
+    as window shards of about shard_size_mb. Returns (stats per task and split, shards.json rows).
+    Memory: one documents shard and one window shard at a time."""
+    per_shard = max(1, int(shard_size_mb * 1e6 // (5 * seq_length)))  # int32 id + uint8 mask per token
+    stats: dict[str, dict[str, Any]] = {}
+    shards: list[dict[str, Any]] = []
+    for (task, split), group in itertools.groupby(chunks, key=lambda c: (c.task, c.split)):
+        group = list(group)
+        task_id = group[0].task_id
+        split_stats = stats.setdefault(task, {s: _empty_stats(seq_length) for s in SPLITS})[split]
+        width = split_stats["histogram"]["bin_width"]
+        pending: list[tuple[np.ndarray, str]] = []  # windows not written yet: (ids, source)
+
+        def flush() -> None:
+            index = sum(1 for s in shards if s["task"] == task and s["split"] == split)
+            name = f"{split}/{task}-{index:05d}"
+            lengths = [len(ids) for ids, _ in pending]
+            ids = np.concatenate([ids for ids, _ in pending])
+            arrays = _shard_columns(ids, np.ones(len(ids), dtype=np.uint8), lengths, task_id, [s for _, s in pending])
+            _write_shard(out_dir / name, arrays, {"windows": len(pending), "tokens": int(len(ids))})
+            shards.append({"split": split, "task": task, "task_id": task_id, "file": f"{name}.arrow",
+                           "rows": len(pending), "tokens": int(len(ids))})
+            pending.clear()
+
+        def emit(ids: np.ndarray, source: str) -> None:
+            pending.append((ids, source))
+            split_stats["samples"] += 1
+            split_stats["tokens"] += len(ids)
+            split_stats["trained_tokens"] += len(ids)
+            split_stats["histogram"]["counts"][min(HISTOGRAM_BINS - 1, (len(ids) - 1) // width)] += 1
+            if len(pending) == per_shard:
+                flush()
+
+        stream = np.zeros(0, dtype=np.int32)
+        starts = np.zeros(0, dtype=np.int64)  # where each document of the stream starts
+        sources: list[str] = []
+        for chunk in group:
+            table = open_shard(out_dir / DOCUMENTS / f"{chunk.shard_name}.arrow")
+            column = table.column("input_ids").combine_chunks()
+            offsets = column.offsets.to_numpy().astype(np.int64)
+            starts = np.concatenate([starts, offsets[:-1] + len(stream)])
+            stream = np.concatenate([stream, column.values.to_numpy()])
+            sources += table.column("source").to_pylist()
+            split_stats["kept"] += table.num_rows  # documents: every one kept whole across windows
+            begin = 0
+            while begin + seq_length <= len(stream):
+                emit(stream[begin : begin + seq_length], _window_source(starts, sources, begin, begin + seq_length))
+                begin += seq_length - 1
+            # carried into the next chunk: the rest of the stream and the documents it holds
+            first = max(0, int(np.searchsorted(starts, begin, side="right")) - 1)
+            stream, starts, sources = stream[begin:], np.maximum(starts[first:] - begin, 0), sources[first:]
+        if len(stream) >= 2:  # one token left is the last window's last: already predicted
+            emit(stream, _window_source(starts, sources, 0, len(stream)))
+        if pending:
+            flush()
+    return stats, shards
+
+
+def _window_source(starts: np.ndarray, sources: list[str], begin: int, end: int) -> str:
+    """The documents a window [begin, end) of the stream holds: `first`, or `first .. last`."""
+    first = int(np.searchsorted(starts, begin, side="right")) - 1
+    last = int(np.searchsorted(starts, end - 1, side="right")) - 1
+    return sources[first] if first == last else f"{sources[first]} .. {sources[last]}"
 
 
 # ----------------------------------------------------------------------------- stage
@@ -219,6 +320,9 @@ def tokenize_key_parts(cfg: PipelineConfig) -> tuple[dict[str, Any], list[str]]:
     section = cfg.stage_section("tokenize")
     section.pop("num_workers")
     section.pop("shard_size_mb")
+    if cfg.tokenize.packing == "concatenated":  # no effect there: MFTCoder's pretrain rendering, nothing cut
+        for key in ("template", "role_markers", "overlength"):
+            section.pop(key)
     return section, [f"tokenizer:{tokenizer_content_hash(tokenizer_folder(cfg))}"]
 
 
@@ -230,17 +334,22 @@ def run_tokenize(cfg: PipelineConfig, ingest_dir: Path, out_dir: Path) -> dict[s
     eos_id, pad_id = resolve_special_tokens(
         tokenizer, json.loads(model_config.read_text()) if model_config.is_file() else None
     )
-    template = make_template(settings.template, settings.role_markers)
+    concatenated = settings.packing == "concatenated"
+    # Continued pretraining renders as MFTCoder's pretrain mode: the mftcoder template without markers.
+    template_name, markers = ("mftcoder", PRETRAIN_MARKERS) if concatenated else (settings.template, settings.role_markers)
+    template = make_template(template_name, markers)
 
     chunks = plan_chunks(ingest_dir, settings.shard_size_mb)
-    pending = [c for c in chunks if not _shard_done(out_dir, c)]
+    base = out_dir / DOCUMENTS if concatenated else out_dir
+    pending = [c for c in chunks if not _shard_done(base, c)]
     if len(pending) < len(chunks):
         log.info("resuming: %d of %d shards are already done", len(chunks) - len(pending), len(chunks))
     workers = min(settings.num_workers or os.cpu_count() or 1, max(1, len(pending)))
-    announce(log, "tokenize", f"start: {len(pending)} shard(s) with {workers} worker(s), template {settings.template}, "
+    rendering = "concatenated windows, no markers" if concatenated else f"template {template_name}"
+    announce(log, "tokenize", f"start: {len(pending)} shard(s) with {workers} worker(s), {rendering}, "
                               f"seq_length {settings.seq_length}")
-    init_args = (str(tok_dir), settings.template, settings.role_markers, eos_id, settings.seq_length,
-                 settings.overlength, str(ingest_dir), str(out_dir), cfg.model.trust_remote_code)
+    init_args = (str(tok_dir), template_name, markers, eos_id, settings.seq_length,
+                 settings.overlength, str(ingest_dir), str(out_dir), cfg.model.trust_remote_code, settings.packing)
     if workers == 1:
         _init_worker(*init_args)
         for done, chunk in enumerate(pending, 1):
@@ -253,28 +362,32 @@ def run_tokenize(cfg: PipelineConfig, ingest_dir: Path, out_dir: Path) -> dict[s
             for done, name in enumerate(pool.imap_unordered(_tokenize_chunk, pending), 1):
                 log.info("tokenized %s (%d/%d)", name, done, len(pending))
 
-    stats: dict[str, dict[str, Any]] = {}
-    shards = []
-    for chunk in chunks:
-        part = json.loads((out_dir / f"{chunk.shard_name}.stats.json").read_text())["stats"]
-        task_stats = stats.setdefault(chunk.task, {split: _empty_stats(settings.seq_length) for split in SPLITS})
-        _add_stats(task_stats[chunk.split], part)
-        shards.append({"split": chunk.split, "task": chunk.task, "task_id": chunk.task_id,
-                       "file": f"{chunk.shard_name}.arrow", "rows": part["samples"], "tokens": part["tokens"]})
+    if concatenated:
+        stats, shards = cut_windows(out_dir, chunks, settings.seq_length, settings.shard_size_mb)
+    else:
+        stats, shards = {}, []
+        for chunk in chunks:
+            part = json.loads((out_dir / f"{chunk.shard_name}.stats.json").read_text())["stats"]
+            task_stats = stats.setdefault(chunk.task, {split: _empty_stats(settings.seq_length) for split in SPLITS})
+            _add_stats(task_stats[chunk.split], part)
+            shards.append({"split": chunk.split, "task": chunk.task, "task_id": chunk.task_id,
+                           "file": f"{chunk.shard_name}.arrow", "rows": part["samples"], "tokens": part["tokens"]})
 
     tokenizer.chat_template = (
         generation_chat_template(template, tokenizer.convert_ids_to_tokens(eos_id))
-        if settings.template == "mftcoder" else tokenizer.chat_template
+        if template_name == "mftcoder" else tokenizer.chat_template
     )
     tokenizer.save_pretrained(out_dir / "tokenizer")
     (out_dir / "template.json").write_text(json.dumps({
-        "template": settings.template,
-        "role_markers": asdict(template) if settings.template == "mftcoder" else None,
+        "template": template_name,
+        "role_markers": asdict(template) if template_name == "mftcoder" else None,
         "eos_id": eos_id, "pad_id": pad_id, "seq_length": settings.seq_length, "overlength": settings.overlength,
+        "packing": settings.packing,
     }, indent=1) + "\n")
     (out_dir / "shards.json").write_text(json.dumps(shards, indent=1) + "\n")
-    summary = {"tasks": stats, "seq_length": settings.seq_length, "shards": len(chunks)}
+    summary = {"tasks": stats, "seq_length": settings.seq_length, "shards": len(shards), "packing": settings.packing}
     (out_dir / "stats.json").write_text(json.dumps(summary, indent=1) + "\n")
+    shutil.rmtree(out_dir / DOCUMENTS, ignore_errors=True)  # cut into windows: no part of the output
     return summary
 
 

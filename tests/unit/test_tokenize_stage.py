@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from mft_core.data.render import PRETRAIN_MARKERS, make_template, render_record
 from mft_core.data.tokenize import open_shard
+from mft_core.modeling import load_tokenizer
 from mft_core.stages import compute_key, run_stage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,3 +146,74 @@ def test_a_killed_run_keeps_finished_shards_and_the_rerun_does_the_rest(tmp_path
     uninterrupted = tokenize(fresh).directory
     files = lambda d: json.loads((d / "manifest.json").read_text())["files"]
     assert files(resumed.directory) == files(uninterrupted)
+
+
+# ----------------------------------------------------------------------------- concatenated packing
+
+
+def windows_of(out: Path, task: str, split: str) -> list[dict]:
+    shards = [s for s in json.loads((out / "shards.json").read_text()) if (s["task"], s["split"]) == (task, split)]
+    return [row for s in shards for row in open_shard(out / s["file"]).to_pylist()]
+
+
+def test_concatenated_windows_hold_exactly_the_records_token_stream(tmp_path, tiny_llama_dir):
+    """Continued pretraining: every record of a task rendered as MFTCoder's pretrain mode (no
+    role markers; a chat record's turns, a text record's text, each closed by EOS) and joined in
+    order into one stream; windows of seq_length tokens, each starting at the previous one's last
+    token, hold exactly that stream (records split across windows), every token trained."""
+    path = make_project(tmp_path, tiny_llama_dir, packing="concatenated")
+    cfg = load(path)
+    out = tokenize(cfg).directory
+    ingest_dir = run_stage(cfg, "ingest").directory
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    pretrain = make_template("mftcoder", PRETRAIN_MARKERS)
+    import pyarrow.parquet as pq
+
+    for task in ("alpha", "beta"):
+        for split in ("train", "valid"):
+            records = pq.read_table(ingest_dir / "data" / task / f"{split}.parquet").to_pylist()
+            stream = [t for r in records for t in render_record(r, tokenizer, pretrain).input_ids]
+            windows = windows_of(out, task, split)
+            assert all(len(w["input_ids"]) == 64 for w in windows[:-1]) and 2 <= len(windows[-1]["input_ids"]) <= 64
+            joined = windows[0]["input_ids"] + [t for w in windows[1:] for t in w["input_ids"][1:]]
+            assert joined == stream, f"{task}/{split}: the windows are not the record stream"
+            assert all(w["loss_mask"] == [1] * len(w["input_ids"]) for w in windows)
+            assert stream.count(tokenizer.eos_token_id) == len(records)  # one EOS closes each record
+    text = tokenizer.decode(windows_of(out, "alpha", "train")[0]["input_ids"])
+    assert "<s>human" not in text and "<s>bot" not in text and "question" in text
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["packing"] == "concatenated" and not (out / "documents").exists()
+    assert stats["tasks"]["alpha"]["train"]["samples"] == len(windows_of(out, "alpha", "train"))
+    template = json.loads((out / "template.json").read_text())
+    assert template["packing"] == "concatenated" and template["role_markers"]["user_marker"] == ""
+
+
+def test_concatenated_output_is_the_same_for_any_worker_count_and_after_a_kill(tmp_path, tiny_llama_dir):
+    settings = dict(n=300, shard_size_mb=0.002, packing="concatenated")
+    uninterrupted = tokenize(load(make_project(tmp_path / "one", tiny_llama_dir, **settings))).directory
+    two = tokenize(load(make_project(tmp_path / "two", tiny_llama_dir, num_workers=2, **settings))).directory
+    files = lambda d: json.loads((d / "manifest.json").read_text())["files"]
+    assert len([f for f in files(uninterrupted) if f["path"].endswith(".arrow")]) > 4  # several window shards
+    assert files(two) == files(uninterrupted)
+
+    path = make_project(tmp_path / "killed", tiny_llama_dir, **settings)
+    cfg = load(path)
+    run_stage(cfg, "ingest")
+    proc = subprocess.Popen([sys.executable, "-c", RESUMABLE_RUN, str(path)], cwd=REPO)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((cfg.runs_root / "tokenize").glob("*.partial/documents/*/*.stats.json"))) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list((cfg.runs_root / "tokenize").glob("*.partial/documents/*/*.stats.json"))
+    assert not list((cfg.runs_root / "tokenize").glob("*/_SUCCESS")), "killed too late"
+    assert files(run_stage(cfg, "tokenize").directory) == files(uninterrupted)
+
+
+def test_concatenated_key_leaves_out_what_has_no_effect_there(tmp_path, tiny_llama_dir):
+    path = make_project(tmp_path, tiny_llama_dir)
+    ingest_dir = run_stage(load(path), "ingest").directory
+    concatenated = compute_key(load(path, **{"tokenize.packing": "concatenated"}), "tokenize", ingest_dir)
+    assert concatenated != compute_key(load(path), "tokenize", ingest_dir)
+    for setting in ({"tokenize.overlength": "drop"}, {"tokenize.template": "chat_template"}):
+        assert compute_key(load(path, **{"tokenize.packing": "concatenated", **setting}), "tokenize", ingest_dir) == concatenated

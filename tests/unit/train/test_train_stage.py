@@ -185,6 +185,27 @@ def test_coba_measures_the_same_validation_batches_so_an_unchanged_model_has_fla
         assert list(step_weights.values()) == pytest.approx([0.5, 0.5], abs=1e-12)
 
 
+def test_continued_pretraining_trains_every_token_of_the_concatenated_windows_once_per_epoch(tmp_path, tiny_llama_dir):
+    """tokenize.packing: concatenated with method full (MFTCoder's mpt): one epoch trains every
+    window once, and in each every token but its first (the previous window's last: already a
+    target there), so every token of each task's stream but its first is trained exactly once."""
+    path = make_project(tmp_path, tiny_llama_dir, method="full", loss="case1", max_steps=None, epochs=1,
+                        grad_accum=1, checkpoint_every=1000, eval_every=1000)  # no row left out of whole steps
+    config = json.loads(path.read_text())
+    config["tokenize"]["packing"] = "concatenated"
+    path.write_text(json.dumps(config))
+    out = train(path).directory
+    tokenize_dir = load_config(path).runs_root / "tokenize"
+    [shards_file] = tokenize_dir.glob("*/shards.json")
+    from mft_core.data.tokenize import open_shard
+
+    windows = [len(ids) for s in json.loads(shards_file.read_text()) if s["split"] == "train"
+               for ids in open_shard(shards_file.parent / s["file"]).column("input_ids").to_pylist()]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["trained_tokens"] == sum(windows) - len(windows)
+    assert json.loads((out / "hyperparameters.json").read_text())["train"]["method"] == "full"
+
+
 def test_every_micro_batch_reaches_the_model_through_to_device(tmp_path, tiny_llama_dir, monkeypatch):
     """Stands in for a GPU. collate builds CPU tensors and a single process (like DeepSpeed's
     engine) does not move inputs: on a GPU the first forward fails. On a CPU a batch left behind
