@@ -493,7 +493,7 @@ def test_outputs_name_a_hub_base_model_by_repo_and_commit(tiny_hub_model, tmp_pa
     base = cfg.display_path(resolve_model(cfg.model.path, cfg.runs_root))
     assert base == f"hf://org/tiny@{COMMIT_A}", "the merge report's base_model: no machine-specific cache path"
     assert cfg.display_path(tiny_hub_model / "config.json") == f"hf://org/tiny@{COMMIT_A}/config.json"
-    check = {"reference": "x", "samples": 1, "split": "valid", "tokens": 1, "max_abs_diff": 0.0, "tolerance": 1e-4,
+    check = {"reference": "x", "samples": 1, "split": "valid", "tokens": 1, "precision": "float64", "max_abs_diff": 0.0, "tolerance": 1e-4,
              "mean_abs_diff": 0.0, "argmax_agreement": 1.0, "finetune_effect": {"max_abs_diff": 1.0}}
     card = model_card(cfg, {"summary": {}, "tasks": [], "train": {}}, {"template": "chat_template", "eos_id": 2, "pad_id": 2},
                       {"method": "lora", "base_model": base, "merged": True, "dtype": "fp32", "check": check})

@@ -80,7 +80,10 @@ def test_a_sliding_window_shorter_than_a_sample_takes_the_masked_path(tmp_path):
     assert_same(run(tmp_path, "sdpa", batch), run(tmp_path, "sdpa_varlen", batch), "mistral, window 4")
 
 
-def test_a_forward_without_segments_warns_and_gives_masked_values(tmp_path, caplog):
+def test_a_forward_without_segments_warns_and_gives_masked_values(tmp_path, caplog, monkeypatch):
+    from mft_core.train import attention as packed_attention
+
+    monkeypatch.setattr(packed_attention, "_warned", set())  # warned once per process: maybe by an earlier test
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **COMMON, **FAMILIES["llama"])).save_pretrained(tmp_path)
     ids, pos, _ = two_rows()
