@@ -417,7 +417,12 @@ def load_generation_model(folder: Path, precision: str = "auto", eos_id: int | N
     tokenizer = load_tokenizer(folder, trust_remote_code)  # trust_remote_code: model.trust_remote_code
     precision = resolve_precision(precision, on_gpu)
     dtype = torch.bfloat16 if on_gpu and precision == "bf16" else torch.float32
-    model = load_pretrained(AutoModelForCausalLM, folder, trust_remote_code, dtype=dtype, attn_implementation="sdpa")
+    try:
+        model = load_pretrained(AutoModelForCausalLM, folder, trust_remote_code, dtype=dtype, attn_implementation="sdpa")
+    except ValueError as error:  # a family that declines sdpa (Gemma 2's soft-capped attention): its eager kernel
+        if "scaled_dot_product_attention" not in str(error):
+            raise
+        model = load_pretrained(AutoModelForCausalLM, folder, trust_remote_code, dtype=dtype, attn_implementation="eager")
     model.to(device).eval()
     if eos_id is None:
         eos_id, _ = resolve_special_tokens(tokenizer, model.config)

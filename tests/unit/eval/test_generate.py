@@ -441,3 +441,23 @@ def test_memorized_answers_stop_and_truncate_per_language(mode, test_cache_root,
         assert memorized_answers(p)[mode].startswith(stopped["raw"])
         tail = TRAILING_TEXT[p.language].strip() if mode == "completion" else "It returns the decimal part."
         assert tail in unstopped["raw"]
+
+
+def test_a_family_that_declines_sdpa_still_generates(tmp_path, tiny_tokenizer):
+    """Gemma 2 refuses sdpa (its soft-capped attention logits): evaluation loads its eager kernel
+    instead of failing the stage."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, attn_logit_softcapping=50.0,
+                          bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+                          pad_token_id=tiny_tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma2")
+    tiny_tokenizer.save_pretrained(tmp_path / "gemma2")
+    gm = load_generation_model(tmp_path / "gemma2", "fp32")
+    assert gm.model.config._attn_implementation == "eager"
+    problem = select_problems(languages=["python"], limit=1)[0]
+    item = WorkItem(problem, 0, render_prompt_for(problem, "completion", gm.tokenizer))
+    (record,) = generate_batch(gm, [item], "completion", GenerationSettings(max_new_tokens=4), stop_early=False)
+    assert record["new_tokens"] >= 1
