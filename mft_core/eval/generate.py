@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -487,8 +488,11 @@ def generate_batch(gm: GenerationModel, items: Sequence[WorkItem], mode: str, se
     with torch.no_grad(), gm.autocast():
         attention = attention.to(gm.device)
         positions = (attention.cumsum(-1) - 1).clamp_min(0)
+        # logits_to_keep=1: only the last position's logits ([rows, vocab], not [rows, prompt, vocab]),
+        # where the model takes it (transformers' own families do)
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(gm.model.forward).parameters else {}
         output = gm.model(input_ids=input_ids.to(gm.device), attention_mask=attention, position_ids=positions,
-                          use_cache=True)
+                          use_cache=True, **last_only)
         cache = output.past_key_values
         for _ in range(settings.max_new_tokens):
             scores = output.logits[:, -1, :].float()
