@@ -233,9 +233,9 @@ def test_every_micro_batch_reaches_the_model_through_to_device(tmp_path, tiny_ll
         targets.append(torch.device(device))
         return out
 
-    def watched_forward(self, input_ids, position_ids, labels):
-        seen.append((input_ids, position_ids, labels))
-        return real_forward(self, input_ids, position_ids, labels)
+    def watched_forward(self, input_ids, position_ids, labels, real_tokens=None):
+        seen.append((input_ids, position_ids, labels))  # real_tokens is computed from the moved task_ids
+        return real_forward(self, input_ids, position_ids, labels, real_tokens=real_tokens)
 
     monkeypatch.setattr(recipe, "to_device", recording_to_device)
     monkeypatch.setattr(TokenLossModel, "forward", watched_forward)
