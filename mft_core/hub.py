@@ -51,10 +51,8 @@ _MODEL_ID = re.compile(rf"(?P<repo>{_REPO_PART}/{_REPO_PART})(?:@(?P<revision>[^
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{30,}|(?i:bearer)\s+\S+")
 
-# Files of a model repo that transformers reads besides the weights (top level only).
-MODEL_METADATA_FILES = (
-    "config.json",
-    "generation_config.json",
+# Files that define a tokenizer's behaviour (and, for chat_template rendering, its template).
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -66,6 +64,8 @@ MODEL_METADATA_FILES = (
     "merges.txt",
     "vocab.txt",
 )
+# Files of a model repo that transformers reads besides the weights (top level only).
+MODEL_METADATA_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 CHAT_TEMPLATES_FOLDER = "additional_chat_templates/"
 # Weights transformers loads, in order of preference: safetensors, else PyTorch pickles. Only
 # these names: a repo's other copies (original/, onnx/, *.gguf, tf_model.h5, flax_model.msgpack,

@@ -47,20 +47,7 @@ CONVERSION_MARKER = "mft_conversion.json"
 # Bump when the conversion recipe changes, so old cached folders are not reused.
 CONVERSION_VERSION = 1
 
-# Files that define a tokenizer's behaviour (and, for chat_template rendering, its template).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-)
-
+TOKENIZER_FILES = hub.TOKENIZER_FILES
 
 
 # ----------------------------------------------------------------------------- model folders

@@ -8,6 +8,7 @@
 #
 # Idempotent: `apt-get update` only runs when a package is actually missing.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/apt-install.sh"
 
 CHECK_ONLY=0
 if [[ "${1:-}" == "--check" ]]; then CHECK_ONLY=1; shift; fi
@@ -31,11 +32,4 @@ if (( CHECK_ONLY )); then
     log "missing: ${missing[*]} (install: scripts/install-extras.sh ${missing[*]})"
     exit 1
 fi
-SUDO=""
-if [[ "$(id -u)" != 0 ]]; then
-    command -v sudo >/dev/null || { log "need root (or sudo) to apt-get install ${missing[*]}"; exit 1; }
-    SUDO="sudo"
-fi
-log "apt-get install ${missing[*]}"
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+apt_install install-extras "${missing[@]}"

@@ -26,6 +26,7 @@
 #        testify 1.8.0 while Debian ships 1.8.1, so the module files are written here for the
 #        versions Debian has; builds run with -mod=vendor and never touch a module proxy.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/apt-install.sh"
 
 CHECK_ONLY=0
 if [[ "${1:-}" == "--check" ]]; then CHECK_ONLY=1; fi
@@ -72,14 +73,7 @@ if (( ${#missing_apt[@]} > 0 )); then
         log "missing apt packages: ${missing_apt[*]}"
         status=1
     else
-        SUDO=""
-        if [[ "$(id -u)" != 0 ]]; then
-            command -v sudo >/dev/null || { log "need root (or sudo) to apt-get install ${missing_apt[*]}"; exit 1; }
-            SUDO="sudo"
-        fi
-        log "apt-get install ${missing_apt[*]}"
-        $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing_apt[@]}"
+        apt_install install-toolchains "${missing_apt[@]}"
     fi
 else
     log "apt packages: all present"

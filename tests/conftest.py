@@ -114,6 +114,23 @@ def tiny_llama(tiny_llama_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="sdpa").eval()
 
 
+@pytest.fixture
+def gloo_group():
+    """A one-process gloo process group on a free local port, destroyed after the test."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def test_cache_root() -> Path:
     """Cache shared across test sessions for expensive conversions ($MFT_TEST_CACHE)."""

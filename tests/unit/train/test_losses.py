@@ -19,7 +19,6 @@ The focal losses take the arithmetic mean of the token probabilities p = exp(-lo
 from __future__ import annotations
 
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -454,19 +453,10 @@ def test_focal_modes_have_the_exact_gradient_of_the_focal_objective(mode):
                                rtol=0, atol=1e-12)
 
 
-def test_all_reduce_with_an_initialized_process_group():
-    import torch.distributed as dist
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        local = GroupCounts(torch.tensor([3, 0, 2]), torch.tensor([1, 0, 1]))
-        reduced = all_reduce_counts(local)
-        assert reduced.task_tokens.tolist() == [3, 0, 2] and reduced.task_samples.tolist() == [1, 0, 1]
-        values = torch.tensor([1.5, 2.5], dtype=F64)
-        out = all_reduce_sum(values)
-        assert out.tolist() == [1.5, 2.5] and out is not values
-    finally:
-        dist.destroy_process_group()
+def test_all_reduce_with_an_initialized_process_group(gloo_group):
+    local = GroupCounts(torch.tensor([3, 0, 2]), torch.tensor([1, 0, 1]))
+    reduced = all_reduce_counts(local)
+    assert reduced.task_tokens.tolist() == [3, 0, 2] and reduced.task_samples.tolist() == [1, 0, 1]
+    values = torch.tensor([1.5, 2.5], dtype=F64)
+    out = all_reduce_sum(values)
+    assert out.tolist() == [1.5, 2.5] and out is not values

@@ -2,7 +2,6 @@
 dtypes a bf16 run loads, and the FSDP units (on a gloo process group: accelerate enables FSDP
 only on GPUs, so the recipe's own wrapping function is called directly)."""
 
-import socket
 
 import pytest
 import torch
@@ -54,20 +53,6 @@ def test_bf16_training_loads_a_loras_frozen_base_in_bf16_and_keeps_what_trains_i
     assert {p.dtype for p in load_model(tiny_llama_dir, TrainConfig(), "fp32", "sdpa", on_gpu=False).parameters()} == {torch.float32}
     full = load_model(tiny_llama_dir, TrainConfig(method="full"), "bf16", "sdpa", on_gpu=False)
     assert {p.dtype for p in full.parameters()} == {torch.float32}
-
-
-@pytest.fixture
-def gloo_group():
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -58,6 +58,27 @@ def metrics(directory: Path) -> list[dict]:
     return [json.loads(l) for l in (directory / "metrics.jsonl").read_text().splitlines()]
 
 
+def train_until_killed(cfg_path: Path, runs_root: Path, checkpoint_glob: str) -> Path | None:
+    """Ingests and tokenizes, then trains in a subprocess and SIGKILLs it (with its whole process
+    group) as soon as a path matching runs/train/*.partial/checkpoints/<checkpoint_glob> appears;
+    returns that run's .partial folder, or None when it never appeared (the run ended first)."""
+    cfg = load_config(cfg_path)
+    run_stage(cfg, "ingest")
+    run_stage(cfg, "tokenize")
+    proc = subprocess.Popen([sys.executable, "-m", "mft_core.cli", "train", "--config", str(cfg_path)],
+                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial, deadline = None, time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        hits = list((runs_root / "train").glob(f"*.partial/checkpoints/{checkpoint_glob}"))
+        if hits:
+            partial = next(p for p in hits[0].parents if p.name.endswith(".partial"))
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return partial
+
+
 def test_single_process_outputs_metrics_and_summary(tmp_path, tiny_llama_dir):
     run = train(make_project(tmp_path, tiny_llama_dir, max_steps=6))
     out = run.directory
@@ -86,19 +107,7 @@ def test_killed_mid_checkpoint_then_resumed_equals_uninterrupted(tmp_path, tiny_
 
     path = make_project(tmp_path / "crash", tiny_llama_dir, **settings)
     cfg = load_config(path)
-    run_stage(cfg, "ingest")
-    run_stage(cfg, "tokenize")
-    proc = subprocess.Popen([sys.executable, "-m", "mft_core.cli", "train", "--config", str(path)],
-                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial, deadline = None, time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        hits = list((tmp_path / "crash" / "runs" / "train").glob(f"*.partial/checkpoints/{KILL_WHEN}"))
-        if hits:
-            partial = hits[0].parents[1]
-            break
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    partial = train_until_killed(path, tmp_path / "crash" / "runs", KILL_WHEN)
     assert partial is not None, "the trainer never started checkpoint 4"
     complete = sorted(p.name for p in (partial / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
     assert complete == ["step-0000002"]  # step 4 was being written: not complete
@@ -148,15 +157,7 @@ def test_coba_resumed_after_warmup_equals_uninterrupted(tmp_path, tiny_llama_dir
     # the same run in two halves: stop after step 3 (a checkpoint after warmup), then resume
     path = make_project(tmp_path / "halves", tiny_llama_dir, beta_weight=1.0, **settings)
     cfg = load_config(path)
-    run_stage(cfg, "ingest")
-    run_stage(cfg, "tokenize")
-    proc = subprocess.Popen([sys.executable, "-m", "mft_core.cli", "train", "--config", str(path)],
-                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "halves" / "runs" / "train").glob("*.partial/checkpoints/step-0000003/COMPLETE")):
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    train_until_killed(path, tmp_path / "halves" / "runs", "step-0000003/COMPLETE")
     assert not list((tmp_path / "halves" / "runs" / "train").glob("*/_SUCCESS")), "killed too late"
     newest = max(p.parent.name for p in (tmp_path / "halves" / "runs" / "train").glob("*.partial/checkpoints/step-*/COMPLETE"))
     assert newest == "step-0000003", "killed after step 6's checkpoint: nothing left to resume after warmup"
@@ -258,15 +259,7 @@ def test_a_run_resumed_from_its_final_checkpoint_trains_no_extra_step(tmp_path, 
     finds a finished state and goes straight to saving."""
     path = make_project(tmp_path, tiny_llama_dir, max_steps=3, checkpoint_every=100, eval_every=100)
     cfg = load_config(path)
-    run_stage(cfg, "ingest")
-    run_stage(cfg, "tokenize")
-    proc = subprocess.Popen([sys.executable, "-m", "mft_core.cli", "train", "--config", str(path)],
-                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "runs" / "train").glob("*.partial/checkpoints/step-0000003/COMPLETE")):
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    train_until_killed(path, tmp_path / "runs", "step-0000003/COMPLETE")
     assert not list((tmp_path / "runs" / "train").glob("*/_SUCCESS")), "killed too late: nothing left to resume"
     resumed = run_stage(cfg, "train").directory
     assert [m["step"] for m in metrics(resumed) if "loss" in m] == [1, 2, 3]
