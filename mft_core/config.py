@@ -232,6 +232,11 @@ class TrainConfig(_Strict):
         "coba (case3 with convergence-balanced task weights).",
     )
     coba: CoBaConfig = CoBaConfig()
+    tasks: list[str] | None = Field(
+        default=None, min_length=1,
+        description="Train and validate on these tasks only (data.tasks names); default: every task. Ingest and "
+        "tokenize outputs stay shared with runs on other task sets (the experiment flow's single-task arms).",
+    )
     focal_gamma: float = Field(default=2.0, ge=0, description="γ of the focal losses (0: no focusing).")
     sampling: Literal["proportional", "temperature", "weights"] = Field(
         default="proportional",
@@ -356,6 +361,14 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
+        names = [t.task_name for t in self.data.tasks]
+        if self.train.tasks is not None:
+            unknown = [n for n in self.train.tasks if n not in names]
+            if unknown or len(set(self.train.tasks)) != len(self.train.tasks):
+                problem = f"unknown task(s) {', '.join(repr(n) for n in unknown)}" if unknown else "a task named twice"
+                raise ValueError(f"train.tasks {self.train.tasks}: {problem}; the tasks of data.tasks are {', '.join(names)}")
+            if self.train.loss == "coba" and len(self.train.tasks) < 2:
+                raise ValueError(f"train.loss=coba balances several tasks; train.tasks {self.train.tasks} selects one")
         weighted = [t.task_name for t in self.data.tasks if t.weight != 1.0]
         if self.train.loss == "coba" and weighted:
             raise ValueError(f"train.loss=coba sets the task weights itself; data.tasks weights of {weighted} would be "

@@ -129,6 +129,13 @@ class TokenizedSplit:
             raise ValueError(f"{self.directory}: a shard holds a task id outside 0..{self.num_tasks - 1}")
         self.task_counts = np.bincount(self.task_ids, minlength=self.num_tasks).astype(np.int64)
 
+    def keep_tasks(self, task_ids: Sequence[int]) -> None:
+        """Drop every sample of the other tasks (train.tasks); task ids, names and num_tasks stay."""
+        keep = np.isin(self.task_ids, np.asarray(task_ids, dtype=np.int64))
+        for name in ("shard_index", "row_index", "lengths", "task_ids", "_piece", "_start"):
+            setattr(self, name, getattr(self, name)[keep])
+        self.task_counts = np.bincount(self.task_ids, minlength=self.num_tasks).astype(np.int64)
+
     def __len__(self) -> int:
         return int(self.lengths.size)
 

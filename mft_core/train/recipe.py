@@ -154,6 +154,10 @@ def main(work_dir: Path) -> None:
     seq_length, pad_id = template["seq_length"], template["pad_id"]
     train_split = TokenizedSplit(tokenize_dir, "train")
     valid_split = TokenizedSplit(tokenize_dir, "valid")
+    if cfg.tasks is not None:  # a subset of the tokenized tasks; ids and names stay those of the output
+        selected = [t["id"] for t in job["tasks"] if t["name"] in cfg.tasks]
+        train_split.keep_tasks(selected)
+        valid_split.keep_tasks(selected)
     train_batch = batch_maker(train_split, seq_length, pad_id, device)
     valid_batch = batch_maker(valid_split, seq_length, pad_id, device)
     task_names = [t["name"] for t in job["tasks"]]

@@ -63,6 +63,8 @@ def train_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[st
         section["launch"].pop("zero_stage")
     if train.method == "full":
         section.pop("lora")
+    if train.tasks is None:
+        section.pop("tasks")  # every task, as before the key existed: earlier outputs stay valid
     section["task_weights"] = {t.task_name: t.weight for t in cfg.data.tasks}
     model_dir = resolve_model(cfg.model.path, cfg.runs_root)
     return section, [f"model:{model_digest(model_dir, hashes)}"]
@@ -82,7 +84,8 @@ def describe_training(cfg: PipelineConfig, precision: str) -> str:
         where += f" (DeepSpeed ZeRO-{launch.zero_stage})"
     elif launch.backend == "fsdp":
         where += " (FSDP)"
-    return f"{length}, {method} on {cfg.model.path}, {precision}, {where}"
+    tasks = f" (tasks {', '.join(train.tasks)})" if train.tasks is not None else ""
+    return f"{length}, {method} on {cfg.model.path}{tasks}, {precision}, {where}"
 
 
 def write_train_job(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path) -> dict[str, Any]:

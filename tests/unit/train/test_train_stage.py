@@ -286,3 +286,22 @@ def test_epochs_of_different_step_counts_all_train_and_the_run_ends_with_its_val
     assert [m["step"] for m in steps] == list(range(1, sum(counts) + 1))
     assert steps[-1]["lr"] == pytest.approx(1e-4)  # the schedule's horizon is the real total
     assert [m["step"] for m in metrics(out) if "valid_loss" in m] == [sum(counts)]  # the final validation ran
+
+
+def test_train_tasks_trains_and_validates_the_selected_tasks_on_the_shared_tokenize_output(tmp_path, tiny_llama_dir):
+    """train.tasks: [beta] trains on beta's samples only and validates beta only, from the same
+    ingest and tokenize outputs as a run on every task (the experiment flow's single-task arms)."""
+    everything = train(make_project(tmp_path, tiny_llama_dir, max_steps=2, eval_every=2))
+    only_beta = train(make_project(tmp_path, tiny_llama_dir, max_steps=2, eval_every=2, tasks=["beta"]))
+    assert only_beta.directory != everything.directory  # its own train key
+    assert len(list((tmp_path / "runs" / "tokenize").glob("*/_SUCCESS"))) == 1  # one shared tokenize output
+    steps = [m for m in metrics(only_beta.directory) if "loss" in m]
+    assert steps and all(m["task_tokens"]["alpha"] == 0 and m["task_tokens"]["beta"] > 0 for m in steps)
+    summary = json.loads((only_beta.directory / "train_summary.json").read_text())
+    assert set(summary["final_valid_task_loss"]) == {"beta"}
+    assert set(json.loads((everything.directory / "train_summary.json").read_text())["final_valid_task_loss"]) == {"alpha", "beta"}
+
+
+def test_train_tasks_names_an_unknown_task_fails_at_config_time(tmp_path, tiny_llama_dir):
+    with pytest.raises(ValueError, match=r"train\.tasks.*'gamma'.*alpha, beta"):
+        load_config(make_project(tmp_path, tiny_llama_dir, tasks=["gamma"]))
