@@ -527,7 +527,7 @@ def reference_rows(model: type[BaseModel] = None, prefix: str = "") -> list[tupl
         path = f"{prefix}{name}"
         annotation = field.annotation
         nested = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-        if name == "tasks":
+        if annotation == list[TaskSpec]:
             rows.append((path, "(required)", "list of {path, name, weight}: " + (field.description or "")))
             rows.extend(reference_rows(TaskSpec, f"{path}[]."))
             continue
