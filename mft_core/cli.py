@@ -79,6 +79,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from mft_core.experiment import load_experiment
+
+    experiment = load_experiment(args.config, _overrides(args.overrides))  # a bad arm fails here, in seconds
+    from flows.mft_experiment import mft_experiment  # before the run log opens (see cmd_run)
+
+    with run_log(experiment.base.runs_root):
+        mft_experiment(config=args.config, overrides=_overrides(args.overrides))
+    return 0
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     from mft_core.report import pipeline_summary
     from mft_core.stages import run_stage
@@ -160,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", help="comma-separated stages to recompute even if cached")
     run.add_argument("--json", action="store_true", help="print the output directories as JSON")
     run.set_defaults(func=cmd_run)
+
+    experiment = sub.add_parser("experiment", help="run the mft-experiment flow in-process: arms of a base config "
+                                "compared per task (experiments/paper.yaml: MFT vs mixed and single-task SFT)")
+    experiment.add_argument("--config", default="experiments/paper.yaml", help="the experiment config")
+    experiment.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                            help="override an experiment config key (repeatable), e.g. --set steps=8 --set seeds=[1]")
+    experiment.set_defaults(func=cmd_experiment)
 
     for name in STAGE_ORDER:
         stage = sub.add_parser(name, help=f"run the {name} stage alone, without Prefect")

@@ -1,11 +1,11 @@
 """`mft gc`: stage outputs that no current config or deployment refers to.
 
 Every config change leaves full outputs behind (a merged model, a training's checkpoints). The
-configs that count: the one given with --config, pipeline.yaml, configs/*.yaml and the configs
-(with their overrides) of prefect.yaml's deployments, all relative to the project root. For each,
-the key of every stage is computed as a run would (mft_core.status); an output in one of their
-runs roots under any other key is garbage, with its `.partial` work directory, its lock file and
-its Prefect result record (`.prefect-results/<key>`).
+configs that count: the one given with --config, pipeline.yaml, configs/*.yaml, the arms of
+experiments/*.yaml and the configs (with their overrides) of prefect.yaml's deployments, all
+relative to the project root. For each, the key of every stage is computed as a run would
+(mft_core.status); an output in one of their runs roots under any other key is garbage, with
+its `.partial` work directory, its lock file and its Prefect result record (`.prefect-results/<key>`).
 
 Never removed: the outputs of stages whose key could not be computed for some config (they may
 be that config's), and anything whose lock a running build holds (a `.partial` being written).
@@ -26,6 +26,7 @@ import yaml
 from mft_core import store
 from mft_core.config import load_config
 from mft_core.eval.stage import BASE_STAGE
+from mft_core.experiment import load_experiment
 from mft_core.stages import STAGE_ORDER
 from mft_core.status import built_time, format_size, lock_path, pipeline_status, tree_size
 
@@ -56,30 +57,47 @@ class Plan:
         return sum(g.size for g in self.garbage)
 
 
-def referring_configs(project: Path, extra: str | None = None) -> list[tuple[Path, dict[str, Any], str]]:
-    """(config path, overrides, where it comes from) of every config that keeps its outputs."""
+def referring_configs(project: Path, extra: str | None = None) -> tuple[list[tuple[Path, dict[str, Any], str]], list[str]]:
+    """(config path, overrides, where it comes from) of every config that keeps its outputs, the
+    arms of every experiment included; and the experiments that did not load."""
     found: list[tuple[Path, dict[str, Any], str]] = []
+    experiments: list[tuple[Path, dict[str, Any], str]] = []
     if extra:
         found.append((Path(extra), {}, "--config"))
     found.append((project / "pipeline.yaml", {}, "pipeline.yaml"))
     found.extend((path, {}, f"configs/{path.name}") for path in sorted((project / "configs").glob("*.yaml")))
+    experiments.extend((path, {}, f"experiments/{path.name}") for path in sorted((project / "experiments").glob("*.yaml")))
     deployments_file = project / "prefect.yaml"
     if deployments_file.is_file():
         for deployment in yaml.safe_load(deployments_file.read_text()).get("deployments") or []:
             parameters = deployment.get("parameters") or {}
-            config = project / parameters.get("config", "pipeline.yaml")  # the flow's default
-            found.append((config, parameters.get("overrides") or {}, f"deployment {deployment.get('name')}"))
+            origin = f"deployment {deployment.get('name')}"
+            if deployment.get("entrypoint", "").endswith(":mft_experiment"):
+                experiments.append((project / parameters.get("config", "experiments/paper.yaml"),
+                                    parameters.get("overrides") or {}, origin))
+            else:
+                config = project / parameters.get("config", "pipeline.yaml")  # the flow's default
+                found.append((config, parameters.get("overrides") or {}, origin))
+    failed = []
+    for path, overrides, origin in experiments:
+        try:
+            experiment = load_experiment(path, overrides)
+        except Exception as err:  # noqa: BLE001 - reported; it blocks --delete
+            failed.append(f"{origin} ({path}): {type(err).__name__}: {err}")
+            continue
+        found.extend((experiment.base_config, run.overrides, f"{origin} arm {run.label}") for run in experiment.runs)
     unique: dict[tuple[str, str], tuple[Path, dict[str, Any], str]] = {}
     for path, overrides, origin in found:
         unique.setdefault((str(path.resolve()), json.dumps(overrides, sort_keys=True)), (path, overrides, origin))
-    return list(unique.values())
+    return list(unique.values()), failed
 
 
 def plan_gc(project: Path, extra: str | None = None) -> Plan:
     plan = Plan()
+    configs, plan.unloadable = referring_configs(project, extra)
     keep: dict[Path, set[tuple[str, str]]] = {}
     protect: dict[Path, set[str]] = {}
-    for path, overrides, origin in referring_configs(project, extra):
+    for path, overrides, origin in configs:
         try:
             cfg = load_config(path, overrides)
         except Exception as err:  # noqa: BLE001 - reported; it blocks --delete

@@ -59,15 +59,55 @@ def write_report(cfg: PipelineConfig, outputs: dict[str, Path], run_started: dat
         if stage in outputs:
             sections.append(render(outputs[stage]))
     sections.append(_provenance(cfg))
-    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>mft-pipeline run report"
-            f"</title><style>{CSS}</style></head><body>\n<h1>mft-pipeline run report</h1>\n"
-            + "\n".join(sections) + "\n</body></html>\n")
     path = report_path(cfg, outputs)
+    _write_page(path, "mft-pipeline run report", sections)
+    return path
+
+
+def write_experiment_report(path: Path, cfg: PipelineConfig, summary: dict[str, Any], plot_png: Path,
+                            results: list[dict[str, Any]]) -> Path:
+    """The experiment's report.html: the arms x tasks table (best per task in bold), the verdict,
+    the plot, every arm run with a link to its own run report, and the provenance."""
+    tasks, several = summary["tasks"], len(summary["seeds"]) > 1
+    base = summary["base_valid_loss"]
+    rows = [["base model", *(_fmt(base.get(t)) for t in tasks), "", "", "", ""]]
+    for name, row in summary["rows"].items():
+        cells = []
+        for task in tasks:
+            cell = row["tasks"][task]
+            text = "-" if cell is None else _fmt(cell["loss"]) + (f" ± {cell['seed_spread']:.4f}" if several else "") + (
+                f" ({cell['gain']:+.1%})" if cell["gain"] is not None else "")
+            cells.append(f"<b>{_e(text)}</b>" if summary["best_per_task"][task] == name else _e(text))
+        rows.append([_e(name), *cells, _e(signed_percent(row["mean_gain"])), _e(signed_percent(row["task_spread"])),
+                     row["trained_tokens"], f"{row['train_seconds']:.0f}"])
+    runs = []
+    for result in results:
+        report = cfg.runs_root / REPORTS_DIR / f"train-{Path(result['train_dir']).name[:16]}.html"
+        link = f'<a href="{_e(report.as_uri())}">run report</a>' if report.is_file() else "-"
+        runs.append([_e(result["arm"]), result["seed"], result["steps"], result["trained_tokens"],
+                     f"<code>{_e(result['train_dir'])}</code>", link])
+    image = base64.b64encode(plot_png.read_bytes()).decode()
+    sections = [
+        f"<p><b>Reading:</b> {_e(summary['verdict'])}.</p>",
+        "<h2 id=\"table\">Validation loss per task (gain over the base model)</h2>",
+        _table(["arm", *tasks, "mean gain", "task spread", "trained tokens", "train s"], rows, escape=False),
+        f'<img class="plot" alt="validation loss per task and arm" src="data:image/png;base64,{image}">',
+        "<h2 id=\"runs\">Arm runs</h2>",
+        _table(["arm", "seed", "steps", "trained tokens", "train output", ""], runs, escape=False),
+        _provenance(cfg),
+    ]
+    _write_page(path, f"mft-pipeline experiment {summary['name']}", sections)
+    return path
+
+
+def _write_page(path: Path, title: str, sections: list[str]) -> None:
+    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}"
+            f"</title><style>{CSS}</style></head><body>\n<h1>{_e(title)}</h1>\n"
+            + "\n".join(sections) + "\n</body></html>\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, path)
-    return path
 
 
 # ----------------------------------------------------------------------------- sections
@@ -253,6 +293,11 @@ def _fmt(value: Any) -> str:
 
 def _sci(value: Any) -> str:
     return "-" if value is None else f"{value:.3g}"
+
+
+def signed_percent(value: Any) -> str:
+    """A relative change as +1.2%; "-" when unknown."""
+    return "-" if value is None else f"{value:+.1%}"
 
 
 def _pct(value: Any) -> str:

@@ -327,7 +327,9 @@ def test_readme_prefect_commands_as_typed_and_the_ui_on_another_port(stack):
     by_kind = {}
     for line, run_id in deployment_runs:
         tasks = api.task_states(run_id, 1)
-        if "eval-only" in line:
+        if "mft-experiment" in line:
+            by_kind["experiment"] = run_id
+        elif "eval-only" in line:
             by_kind["eval-only"] = tasks
         elif "stages=" in line:
             by_kind["stages"] = tasks
@@ -338,6 +340,14 @@ def test_readme_prefect_commands_as_typed_and_the_ui_on_another_port(stack):
     assert by_kind["default"] == {stage: "Completed" for stage in STAGES}  # a new runs root: all computed
     assert by_kind["eval-only"] == {"evaluate": "Completed"}  # forced; the others only located
     assert by_kind["stages"] == {"ingest": "Completed"}
+    # The experiment: one mft-pipeline subflow run per arm (2 tasks: mft-case3, mixed-sft, sft-alpha,
+    # sft-beta), every one Completed, and its table and report as artifacts of the experiment run.
+    children = api.call("POST", "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [by_kind["experiment"]]}}})
+    assert sorted(run["name"] for run in children) == [f"paper-{arm}-seed1" for arm in
+                                                       ("mft-case3", "mixed-sft", "sft-alpha", "sft-beta")]
+    assert all(run["state_name"] == "Completed" for run in children)
+    artifacts = api.call("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [by_kind["experiment"]]}}})
+    assert {a["key"] for a in artifacts} >= {"experiment", "experiment-report"}
     # A training setting: ingest and tokenize reused, train and what follows it run.
     assert by_kind["overrides"] == {"ingest": "Cached", "tokenize": "Cached", "train": "Completed",
                                     "merge": "Completed", "evaluate": "Completed"}

@@ -167,3 +167,35 @@ def test_gc_keeps_the_base_evaluation_a_finished_evaluate_refers_to(tmp_path, ti
     store.build_stage(cfg.runs_root, "evaluate", compute_key(cfg, "evaluate", upstream),
                       lambda work: (work / "summary.json").write_text(json.dumps(summary)))
     assert {key for stage, key in garbage() if stage == BASE_STAGE} == {bases[1].name}
+
+
+def test_gc_keeps_every_arm_of_an_experiment_and_an_unloadable_experiment_stops_delete(tmp_path, tiny_llama_dir):
+    """The arms of experiments/*.yaml (and of an mft-experiment deployment) refer to their train
+    outputs like any config: gc keeps them; the training of a config no one names is garbage."""
+    from mft_core.experiment import load_experiment
+    from mft_core.gc import plan_gc
+    from mft_core.stages import compute_key
+
+    config = write_project(tmp_path, tiny_llama_dir)
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "paper.yaml").write_text(yaml.safe_dump(
+        {"base": "../pipeline.yaml", "preset": "paper", "steps": 2, "seeds": [1]}))
+    experiment = load_experiment(tmp_path / "experiments" / "paper.yaml")
+    cfg = load_config(config)
+    run_stage(cfg, "ingest")
+    tokenize = run_stage(cfg, "tokenize").directory
+
+    def fake_train(overrides):  # the train output's key, built without training (gc reads keys only)
+        arm_cfg = load_config(config, overrides)
+        return store.build_stage(cfg.runs_root, "train", compute_key(arm_cfg, "train", tokenize),
+                                 lambda work: (work / "out.txt").write_text("x")).directory.name
+
+    arms = {fake_train(run.overrides) for run in experiment.runs}
+    orphan = fake_train({"train.lr": 0.5})
+    plan = plan_gc(tmp_path)
+    assert {g.key16 for g in plan.garbage if g.stage == "train"} == {orphan}
+    assert not arms & {g.key16 for g in plan.garbage} and len(arms) == 4
+    assert "experiments/paper.yaml arm sft-alpha-seed1" in plan.configs
+
+    (tmp_path / "experiments" / "broken.yaml").write_text("base: ../pipeline.yaml\n")  # no arms
+    assert any("experiments/broken.yaml" in line and "no arms" in line for line in plan_gc(tmp_path).unloadable)
