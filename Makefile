@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA := demo-data
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-data test test-fast bench balance toolchains extras gpu-setup gpu-check prefect-up prefect-down clean
+.PHONY: setup demo demo-data test test-fast bench balance experiment toolchains extras gpu-setup gpu-check prefect-up prefect-down clean
 
 setup: $(STAMP)
 
@@ -61,9 +61,14 @@ gpu-check: setup
 bench: setup toolchains demo-data
 	$(PY) bench/run_all.py
 
-# What task balancing buys: case1 / case3 / focal / CoBa on unbalanced demo tasks (SmolLM2, CPU: ~15 min).
+# What task balancing buys: case1 / case3 / focal / CoBa on unbalanced demo tasks (SmolLM2, CPU: ~15 min),
+# and the MFTCoder paper's comparison on them (bench/balance.py --preset paper --seeds 7,8 --steps 16).
 balance: setup demo-data
 	$(PY) bench/balance.py
+
+# The mft-experiment flow on experiments/paper.yaml: MFT vs mixed and single-task SFT on the demo tasks.
+experiment: setup demo-data
+	$(VENV)/bin/mft experiment
 
 prefect-up: setup demo-data
 	scripts/prefect-up.sh

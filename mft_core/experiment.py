@@ -152,8 +152,8 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: arm names repeat: {names}")
     runs = []
-    for arm in arms:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: an experiment stopped half-way holds a whole comparison for a seed
+        for arm in arms:
             overrides = {**config.overrides, "train.max_steps": steps, "train.epochs": EPOCHS_CAP,
                          "train.seed": seed, **arm.overrides}
             try:

@@ -67,9 +67,9 @@ def test_the_table_arithmetic_best_per_task_and_the_verdict(tmp_path, tiny_llama
     from mft_core.experiment import load_experiment, markdown, summarize
 
     experiment = load_experiment(write_experiment(tmp_path, tiny_llama_dir, seeds=[1, 2]))
-    assert [r.label for r in experiment.runs] == [f"{arm}-seed{s}" for arm in ("mft-case3", "mixed-sft", "sft-alpha",
-                                                                                 "sft-beta") for s in (1, 2)]
-    assert experiment.runs[0].overrides["train.max_steps"] == 2 and experiment.runs[1].overrides["train.seed"] == 2
+    assert [r.label for r in experiment.runs] == [f"{arm}-seed{s}" for s in (1, 2) for arm in ("mft-case3", "mixed-sft",
+                                                                                                 "sft-alpha", "sft-beta")]
+    assert experiment.runs[0].overrides["train.max_steps"] == 2 and experiment.runs[4].overrides["train.seed"] == 2
 
     def result(arm, seed, loss):
         return {"arm": arm, "seed": seed, "train_dir": "x", "valid_loss": loss, "steps": 2,
