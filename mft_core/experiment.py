@@ -197,7 +197,9 @@ def arm_result(run: ArmRun, outputs: dict[str, str | Path]) -> dict[str, Any]:
     if "evaluate" in outputs:
         evaluation = json.loads((Path(outputs["evaluate"]) / "summary.json").read_text())
         table = evaluation["models"]["finetuned"]["pass_at_k"]
-        result["pass_at_1"] = {lang: entry.get("pass@1") for lang, entry in table["languages"].items()}
+        entries = {**table["languages"], "average": table["average"]}
+        result["pass_at_k"] = {f"pass@{k}": {lang: entry.get(f"pass@{k}") for lang, entry in entries.items()}
+                               for k in evaluation["ks"]}
     return result
 
 
@@ -287,13 +289,15 @@ def summarize(experiment: Experiment, results: list[dict[str, Any]], base_loss: 
         row["task_spread"] = max(gains) - min(gains) if len(gains) == len(tasks) else None
         row["trained_tokens"] = sum(r["trained_tokens"] for r in row["runs"]) // max(1, len({r["seed"] for r in row["runs"]}))
         row["train_seconds"] = sum(r["train_seconds"] for r in row["runs"]) / max(1, len({r["seed"] for r in row["runs"]}))
-        passes = [r["pass_at_1"] for r in row["runs"] if "pass_at_1" in r]
-        if passes:
-            languages = sorted({lang for p in passes for lang in p})
-            row["pass_at_1"] = {lang: _mean([p.get(lang) for p in passes]) for lang in languages}
     best = {t: min((name for name in rows if rows[name]["tasks"][t]), key=lambda n: rows[n]["tasks"][t]["loss"], default=None)
             for t in tasks}
-    return {"name": experiment.name, "tasks": tasks, "base_valid_loss": base_loss,
+    # pass@k is not per task: every arm keeps its own row (each single-task model too), mean over seeds.
+    pass_at_k: dict[str, dict[str, dict[str, float | None]]] = {}
+    for arm in arms:
+        mine = [r["pass_at_k"] for r in results if r["arm"] == arm and "pass_at_k" in r]
+        if mine:
+            pass_at_k[arm] = {k: {lang: _mean([m[k].get(lang) for m in mine]) for lang in mine[0][k]} for k in mine[0]}
+    return {"name": experiment.name, "tasks": tasks, "base_valid_loss": base_loss, "pass_at_k": pass_at_k,
             "seeds": sorted({r["seed"] for r in results}), "rows": rows, "best_per_task": best,
             "verdict": _verdict(rows)}
 
@@ -345,14 +349,14 @@ def markdown(summary: dict[str, Any], experiment: Experiment) -> str:
             cells.append(f"**{text}**" if summary["best_per_task"][t] == name else text)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {signed_percent(row['mean_gain'])} | {signed_percent(row['task_spread'])} | "
                      f"{row['trained_tokens']} | {row['train_seconds']:.0f} |")
-    with_pass = {name: row["pass_at_1"] for name, row in summary["rows"].items() if "pass_at_1" in row}
-    if with_pass:
-        languages = sorted({lang for p in with_pass.values() for lang in p})
-        lines += ["\nHumanEval-X pass@1 (%) of the fine-tuned model" + (", mean over seeds" if several else "") + ":\n",
-                  "| arm | " + " | ".join(languages) + " |", "|" + "---|" * (len(languages) + 1)]
-        for name, passes in with_pass.items():
-            lines.append(f"| {name} | " + " | ".join("-" if passes.get(lang) is None else f"{100 * passes[lang]:.1f}"
-                                                    for lang in languages) + " |")
+    for name, by_k in summary["pass_at_k"].items():
+        if name == next(iter(summary["pass_at_k"])):
+            languages = list(next(iter(by_k.values())))
+            lines += ["\nHumanEval-X pass@k (%) of each fine-tuned model" + (", mean over seeds" if several else "") + ":\n",
+                      "| arm | k | " + " | ".join(languages) + " |", "|" + "---|" * (len(languages) + 2)]
+        for k, values in by_k.items():
+            lines.append(f"| {name} | {k} | " + " | ".join("-" if values.get(lang) is None else f"{100 * values[lang]:.1f}"
+                                                          for lang in languages) + " |")
     lines += ["", f"**Reading:** {summary['verdict']}.", "", "![validation loss per task and arm](experiment.png)", ""]
     return "\n".join(lines)
 

@@ -86,12 +86,19 @@ def write_experiment_report(path: Path, cfg: PipelineConfig, summary: dict[str, 
         link = f'<a href="{_e(report.as_uri())}">run report</a>' if report.is_file() else "-"
         runs.append([_e(result["arm"]), result["seed"], result["steps"], result["trained_tokens"],
                      f"<code>{_e(result['train_dir'])}</code>", link])
+    passes = []
+    for name, by_k in summary["pass_at_k"].items():
+        for k, values in by_k.items():
+            passes.append([name, k, *(_pct(v) for v in values.values())])
+    languages = list(next(iter(next(iter(summary["pass_at_k"].values())).values()))) if passes else []
     image = base64.b64encode(plot_png.read_bytes()).decode()
     sections = [
         f"<p><b>Reading:</b> {_e(summary['verdict'])}.</p>",
         "<h2 id=\"table\">Validation loss per task (gain over the base model)</h2>",
         _table(["arm", *tasks, "mean gain", "task spread", "trained tokens", "train s"], rows, escape=False),
         f'<img class="plot" alt="validation loss per task and arm" src="data:image/png;base64,{image}">',
+        *(["<h2 id=\"pass\">HumanEval-X pass@k of each fine-tuned model</h2>",
+            _table(["arm", "k", *languages], passes)] if passes else []),
         "<h2 id=\"runs\">Arm runs</h2>",
         _table(["arm", "seed", "steps", "trained tokens", "train output", ""], runs, escape=False),
         _provenance(cfg),

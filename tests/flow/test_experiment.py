@@ -64,7 +64,7 @@ def test_the_paper_arms_share_ingest_and_tokenize_and_resume_arm_by_arm(prefect_
 
 
 def test_the_table_arithmetic_best_per_task_and_the_verdict(tmp_path, tiny_llama_dir):
-    from mft_core.experiment import load_experiment, markdown, summarize
+    from mft_core.experiment import load_experiment, markdown, summarize, write_results
 
     experiment = load_experiment(write_experiment(tmp_path, tiny_llama_dir, seeds=[1, 2]))
     assert [r.label for r in experiment.runs] == [f"{arm}-seed{s}" for s in (1, 2) for arm in ("mft-case3", "mixed-sft",
@@ -93,6 +93,16 @@ def test_the_table_arithmetic_best_per_task_and_the_verdict(tmp_path, tiny_llama
     table = markdown(summary, experiment)
     assert "| mft-case3 | 1.1000 ± 0.1000 (+45.0%) | **2.0000 ± 0.0000 (+50.0%)** | +47.5% | +5.0% | 100 | 1 |" in table
     assert "(±9.09% of a task's loss)" in table
+
+    # pass@k is not per task: every arm its own row, the mean over seeds
+    for r, p in zip(results, (0.5, 0.25, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0)):
+        r["pass_at_k"] = {"pass@1": {"python": p, "average": p / 2}}
+    summary = summarize(experiment, results, base)
+    assert summary["pass_at_k"]["mft-case3"] == {"pass@1": {"python": 0.375, "average": 0.1875}}
+    assert summary["pass_at_k"]["sft-alpha"]["pass@1"]["python"] == 0.75 and "sft-beta" in summary["pass_at_k"]
+    assert "| mft-case3 | pass@1 | 37.5 | 18.8 |" in markdown(summary, experiment)
+    page = write_results(experiment, results, base)["report"].read_text()
+    assert "<td>mft-case3</td><td>pass@1</td><td>37.50%</td><td>18.75%</td>" in page and "<script" not in page
 
     results[0]["valid_loss"] = {"alpha": 0.2, "beta": 2.0}  # a noisy seed: the arms no longer separate
     assert "do not separate at this budget" in summarize(experiment, results, base)["verdict"]
