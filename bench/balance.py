@@ -2,7 +2,7 @@
 mft-experiment flow (mft_core/experiment.py): this script only prepares the data and the
 experiment config, runs the flow in-process and copies its table, plot and JSON to bench/results/.
 
-    .venv/bin/python bench/balance.py --preset paper [--seeds 7,8] [--steps 16]
+    .venv/bin/python bench/balance.py --preset paper [--seeds 7,8] [--steps 16] [--single-task-budget per_model]
         MFT (case3) vs mixed SFT vs one single-task SFT per task (the MFTCoder paper's comparison)
     .venv/bin/python bench/balance.py --modes case1,case3,focal_task,coba [--seeds 7] [--steps 12]
         the task-balancing losses against each other, one arm per loss
@@ -41,6 +41,8 @@ def unbalanced_data(demo: Path, out: Path, sizes: dict[str, int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", choices=["paper"], help="the paper's arms (default: one arm per --modes loss)")
+    parser.add_argument("--single-task-budget", choices=["split", "per_model"], default="split",
+                        help="--preset paper: the single-task models share the arm's steps, or each trains all of them")
     parser.add_argument("--modes", default="case1,case3,focal_task,coba", help="losses, one arm each (without --preset)")
     parser.add_argument("--seeds", default="7", help="comma-separated seeds; every arm runs once per seed")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps of every arm")
@@ -64,11 +66,12 @@ def main() -> None:
                   "coba": {"warmup_steps": max(2, args.steps // 4), "valid_batches": 2}},
     }
     (work / "pipeline.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
-    name = "paper" if args.preset else "balance"
+    name = ("paper" + ("-per-model" if args.single_task_budget == "per_model" else "")) if args.preset else "balance"
     experiment = {"base": "pipeline.yaml", "name": name, "steps": args.steps,
                   "seeds": [int(s) for s in args.seeds.split(",")], "stages": ["ingest", "tokenize", "train"]}
     if args.preset:
         experiment["preset"] = args.preset
+        experiment["single_task_budget"] = args.single_task_budget
     else:
         experiment["arms"] = [{"name": mode, "overrides": {"train.loss": mode}} for mode in args.modes.split(",")]
     config = work / f"{name}.yaml"

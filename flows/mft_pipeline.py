@@ -60,6 +60,12 @@ def mft_pipeline(
     forced = list(force or [])
     _check_names("stages", selected)
     _check_names("force", forced)
+    rank = cfg.train.launch.machine_rank
+    if rank > 0:  # a multi-machine run: machine 0 publishes the training and runs what comes after it
+        after = [name for name in selected if STAGE_ORDER.index(name) > STAGE_ORDER.index("train")]
+        if after:
+            logger.info("machine rank %d joins the training only; %s run on machine 0", rank, ", ".join(after))
+        selected = [name for name in selected if name not in after] or ["train"]
     started = datetime.now(timezone.utc)  # outputs built after this were computed by this run
     # `mft run` opened the run log already; under a worker (a deployment) it opens here.
     with run_log(cfg.runs_root):

@@ -185,12 +185,16 @@ class LaunchConfig(_Strict):
     num_machines: int = Field(default=1, ge=1, description="Machines taking part (each runs the same command).")
     machine_rank: int = Field(default=0, ge=0, description="This machine's index (0 = the main one).")
     main_process_ip: str | None = Field(default=None, description="Address of machine 0 (several machines).")
-    main_process_port: int | None = Field(default=None, ge=1, le=65535, description="Default: a free port.")
+    main_process_port: int | None = Field(default=None, ge=1, le=65535,
+                                          description="Port on machine 0; required with several machines (default: a free port).")
 
     @model_validator(mode="after")
     def _consistent(self) -> "LaunchConfig":
         if self.num_machines > 1 and not self.main_process_ip:
             raise ValueError("num_machines > 1 needs main_process_ip (the address of machine 0)")
+        if self.num_machines > 1 and not self.main_process_port:
+            raise ValueError("num_machines > 1 needs main_process_port: every machine must name the same port of "
+                             "machine 0 (a free port picked on each machine would differ)")
         if self.machine_rank >= self.num_machines:
             raise ValueError(f"machine_rank {self.machine_rank} must be < num_machines {self.num_machines}")
         return self

@@ -17,7 +17,9 @@ Every arm is an ordinary pipeline run, so the arms share the cached ingest and t
 (train.tasks selects a single-task arm's task at train time) and a crashed experiment resumes arm
 by arm. The token budget is equal by construction: every arm trains `steps` optimizer steps of
 grad_accum x rows_per_micro_batch packed rows of seq_length tokens, with as many epochs as that
-takes (a single-task arm repeats its smaller data); the trained tokens are reported per arm.
+takes (a single-task model repeats its smaller data); with the paper preset the single-task models
+share their arm's steps (steps // tasks each; single_task_budget: per_model gives each all of
+them); the trained tokens are reported per arm.
 
 This module never imports Prefect: flows/mft_experiment.py runs the arms as subflows of
 mft-pipeline and hands their outputs to `summarize` and `write_results`.
@@ -70,6 +72,9 @@ class ExperimentConfig(_Strict):
     preset: Literal["paper"] | None = Field(
         default=None, description="paper: MFT (case3), mixed SFT (case1, unit weights) and one single-task SFT per task.")
     coba: bool = Field(default=False, description="With preset paper: also an MFT arm with CoBa.")
+    single_task_budget: Literal["split", "per_model"] = Field(
+        default="split", description="With preset paper: split (the single-task models share the arm's steps, steps // "
+        "tasks each, so every arm trains the same total) or per_model (each trains all the steps: tasks x the budget).")
     arms: list[ArmSpec] = Field(default_factory=list, description="Arms beyond (or instead of) the preset's.")
     seeds: list[int] | None = Field(default=None, min_length=1, description="Default: [the base's train.seed].")
     steps: int | None = Field(default=None, ge=1, description="Optimizer steps of every arm; default: the base's train.max_steps.")
@@ -147,7 +152,7 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
         raise ConfigError(f"{path}: set `steps` (the optimizer steps of every arm), or train.max_steps in {base_config}: "
                           "the arms' token budget must be equal")
     seeds = config.seeds or [base.train.seed]
-    arms = _arms(config, base)
+    arms = _arms(config, base, steps)
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: arm names repeat: {names}")
@@ -164,9 +169,11 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     return Experiment(config, config.name or path.stem, path, base_config, base, runs)
 
 
-def _arms(config: ExperimentConfig, base: PipelineConfig) -> list[ArmSpec]:
+def _arms(config: ExperimentConfig, base: PipelineConfig, steps: int) -> list[ArmSpec]:
     arms: list[ArmSpec] = []
     if config.preset == "paper":
+        tasks = len(base.data.tasks)
+        single_steps = max(1, steps // tasks) if config.single_task_budget == "split" else steps
         unit_weights = {f"data.tasks.{i}.weight": 1.0 for i in range(len(base.data.tasks))}
         arms.append(ArmSpec(name="mft-case3", overrides={"train.loss": "case3"}))
         if config.coba:
@@ -176,7 +183,8 @@ def _arms(config: ExperimentConfig, base: PipelineConfig) -> list[ArmSpec]:
                                                          **unit_weights}))
         for task in base.data.tasks:  # with one task, case1 and case3 are the same loss
             arms.append(ArmSpec(name=f"sft-{task.task_name}", overrides={"train.tasks": [task.task_name],
-                                                                         "train.loss": "case1"}))
+                                                                         "train.loss": "case1",
+                                                                         "train.max_steps": single_steps}))
     return arms + list(config.arms)
 
 
@@ -331,8 +339,9 @@ def markdown(summary: dict[str, Any], experiment: Experiment) -> str:
     several = len(summary["seeds"]) > 1
     headers = ["arm", *tasks, "mean gain", "task spread", "trained tokens", "train s"]
     lines = [f"# Experiment {summary['name']}\n",
-             f"Base config {experiment.base_config}; seeds {summary['seeds']}; every arm {experiment.runs[0].overrides['train.max_steps']} "
-             "optimizer steps of the same packed rows (the single-task row: each task from its own arm, each arm the same steps).",
+             f"Base config {experiment.base_config}; seeds {summary['seeds']}; optimizer steps of the same packed rows: "
+             + ", ".join(f"{arm} {steps}" for arm, steps in dict((r.arm, r.overrides["train.max_steps"]) for r in experiment.runs).items())
+             + " (the single-task row: each task from its own model).",
              "Cells: validation loss after training" + (" (mean over seeds ± half their range)" if several else "")
              + " and its gain over the base model; **bold**: the best arm of the task.\n",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

@@ -139,6 +139,16 @@ def run_stage(cfg: PipelineConfig, name: str, upstream_dir: Path | None = None, 
         upstream_dir = locate_stage(cfg, stage.upstream)
     parts = key_components(cfg, name, upstream_dir)
     key = store.stage_key(**parts)
+    rank = cfg.train.launch.machine_rank
+    if rank > 0:  # a multi-machine run: machine 0 alone builds and publishes, on the shared runs root
+        if name == "train":
+            return train_stage.join_training(cfg, key, progress)
+        final = store.stage_dir(cfg.runs_root, name, key)
+        announce(log, name, f"machine {rank}: waiting for machine 0's output {final}")
+        train_stage.wait_for(lambda: store.is_complete(final),
+                             f"machine 0 did not publish {final} within {train_stage.JOIN_WAIT_S:.0f} s: start the same "
+                             "command there with train.launch.machine_rank=0, on a runs_root both machines share")
+        return store.StageRun(final, key, computed=False)
     resolved = {"stage": name, "stage_version": stage.version, "config": cfg.model_dump(mode="json")}
     started = time.monotonic()
     run = store.build_stage(

@@ -116,8 +116,10 @@ def allocator_env(choice: str, env: dict[str, str]) -> dict[str, str]:
     return {"LD_PRELOAD": preload, "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
 
 
-def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool) -> tuple[list[str], dict[str, str]]:
-    """argv and environment of the trainer for this config.
+def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool,
+                    launch_dir: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of the trainer for this config. The launch's own files (accelerate.yaml,
+    deepspeed.json) go to `launch_dir` (default: the work directory).
 
     Nothing of the user's own accelerate setup takes part: `accelerate launch` would merge
     ~/.cache/huggingface/accelerate/default_config.yaml into every setting its flags leave open,
@@ -153,7 +155,8 @@ def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool) -> tuple[list[
     }
     if launch.main_process_ip:
         settings["main_process_ip"] = launch.main_process_ip
-    config_file = work_dir / "accelerate.yaml"
+    launch_dir = launch_dir or work_dir
+    config_file = launch_dir / "accelerate.yaml"
     config_file.write_text(yaml.safe_dump(settings, sort_keys=False))
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
     for key in ("num_processes", "num_machines", "machine_rank", "main_process_port", "mixed_precision"):
@@ -161,9 +164,14 @@ def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool) -> tuple[list[
     if launch.main_process_ip:
         argv += ["--main_process_ip", launch.main_process_ip]
     if launch.backend == "deepspeed":
-        ds_path = work_dir / "deepspeed.json"
+        ds_path = launch_dir / "deepspeed.json"
         ds_path.write_text(json.dumps(deepspeed_config(cfg, bf16), indent=1) + "\n")
         argv += ["--use_deepspeed", "--deepspeed_config_file", str(ds_path)]
+        if launch.num_machines > 1:
+            # accelerate's default for several machines is DeepSpeed's pdsh launcher, which starts every
+            # machine's processes over ssh from machine 0; `standard` runs this machine's processes
+            # here, like the other backends, each machine running the same command.
+            argv += ["--deepspeed_multinode_launcher", "standard"]
     elif launch.backend == "fsdp":
         # The recipe shards every decoder layer itself (model.shard_decoder_layers); checkpoints
         # are saved sharded, each rank its own part.

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from mft_core.config import PipelineConfig
 from mft_core.console import TrainingProgress, announce
 from mft_core.hub import snapshot_of
 from mft_core.modeling import resolve_model
+from mft_core import store
 from mft_core.store import FileHashCache
 from mft_core.train.launch import StepReport, cuda_available, run_trainer, trainer_command
 
@@ -28,6 +32,9 @@ STAGE_VERSION = 4  # 4: the paper's focal losses, CoBa on fixed measurement batc
 # Keys that change how training runs, not what it computes.
 _NOT_IN_KEY = ("threads", "allocator", "checkpoint_every", "keep_checkpoints")
 _LAUNCH_NOT_IN_KEY = ("machine_rank", "main_process_ip", "main_process_port")
+# How long a machine of rank > 0 waits for machine 0 to start the training it joins, and then for
+# machine 0 to publish it (machine 0 may still be tokenizing a large data set).
+JOIN_WAIT_S = float(os.environ.get("MFT_JOIN_WAIT_S", 3600))
 
 
 def model_digest(model_dir: Path, hashes: FileHashCache) -> str:
@@ -111,7 +118,10 @@ def write_train_job(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path) -> 
         "precision": precision,
         "trust_remote_code": cfg.model.trust_remote_code,  # allows the model's own code (not in the key)
     }
-    job_file.write_text(json.dumps(job, indent=1) + "\n")
+    # Atomically: the other machines of a multi-machine run read it to join (join_training).
+    tmp = job_file.with_name(job_file.name + ".tmp")
+    tmp.write_text(json.dumps(job, indent=1) + "\n")
+    os.replace(tmp, job_file)
     return job
 
 
@@ -138,6 +148,53 @@ def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
     (work_dir / "deepspeed.json").unlink(missing_ok=True)
     (work_dir / "accelerate.yaml").unlink(missing_ok=True)
     return json.loads((work_dir / "train_summary.json").read_text())
+
+
+def join_training(cfg: PipelineConfig, key: str, on_progress: Callable[[int, int, str], None] | None = None) -> store.StageRun:
+    """Machine rank > 0 of a multi-machine run: join the training machine 0 builds. Machine 0 is
+    the only one that takes the store's lock and publishes (two machines building the same key on
+    shared storage would wait on each other's lock forever, or both publish); this one waits for
+    machine 0's train_job.json in the key's work directory, runs its own processes of the same
+    launch into that directory (checkpoint shards and RNG states are per process), and returns
+    once machine 0 has published the output. Its launch files and log stay on this machine."""
+    rank = cfg.train.launch.machine_rank
+    final = store.stage_dir(cfg.runs_root, "train", key)
+    work = final.with_name(final.name + ".partial")
+    job_file = work / "train_job.json"
+    announce(log, "train", f"machine {rank}: waiting for machine 0 to start training {final.name} in {work}")
+    wait_for(lambda: store.is_complete(final) or job_file.is_file(),
+              f"machine 0 did not start training {final.name} within {JOIN_WAIT_S:.0f} s ({job_file} is missing): "
+              "start the same command there with train.launch.machine_rank=0, on the same shared runs_root")
+    if store.is_complete(final):
+        announce(log, "train", f"machine {rank}: already trained by machine 0: {final}")
+        return store.StageRun(final, key, computed=False)
+    precision = json.loads(job_file.read_text())["precision"]
+    local = Path(tempfile.mkdtemp(prefix=f"mft-train-machine{rank}-"))
+    argv, env = trainer_command(cfg.train, work, precision == "bf16", launch_dir=local)
+    announce(log, "train", f"machine {rank}: joining: " + describe_training(cfg, precision))
+    progress = TrainingProgress()
+
+    def on_report(report: StepReport) -> None:
+        line = progress.update(report.step, report.total, report.loss, report.tokens_per_s)
+        if line is not None and on_progress is not None:
+            on_progress(report.step, report.total, line)
+
+    try:
+        run_trainer(argv, env, local / "train.log", on_report)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    wait_for(lambda: store.is_complete(final),
+              f"machine 0 did not publish {final} within {JOIN_WAIT_S:.0f} s after training ended: see its log")
+    announce(log, "train", f"machine {rank}: done; machine 0 published {final}")
+    return store.StageRun(final, key, computed=False)
+
+
+def wait_for(condition: Callable[[], bool], timeout_message: str) -> None:
+    deadline = time.monotonic() + JOIN_WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(timeout_message)
+        time.sleep(0.5)
 
 
 def _relative_to_runs(path: Path, runs_root: Path) -> str:

@@ -18,7 +18,8 @@ import torch
 
 from mft_core.config import load_config
 from mft_core.stages import run_stage
-from tests.unit.train.test_train_stage import REPO, adapter, make_project, metrics, train
+from mft_core.train.launch import free_port
+from tests.unit.train.test_train_stage import REPO, adapter, make_project, metrics, train, train_as_machines
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +73,26 @@ def test_two_processes_one_accumulation_equal_one_process_two(trained, backend):
     out = trained(backend)
     assert json.loads((out / "hyperparameters.json").read_text())["world_size"] == 2
     assert_same_training(trained("one-process-x2"), out)
+
+
+@pytest.mark.parametrize("backend", ["ddp-2x1", "zero2-2x1"])
+def test_two_machines_of_one_process_train_like_one_machine_of_two_and_only_machine_0_publishes(
+        trained, tmp_path, tiny_llama_dir, backend):
+    """Two machine ranks on this host (gloo, one shared runs root). Before: both computed the same
+    key and machine 1 waited for the store lock machine 0 held while machine 0's launch waited for
+    machine 1 to join (a deadlock), and DeepSpeed's default multi-machine launcher was pdsh over ssh.
+    Now machine 1 joins machine 0's work directory without the lock, and the run equals two
+    processes on one machine."""
+    launch = {**RUNS[backend]["launch"], "num_processes": 1, "num_machines": 2, "main_process_ip": "127.0.0.1",
+              "main_process_port": free_port()}
+    path = make_project(tmp_path, tiny_llama_dir, **COMMON, grad_accum=1, launch=launch)
+    machine_0, machine_1 = train_as_machines(path, 2)
+    published = [p.parent for p in (tmp_path / "runs" / "train").glob("*/_SUCCESS")]
+    assert len(published) == 1 and not list((tmp_path / "runs" / "train").glob("*.partial"))
+    assert "machine 1: joining" in machine_1 and f"machine 0 published {published[0]}" in machine_1
+    assert "joining" not in machine_0
+    assert json.loads((published[0] / "hyperparameters.json").read_text())["world_size"] == 2
+    assert_same_training(trained(backend), published[0])
 
 
 @pytest.mark.parametrize("backend", ["zero2-2x2", "zero3-2x2"])

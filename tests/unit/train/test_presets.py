@@ -1,7 +1,8 @@
 """Every single-machine preset in configs/ trains: its train section (method, LoRA, precision,
 attention, checkpointing, rows per micro-batch, backend, ZeRO stage) runs 2 optimizer steps on the
 tiny random Llama, on CPU where its backend can (DDP and DeepSpeed over gloo, at most 2
-processes and 2 accumulation steps). FSDP needs GPUs; multi-machine presets need their machines."""
+processes and 2 accumulation steps). FSDP needs GPUs. A multi-machine preset runs as two machine
+ranks of one process each on this host, over gloo."""
 
 import json
 from pathlib import Path
@@ -10,31 +11,39 @@ import pytest
 
 from mft_core.config import config_from_dict, load_config
 from mft_core.stages import run_stage
-from tests.unit.train.test_train_stage import make_project
+from mft_core.train.launch import free_port
+from tests.unit.train.test_train_stage import make_project, train_as_machines
 
 REPO = Path(__file__).resolve().parents[3]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 pytestmark = pytest.mark.slow
 
 
-def smoke_config(preset: Path, root: Path, model_dir: Path):
-    """The preset's train section on the tiny project: everything but its scale."""
+def smoke_raw(preset: Path, root: Path, model_dir: Path) -> dict:
+    """The preset's train section on the tiny project: everything but its scale. Several machines
+    become as many machine ranks of one process each on this host."""
     train = load_config(preset).stage_section("train")
     launch = train["launch"]
-    if launch["num_machines"] > 1 or launch["backend"] == "fsdp":
-        pytest.skip(f"{preset.name}: {'several machines' if launch['num_machines'] > 1 else 'FSDP needs GPUs'}")
-    launch["num_processes"] = min(launch["num_processes"], 2)
+    if launch["backend"] == "fsdp":
+        pytest.skip(f"{preset.name}: FSDP needs GPUs")
+    launch["num_processes"] = 1 if launch["num_machines"] > 1 else min(launch["num_processes"], 2)
+    if launch["num_machines"] > 1:
+        launch.update(num_machines=2, machine_rank=0, main_process_ip="127.0.0.1", main_process_port=free_port())
     train.update(launch=launch, max_steps=2, epochs=1, warmup_steps=0, grad_accum=min(train["grad_accum"], 2),
                  eval_every=2, checkpoint_every=2, threads=1)
     if train["method"] != "full":
         train["lora"]["r"] = min(train["lora"]["r"], 8)
     tiny = json.loads(make_project(root, model_dir).read_text())
-    return config_from_dict({**tiny, "train": train}, root, source=f"{preset.name} on the tiny model")
+    return {**tiny, "train": train}
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def machines(preset: Path) -> int:
+    return load_config(preset).train.launch.num_machines
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if machines(p) == 1], ids=lambda p: p.name)
 def test_every_single_machine_preset_trains_on_cpu(preset, tmp_path, tiny_llama_dir):
-    cfg = smoke_config(preset, tmp_path, tiny_llama_dir)
+    cfg = config_from_dict(smoke_raw(preset, tmp_path, tiny_llama_dir), tmp_path, source=f"{preset.name} on the tiny model")
     for stage in ("ingest", "tokenize"):
         run_stage(cfg, stage)
     out = run_stage(cfg, "train").directory
@@ -42,3 +51,14 @@ def test_every_single_machine_preset_trains_on_cpu(preset, tmp_path, tiny_llama_
     hyper = json.loads((out / "hyperparameters.json").read_text())
     assert summary["steps"] == 2 and hyper["world_size"] == cfg.train.launch.num_processes
     assert (out / "model").is_dir()
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if machines(p) > 1], ids=lambda p: p.name)
+def test_every_multi_machine_preset_runs_as_machine_ranks_on_one_host(preset, tmp_path, tiny_llama_dir):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(json.dumps(smoke_raw(preset, tmp_path, tiny_llama_dir)))
+    outputs = train_as_machines(path, 2)
+    published = [p.parent for p in (tmp_path / "runs" / "train").glob("*/_SUCCESS")]
+    assert len(published) == 1 and "machine 1: joining" in outputs[1]
+    summary = json.loads((published[0] / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and json.loads((published[0] / "hyperparameters.json").read_text())["world_size"] == 2

@@ -79,6 +79,24 @@ def train_until_killed(cfg_path: Path, runs_root: Path, checkpoint_glob: str) ->
     return partial
 
 
+def train_as_machines(cfg_path: Path, machines: int) -> list[str]:
+    """Ingests and tokenizes, then runs `mft train` once per machine rank, all on this host and one
+    runs root (the shape of a multi-machine run: every machine runs the same command with its
+    rank); the highest rank starts first, so the others wait for machine 0. Returns each rank's
+    output, in rank order, after checking that every one exited 0."""
+    cfg = load_config(cfg_path)
+    run_stage(cfg, "ingest")
+    run_stage(cfg, "tokenize")
+    procs = {rank: subprocess.Popen([sys.executable, "-m", "mft_core.cli", "train", "--config", str(cfg_path),
+                                     "--set", f"train.launch.machine_rank={rank}"], cwd=REPO, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for rank in reversed(range(machines))}
+    outputs = {rank: proc.communicate(timeout=600)[0] for rank, proc in procs.items()}
+    for rank, proc in procs.items():
+        assert proc.returncode == 0, f"machine {rank} exited {proc.returncode}:\n{outputs[rank][-4000:]}"
+    return [outputs[rank] for rank in range(machines)]
+
+
 def test_single_process_outputs_metrics_and_summary(tmp_path, tiny_llama_dir):
     run = train(make_project(tmp_path, tiny_llama_dir, max_steps=6))
     out = run.directory
@@ -305,3 +323,27 @@ def test_train_tasks_trains_and_validates_the_selected_tasks_on_the_shared_token
 def test_train_tasks_names_an_unknown_task_fails_at_config_time(tmp_path, tiny_llama_dir):
     with pytest.raises(ValueError, match=r"train\.tasks.*'gamma'.*alpha, beta"):
         load_config(make_project(tmp_path, tiny_llama_dir, tasks=["gamma"]))
+
+
+def test_a_machine_of_rank_above_0_never_builds_an_output_it_waits_for_machine_0s(tmp_path, tiny_llama_dir, monkeypatch):
+    from mft_core.train import stage as train_stage
+
+    launch = {"num_machines": 2, "main_process_ip": "127.0.0.1", "main_process_port": 29555}
+    path = make_project(tmp_path, tiny_llama_dir, launch=launch)
+    machine_1 = load_config(path, {"train.launch.machine_rank": 1})
+    monkeypatch.setattr(train_stage, "JOIN_WAIT_S", 0.5)
+    with pytest.raises(TimeoutError, match=r"machine 0 did not publish .*ingest.*machine_rank=0"):
+        run_stage(machine_1, "ingest")
+    assert not list((tmp_path / "runs").glob("ingest/*"))  # no output, no lock, no work directory
+    built = run_stage(load_config(path), "ingest")  # machine 0
+    found = run_stage(machine_1, "ingest")
+    assert found.directory == built.directory and not found.computed
+    run_stage(load_config(path), "tokenize")
+    with pytest.raises(TimeoutError, match=r"machine 0 did not start training"):
+        run_stage(machine_1, "train")
+    assert not list((tmp_path / "runs").glob("train/*"))
+
+
+def test_several_machines_need_the_port_of_machine_0(tmp_path, tiny_llama_dir):
+    with pytest.raises(ValueError, match="num_machines > 1 needs main_process_port"):
+        load_config(make_project(tmp_path, tiny_llama_dir, launch={"num_machines": 2, "main_process_ip": "10.0.0.1"}))
