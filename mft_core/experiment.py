@@ -366,32 +366,37 @@ def markdown(summary: dict[str, Any], experiment: Experiment) -> str:
         for k, values in by_k.items():
             lines.append(f"| {name} | {k} | " + " | ".join("-" if values.get(lang) is None else f"{100 * values[lang]:.1f}"
                                                           for lang in languages) + " |")
-    lines += ["", f"**Reading:** {summary['verdict']}.", "", "![validation loss per task and arm](experiment.png)", ""]
+    lines += ["", f"**Reading:** {summary['verdict']}.", "", "![validation loss gain per task and arm](experiment.png)", ""]
     return "\n".join(lines)
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
+    """Per task and arm: the gain over the base model (%), seeds' half-range as error bars; the
+    validation loss itself where the base model's is unknown."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks, rows = summary["tasks"], summary["rows"]
+    tasks, rows, base = summary["tasks"], summary["rows"], summary["base_valid_loss"]
+    as_gain = all(t in base for t in tasks)
     figure, axis = plt.subplots(figsize=(9, 4), dpi=100)
     width = 0.8 / max(1, len(rows))
     for i, (name, row) in enumerate(rows.items()):
         xs = [x + i * width for x in range(len(tasks))]
         cells = [row["tasks"][t] for t in tasks]
-        axis.bar(xs, [c["loss"] if c else math.nan for c in cells], width, label=name,
-                 yerr=[c["seed_spread"] if c else 0 for c in cells], capsize=3)
-    base = summary["base_valid_loss"]
-    for x, t in enumerate(tasks):
-        if t in base:
-            axis.hlines(base[t], x - width / 2, x + width * (len(rows) - 0.5), colors="grey", linestyles=":")
+        if as_gain:
+            heights = [100 * c["gain"] if c else math.nan for c in cells]
+            errors = [100 * c["seed_spread"] / base[t] if c else 0 for c, t in zip(cells, tasks)]
+        else:
+            heights = [c["loss"] if c else math.nan for c in cells]
+            errors = [c["seed_spread"] if c else 0 for c in cells]
+        axis.bar(xs, heights, width, label=name, yerr=errors, capsize=3)
     axis.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(tasks))])
     axis.set_xticklabels(tasks, fontsize=8)
-    axis.set_ylabel("validation loss (dotted: base model)")
-    axis.set_title(f"experiment {summary['name']}: per-task validation loss by arm")
+    axis.set_ylabel("validation loss gain over the base model (%)" if as_gain else "validation loss")
+    axis.set_title(f"experiment {summary['name']}: per task and arm" + (" (error bars: the seeds' half-range)"
+                                                                        if len(summary["seeds"]) > 1 else ""))
     axis.legend(fontsize=8)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
