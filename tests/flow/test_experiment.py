@@ -117,3 +117,26 @@ def test_an_arm_with_a_bad_override_fails_before_anything_trains(tmp_path, tiny_
     with pytest.raises(ConfigError, match=r"(?s)arm 'typo'.*train\.los: unknown key"):
         load_experiment(config)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_the_experiment_report_renders_in_a_real_browser(tmp_path, tiny_llama_dir):
+    from mft_core.experiment import load_experiment, write_results
+    from tests.browser import Browser, chromium_missing
+    from tests.installed import require_installed
+
+    require_installed(chromium_missing())
+    experiment = load_experiment(write_experiment(tmp_path, tiny_llama_dir))
+    results = [{"arm": arm, "seed": 3, "train_dir": str(tmp_path / arm), "valid_loss": loss, "steps": 2,
+                "trained_tokens": 100, "train_seconds": 1.0, "pass_at_k": {"pass@1": {"python": 0.5, "average": 0.5}}}
+               for arm, loss in (("mft-case3", {"alpha": 1.0, "beta": 2.0}), ("mixed-sft", {"alpha": 1.1, "beta": 2.1}),
+                                 ("sft-alpha", {"alpha": 0.9}), ("sft-beta", {"beta": 2.2}))]
+    report = write_results(experiment, results, {"alpha": 2.0, "beta": 3.0})["report"]
+    with Browser() as browser:
+        browser.open(report.as_uri())
+        text = browser.wait_for_text(["mft-pipeline experiment paper", "Reading:", "Validation loss per task",
+                                      "single-task SFT", "HumanEval-X pass@k", "Arm runs", "Provenance"], timeout=60)
+        assert "one seed, so the noise is unknown" in text
+        images = browser.evaluate("[...document.images].map(i => i.complete && i.naturalWidth > 0)")
+        assert images == [True]  # the plot decoded
+        assert browser.evaluate("document.scripts.length") == 0
