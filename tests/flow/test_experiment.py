@@ -64,6 +64,20 @@ def test_the_paper_arms_share_ingest_and_tokenize_and_resume_arm_by_arm(prefect_
     assert {k for k in again if again[k] != trained.get(k)} == {lost.name}
 
 
+def test_mft_experiment_as_the_readme_types_it(prefect_api, tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    from mft_core.cli import main
+
+    config = write_experiment(tmp_path, tiny_llama_dir)
+    monkeypatch.chdir(tmp_path)
+    assert main(["experiment", "--config", "experiments/paper.yaml", "--set", "steps=1", "--set", "seeds=[5]"]) == 0
+    (report,) = (tmp_path / "runs" / "experiments").glob("paper-*/report.html")
+    (run_log,) = (tmp_path / "runs" / "logs").glob("*.log")  # the console's lines, as `mft` named it
+    assert f"experiment report: {report}" in run_log.read_text() and str(run_log) in capsys.readouterr().err
+    runs = json.loads((report.parent / "experiment.json").read_text())["runs"]
+    assert [(r["arm"], r["seed"], r["steps"]) for r in runs] == [("mft-case3", 5, 1), ("mixed-sft", 5, 1),
+                                                                  ("sft-alpha", 5, 1), ("sft-beta", 5, 1)]
+
+
 def test_the_table_arithmetic_best_per_task_and_the_verdict(tmp_path, tiny_llama_dir):
     from mft_core.experiment import load_experiment, markdown, summarize, write_results
 
