@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -147,12 +146,11 @@ def fsdp_units(args) -> tuple[int, int]:
     import torch.distributed as dist
 
     from mft_core.config import TrainConfig
+    from mft_core.train.launch import free_port
     from mft_core.train.model import TokenLossModel, load_model, shard_decoder_layers
 
     on_gpu = torch.cuda.is_available()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         wrapper = TokenLossModel(load_model(Path(args.model), TrainConfig(),
@@ -171,7 +169,8 @@ def throughput(out: Path, args) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
 
-    speeds = [m["tokens_per_s"] for m in step_metrics(out)[1:]] or [m["tokens_per_s"] for m in step_metrics(out)]
+    steps = step_metrics(out)
+    speeds = [m["tokens_per_s"] for m in steps[1:]] or [m["tokens_per_s"] for m in steps]
     tokens_per_s = statistics.median(speeds)
     model_config = AutoConfig.from_pretrained(args.model)
     with torch.device("meta"):

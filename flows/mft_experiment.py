@@ -32,10 +32,11 @@ def mft_experiment(config: str = "experiments/paper.yaml", overrides: dict[str, 
             tokenize_dirs.append(outputs["tokenize"])
         base_loss = cached_base_valid_loss(experiment, tokenize_dirs)
         paths = write_results(experiment, results, base_loss)
-        create_markdown_artifact(key="experiment", markdown=paths["markdown"].read_text(),
+        table = paths["markdown"].read_text()
+        create_markdown_artifact(key="experiment", markdown=table,
                                  description=f"experiment {experiment.name}: arms x tasks")
         create_link_artifact(key="experiment-report", link=paths["report"].as_uri(), link_text=paths["report"].name,
                              description="the experiment's report.html (open it in a browser; it needs no network)")
-        print(paths["markdown"].read_text())
+        print(table)
         print(f"experiment results: {paths['markdown']}, {paths['json']}\nexperiment report: {paths['report']}")
     return str(paths["report"])

@@ -65,7 +65,9 @@ def mft_pipeline(
         after = [name for name in selected if STAGE_ORDER.index(name) > STAGE_ORDER.index("train")]
         if after:
             logger.info("machine rank %d joins the training only; %s run on machine 0", rank, ", ".join(after))
-        selected = [name for name in selected if name not in after] or ["train"]
+        selected = [name for name in selected if name not in after]
+        if not selected:
+            return {}
     started = datetime.now(timezone.utc)  # outputs built after this were computed by this run
     # `mft run` opened the run log already; under a worker (a deployment) it opens here.
     with run_log(cfg.runs_root):
@@ -84,8 +86,9 @@ def mft_pipeline(
                 upstream = str(locate_stage(cfg, name))
                 logger.info("%s: not selected, using its existing output %s", name, upstream)
             outputs[name] = upstream
-        print(pipeline_summary({name: Path(path) for name, path in outputs.items()}))
-        report = write_report(cfg, {name: Path(path) for name, path in outputs.items()}, started)
+        output_dirs = {name: Path(path) for name, path in outputs.items()}
+        print(pipeline_summary(output_dirs))
+        report = write_report(cfg, output_dirs, started)
         create_link_artifact(key="run-report", link=report.as_uri(), link_text=report.name,
                              description="the run's report.html (open it in a browser; it needs no network)")
         print(f"run report: {report}")

@@ -501,17 +501,22 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path, source: str = "<dict>"
     return _resolve_paths(cfg, base_dir)
 
 
-def load_config(path: str | Path = "pipeline.yaml", overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    path = Path(path)
+def read_yaml(path: Path, what: str = "config") -> Any:
+    """A YAML file's content ({} when empty); a missing file or bad YAML is a ConfigError naming
+    the file (and the line)."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found (run from the project root, or pass --config PATH)")
+        raise ConfigError(f"{what} file {path} not found (run from the project root, or pass --config PATH)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
-    raw = apply_overrides(raw, overrides)
+
+
+def load_config(path: str | Path = "pipeline.yaml", overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides)
     return config_from_dict(raw, path.resolve().parent, source=str(path))
 
 

@@ -31,13 +31,10 @@ import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from mft_core.config import (
@@ -48,9 +45,11 @@ from mft_core.config import (
     apply_overrides,
     config_to_yaml,
     load_config,
+    read_yaml,
 )
 from mft_core.run_report import signed_percent, write_experiment_report
 from mft_core.stages import STAGE_ORDER
+from mft_core.store import write_text_atomic
 
 log = logging.getLogger("mft.experiment")
 
@@ -111,23 +110,14 @@ class ArmRun:
 class Experiment:
     config: ExperimentConfig
     name: str
-    source: Path  # the experiment file
     base_config: Path  # absolute
     base: PipelineConfig  # with the experiment's overrides
     runs: list[ArmRun]
+    directory: Path  # runs/experiments/<name>-<key16>: the key hashes every arm's resolved config
 
     @property
     def task_names(self) -> list[str]:
         return [t.task_name for t in self.base.data.tasks]
-
-    @cached_property
-    def directory(self) -> Path:
-        """runs/experiments/<name>-<key16>: the key hashes every arm's resolved config."""
-        digest = hashlib.sha256()
-        for run in self.runs:
-            digest.update(run.label.encode())
-            digest.update(config_to_yaml(load_config(self.base_config, run.overrides)).encode())
-        return self.base.runs_root / EXPERIMENTS_DIR / f"{self.name}-{digest.hexdigest()[:16]}"
 
 
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
@@ -135,14 +125,7 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     bad override fails now, naming the arm, and not after the first arms have trained."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"experiment config {path} not found") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise ConfigError(f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML: {getattr(err, 'problem', err)}") from None
-    try:
-        config = ExperimentConfig.model_validate(apply_overrides(raw, overrides))
+        config = ExperimentConfig.model_validate(apply_overrides(read_yaml(path, "experiment config"), overrides))
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, str(path))) from None
     base_config = (path.resolve().parent / config.base).resolve()
@@ -156,17 +139,21 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: arm names repeat: {names}")
-    runs = []
+    runs, digest = [], hashlib.sha256()
     for seed in seeds:  # seed-major: an experiment stopped half-way holds a whole comparison for a seed
         for arm in arms:
-            overrides = {**config.overrides, "train.max_steps": steps, "train.epochs": EPOCHS_CAP,
-                         "train.seed": seed, **arm.overrides}
+            run = ArmRun(arm.name, seed, {**config.overrides, "train.max_steps": steps, "train.epochs": EPOCHS_CAP,
+                                          "train.seed": seed, **arm.overrides})
             try:
-                load_config(base_config, overrides)
+                resolved = load_config(base_config, run.overrides)
             except ConfigError as err:
                 raise ConfigError(f"{path}: arm {arm.name!r}: {err}") from None
-            runs.append(ArmRun(arm.name, seed, overrides))
-    return Experiment(config, config.name or path.stem, path, base_config, base, runs)
+            digest.update(run.label.encode())
+            digest.update(config_to_yaml(resolved).encode())
+            runs.append(run)
+    name = config.name or path.stem
+    directory = base.runs_root / EXPERIMENTS_DIR / f"{name}-{digest.hexdigest()[:16]}"
+    return Experiment(config, name, base_config, base, runs, directory)
 
 
 def _arms(config: ExperimentConfig, base: PipelineConfig, steps: int) -> list[ArmSpec]:
@@ -255,7 +242,7 @@ def cached_base_valid_loss(experiment: Experiment, tokenize_dirs: list[str | Pat
             return record["loss"]
     loss = base_valid_loss(experiment.base, tokenize_dir)
     record_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(record_path, json.dumps({"identity": identity, "loss": loss}, indent=1) + "\n")
+    write_text_atomic(record_path, json.dumps({"identity": identity, "loss": loss}, indent=1) + "\n")
     return loss
 
 
@@ -295,8 +282,14 @@ def summarize(experiment: Experiment, results: list[dict[str, Any]], base_loss: 
         gains = [c["gain"] for c in row["tasks"].values() if c and c["gain"] is not None]
         row["mean_gain"] = sum(gains) / len(gains) if len(gains) == len(tasks) else None
         row["task_spread"] = max(gains) - min(gains) if len(gains) == len(tasks) else None
-        row["trained_tokens"] = sum(r["trained_tokens"] for r in row["runs"]) // max(1, len({r["seed"] for r in row["runs"]}))
-        row["train_seconds"] = sum(r["train_seconds"] for r in row["runs"]) / max(1, len({r["seed"] for r in row["runs"]}))
+        seeds = max(1, len({r["seed"] for r in row["runs"]}))  # per seed: all the row's models of one seed
+        row["trained_tokens"] = sum(r["trained_tokens"] for r in row["runs"]) // seeds
+        row["train_seconds"] = sum(r["train_seconds"] for r in row["runs"]) / seeds
+    several = len({r["seed"] for r in results}) > 1
+    for row in rows.values():
+        for cell in filter(None, row["tasks"].values()):  # as the tables print it: loss [± seeds' half-range] (gain)
+            cell["text"] = (f"{cell['loss']:.4f}" + (f" ± {cell['seed_spread']:.4f}" if several else "")
+                            + (f" ({cell['gain']:+.1%})" if cell["gain"] is not None else ""))
     best = {t: min((name for name in rows if rows[name]["tasks"][t]), key=lambda n: rows[n]["tasks"][t]["loss"], default=None)
             for t in tasks}
     # pass@k is not per task: every arm keeps its own row (each single-task model too), mean over seeds.
@@ -305,7 +298,10 @@ def summarize(experiment: Experiment, results: list[dict[str, Any]], base_loss: 
         mine = [r["pass_at_k"] for r in results if r["arm"] == arm and "pass_at_k" in r]
         if mine:
             pass_at_k[arm] = {k: {lang: _mean([m[k].get(lang) for m in mine]) for lang in mine[0][k]} for k in mine[0]}
+    # the pass@k table's columns: the languages (and "average") in the evaluation's order
+    languages = list(dict.fromkeys(lang for by_k in pass_at_k.values() for values in by_k.values() for lang in values))
     return {"name": experiment.name, "tasks": tasks, "base_valid_loss": base_loss, "pass_at_k": pass_at_k,
+            "pass_languages": languages,
             "seeds": sorted({r["seed"] for r in results}), "rows": rows, "best_per_task": best,
             "verdict": _verdict(rows)}
 
@@ -350,19 +346,15 @@ def markdown(summary: dict[str, Any], experiment: Experiment) -> str:
         cells = []
         for t in tasks:
             cell = row["tasks"][t]
-            if cell is None:
-                cells.append("-")
-                continue
-            text = f"{cell['loss']:.4f}" + (f" ± {cell['seed_spread']:.4f}" if several else "")
-            text += f" ({cell['gain']:+.1%})" if cell["gain"] is not None else ""
+            text = "-" if cell is None else cell["text"]
             cells.append(f"**{text}**" if summary["best_per_task"][t] == name else text)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {signed_percent(row['mean_gain'])} | {signed_percent(row['task_spread'])} | "
                      f"{row['trained_tokens']} | {row['train_seconds']:.0f} |")
+    languages = summary["pass_languages"]
+    if languages:
+        lines += ["\nHumanEval-X pass@k (%) of each fine-tuned model" + (", mean over seeds" if several else "") + ":\n",
+                  "| arm | k | " + " | ".join(languages) + " |", "|" + "---|" * (len(languages) + 2)]
     for name, by_k in summary["pass_at_k"].items():
-        if name == next(iter(summary["pass_at_k"])):
-            languages = list(next(iter(by_k.values())))
-            lines += ["\nHumanEval-X pass@k (%) of each fine-tuned model" + (", mean over seeds" if several else "") + ":\n",
-                      "| arm | k | " + " | ".join(languages) + " |", "|" + "---|" * (len(languages) + 2)]
         for k, values in by_k.items():
             lines.append(f"| {name} | {k} | " + " | ".join("-" if values.get(lang) is None else f"{100 * values[lang]:.1f}"
                                                           for lang in languages) + " |")
@@ -406,21 +398,15 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 def write_results(experiment: Experiment, results: list[dict[str, Any]], base_loss: dict[str, float]) -> dict[str, Path]:
     """experiment.json, experiment.md, experiment.png and report.html in the experiment's folder."""
-
     summary = summarize(experiment, results, base_loss)
     out = experiment.directory
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "experiment.json", "markdown": out / "experiment.md", "plot": out / "experiment.png",
              "report": out / "report.html"}
-    _atomic_write(paths["json"], json.dumps({"summary": summary, "runs": results,
+    write_text_atomic(paths["json"], json.dumps({"summary": summary, "runs": results,
                                              "config": experiment.config.model_dump(mode="json")}, indent=1) + "\n")
-    _atomic_write(paths["markdown"], markdown(summary, experiment))
+    write_text_atomic(paths["markdown"], markdown(summary, experiment))
     plot(summary, paths["plot"])
     write_experiment_report(paths["report"], experiment.base, summary, paths["plot"], results)
     return paths
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mft_core.config import PipelineConfig, config_to_yaml
+from mft_core.store import write_text_atomic
 
 REPORTS_DIR = "reports"
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "prefect", "pyarrow")
@@ -68,15 +69,14 @@ def write_experiment_report(path: Path, cfg: PipelineConfig, summary: dict[str, 
                             results: list[dict[str, Any]]) -> Path:
     """The experiment's report.html: the arms x tasks table (best per task in bold), the verdict,
     the plot, every arm run with a link to its own run report, and the provenance."""
-    tasks, several = summary["tasks"], len(summary["seeds"]) > 1
+    tasks = summary["tasks"]
     base = summary["base_valid_loss"]
     rows = [["base model", *(_fmt(base.get(t)) for t in tasks), "", "", "", ""]]
     for name, row in summary["rows"].items():
         cells = []
         for task in tasks:
             cell = row["tasks"][task]
-            text = "-" if cell is None else _fmt(cell["loss"]) + (f" ± {cell['seed_spread']:.4f}" if several else "") + (
-                f" ({cell['gain']:+.1%})" if cell["gain"] is not None else "")
+            text = "-" if cell is None else cell["text"]
             cells.append(f"<b>{_e(text)}</b>" if summary["best_per_task"][task] == name else _e(text))
         rows.append([_e(name), *cells, _e(signed_percent(row["mean_gain"])), _e(signed_percent(row["task_spread"])),
                      row["trained_tokens"], f"{row['train_seconds']:.0f}"])
@@ -86,11 +86,9 @@ def write_experiment_report(path: Path, cfg: PipelineConfig, summary: dict[str, 
         link = f'<a href="{_e(report.as_uri())}">run report</a>' if report.is_file() else "-"
         runs.append([_e(result["arm"]), result["seed"], result["steps"], result["trained_tokens"],
                      f"<code>{_e(result['train_dir'])}</code>", link])
-    passes = []
-    for name, by_k in summary["pass_at_k"].items():
-        for k, values in by_k.items():
-            passes.append([name, k, *(_pct(v) for v in values.values())])
-    languages = list(next(iter(next(iter(summary["pass_at_k"].values())).values()))) if passes else []
+    languages = summary["pass_languages"]
+    passes = [[name, k, *(_pct(values.get(lang)) for lang in languages)]
+              for name, by_k in summary["pass_at_k"].items() for k, values in by_k.items()]
     image = base64.b64encode(plot_png.read_bytes()).decode()
     sections = [
         f"<p><b>Reading:</b> {_e(summary['verdict'])}.</p>",
@@ -112,9 +110,7 @@ def _write_page(path: Path, title: str, sections: list[str]) -> None:
             f"</title><style>{CSS}</style></head><body>\n<h1>{_e(title)}</h1>\n"
             + "\n".join(sections) + "\n</body></html>\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, page)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -157,7 +153,7 @@ def _tokenize(directory: Path) -> str:
 def _train(directory: Path) -> str:
     summary = _json(directory / "train_summary.json")
     hyper = _json(directory / "hyperparameters.json") if (directory / "hyperparameters.json").is_file() else {}
-    metrics = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = _jsonl(directory / "metrics.jsonl")
     steps = [m for m in metrics if "loss" in m]
     valids = [m for m in metrics if "valid_task_loss" in m]
     parts = ["<h2 id=\"train\">Training</h2>",

@@ -145,9 +145,9 @@ def run_stage(cfg: PipelineConfig, name: str, upstream_dir: Path | None = None, 
             return train_stage.join_training(cfg, key, progress)
         final = store.stage_dir(cfg.runs_root, name, key)
         announce(log, name, f"machine {rank}: waiting for machine 0's output {final}")
-        train_stage.wait_for(lambda: store.is_complete(final),
-                             f"machine 0 did not publish {final} within {train_stage.JOIN_WAIT_S:.0f} s: start the same "
-                             "command there with train.launch.machine_rank=0, on a runs_root both machines share")
+        store.wait_until(lambda: store.is_complete(final),
+                         f"machine 0 did not publish {final} within {store.MACHINE_WAIT_S:.0f} s: start the same command "
+                         "there with train.launch.machine_rank=0, on a runs_root both machines share")
         return store.StageRun(final, key, computed=False)
     resolved = {"stage": name, "stage_version": stage.version, "config": cfg.model_dump(mode="json")}
     started = time.monotonic()

@@ -85,6 +85,28 @@ class FileHashCache:
         self.dirty = False
 
 
+# How long a machine of rank > 0 of a multi-machine run waits for machine 0, the only one that
+# builds and publishes (machine 0 may still be tokenizing a large data set): $MFT_MACHINE_WAIT_S.
+MACHINE_WAIT_S = float(os.environ.get("MFT_MACHINE_WAIT_S", 3600))
+
+
+def wait_until(condition: Callable[[], bool], timeout_message: str) -> None:
+    """Poll `condition` until it holds; TimeoutError(timeout_message) after MACHINE_WAIT_S."""
+    deadline = time.monotonic() + MACHINE_WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(timeout_message)
+        time.sleep(0.5)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` so that a reader (another process, another machine) sees the old file or the
+    new one, never a part: a temporary file beside it, then a rename."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def stage_key(stage: str, version: int, config: Any, inputs: Iterable[str]) -> str:
     """The full sha256 hex key; its first KEY_LENGTH characters name the output directory."""
     h = hashlib.sha256()

@@ -6,7 +6,7 @@
 #   scripts/fresh-clone-check.sh DIR [both|demo|test] [--runs-from CHECKOUT] [--rev REV] [--keep-home]
 #
 #   DIR          a folder that does not exist yet (or is empty): the clone goes to DIR/mft-pipeline,
-#                so nothing is beside it (no ../shared, no data, no caches of this checkout)
+#                so nothing is beside it (no sibling folders, no data, no caches of this checkout)
 #   both|demo|test  which README commands to run (default: both, test first)
 #   --runs-from CHECKOUT  copy CHECKOUT/runs into the clone first, without its evaluate outputs: a
 #                moved checkout reuses every stage whose inputs are the same (stage keys hash

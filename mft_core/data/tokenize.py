@@ -387,7 +387,8 @@ def run_tokenize(cfg: PipelineConfig, ingest_dir: Path, out_dir: Path) -> dict[s
     (out_dir / "shards.json").write_text(json.dumps(shards, indent=1) + "\n")
     summary = {"tasks": stats, "seq_length": settings.seq_length, "shards": len(shards), "packing": settings.packing}
     (out_dir / "stats.json").write_text(json.dumps(summary, indent=1) + "\n")
-    shutil.rmtree(out_dir / DOCUMENTS, ignore_errors=True)  # cut into windows: no part of the output
+    if (out_dir / DOCUMENTS).exists():  # concatenated: cut into windows, no part of the output
+        shutil.rmtree(out_dir / DOCUMENTS)
     return summary
 
 

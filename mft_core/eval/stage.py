@@ -53,7 +53,7 @@ from mft_core.eval.passk import pass_at_k_table
 from mft_core.benchmark import FETCH_COMMAND
 from mft_core.eval.problems import (LANGUAGES, Problem, ProblemDataError, language_of_task,
                                     select_problems)
-from mft_core.store import FileHashCache
+from mft_core.store import FileHashCache, write_text_atomic
 
 if TYPE_CHECKING:  # generation needs torch and transformers: imported when the stage runs, not with stages.py
     from mft_core.eval.generate import GenerationSettings, RenderedPrompt
@@ -411,9 +411,7 @@ def _write_results(path: Path, results: dict[str, list[dict[str, Any]]]) -> None
     rows = [{"model": tag, **record} for tag in MODELS if tag in results for record in results[tag]]
     rows.sort(key=lambda r: (MODELS.index(r["model"]), order[r["language"]], int(r["task_id"].rsplit("/", 1)[1]),
                              r["sample_index"]))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def build_summary(cfg: PipelineConfig, problems: list[Problem], model_runs: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -178,10 +178,11 @@ def main(work_dir: Path) -> None:
     if len(valid_split) == 0:
         log.warning("no validation data (ingest.valid_fraction and min_valid are 0): no validation, "
                     "no early stopping, no best model")
-        valid_batches = None
+        valid_plans, valid_batches = None, None
     else:
-        valid_batches = validation_plan(valid_split, seq_length=seq_length,
-                                        rows_per_micro_batch=cfg.rows_per_micro_batch, world_size=world)[rank]
+        valid_plans = validation_plan(valid_split, seq_length=seq_length,
+                                      rows_per_micro_batch=cfg.rows_per_micro_batch, world_size=world)
+        valid_batches = valid_plans[rank]
 
     model = load_model(job_path(job["model_dir"], work_dir), cfg, precision, attention, on_gpu,
                        trust_remote_code=job["trust_remote_code"])
@@ -238,8 +239,6 @@ def main(work_dir: Path) -> None:
     if balancer is not None:
         # Every process takes as many as the process that needs the most to hold all its tasks.
         tasks_in = lambda rows: {int(valid_split.task_ids[sample]) for row in rows for sample in row}
-        valid_plans = validation_plan(valid_split, seq_length=seq_length, rows_per_micro_batch=cfg.rows_per_micro_batch,
-                                      world_size=world)
         count = max(len(measurement_batches(plan, cfg.coba.valid_batches, tasks_in)) for plan in valid_plans)
         coba_batches = measurement_batches(valid_batches, count, tasks_in)
 

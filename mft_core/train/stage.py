@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mft_core import store
 from mft_core.config import PipelineConfig
 from mft_core.console import TrainingProgress, announce
 from mft_core.hub import snapshot_of
 from mft_core.modeling import resolve_model
-from mft_core import store
 from mft_core.store import FileHashCache
 from mft_core.train.launch import StepReport, cuda_available, run_trainer, trainer_command
 
@@ -32,9 +30,6 @@ STAGE_VERSION = 4  # 4: the paper's focal losses, CoBa on fixed measurement batc
 # Keys that change how training runs, not what it computes.
 _NOT_IN_KEY = ("threads", "allocator", "checkpoint_every", "keep_checkpoints")
 _LAUNCH_NOT_IN_KEY = ("machine_rank", "main_process_ip", "main_process_port")
-# How long a machine of rank > 0 waits for machine 0 to start the training it joins, and then for
-# machine 0 to publish it (machine 0 may still be tokenizing a large data set).
-JOIN_WAIT_S = float(os.environ.get("MFT_JOIN_WAIT_S", 3600))
 
 
 def model_digest(model_dir: Path, hashes: FileHashCache) -> str:
@@ -119,17 +114,12 @@ def write_train_job(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path) -> 
         "trust_remote_code": cfg.model.trust_remote_code,  # allows the model's own code (not in the key)
     }
     # Atomically: the other machines of a multi-machine run read it to join (join_training).
-    tmp = job_file.with_name(job_file.name + ".tmp")
-    tmp.write_text(json.dumps(job, indent=1) + "\n")
-    os.replace(tmp, job_file)
+    store.write_text_atomic(job_file, json.dumps(job, indent=1) + "\n")
     return job
 
 
-def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
-              on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
-    precision = write_train_job(cfg, tokenize_dir, work_dir)["precision"]
-    argv, env = trainer_command(cfg.train, work_dir, precision == "bf16")
-    announce(log, "train", "start: " + describe_training(cfg, precision))
+def step_reporter(on_progress: Callable[[int, int, str], None] | None) -> Callable[[StepReport], None]:
+    """The trainer's step reports -> a throttled progress line on the console and to `on_progress`."""
     progress = TrainingProgress()
 
     def on_report(report: StepReport) -> None:
@@ -139,7 +129,15 @@ def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
             if on_progress is not None:
                 on_progress(report.step, report.total, line)
 
-    run_trainer(argv, env, work_dir / "train.log", on_report)
+    return on_report
+
+
+def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
+              on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    precision = write_train_job(cfg, tokenize_dir, work_dir)["precision"]
+    argv, env = trainer_command(cfg.train, work_dir, precision == "bf16")
+    announce(log, "train", "start: " + describe_training(cfg, precision))
+    run_trainer(argv, env, work_dir / "train.log", step_reporter(on_progress))
     for required in ("model", "train_summary.json", "metrics.jsonl"):
         if not (work_dir / required).exists():
             raise RuntimeError(f"the trainer exited 0 but wrote no {required} in {work_dir}")
@@ -162,9 +160,9 @@ def join_training(cfg: PipelineConfig, key: str, on_progress: Callable[[int, int
     work = final.with_name(final.name + ".partial")
     job_file = work / "train_job.json"
     announce(log, "train", f"machine {rank}: waiting for machine 0 to start training {final.name} in {work}")
-    wait_for(lambda: store.is_complete(final) or job_file.is_file(),
-              f"machine 0 did not start training {final.name} within {JOIN_WAIT_S:.0f} s ({job_file} is missing): "
-              "start the same command there with train.launch.machine_rank=0, on the same shared runs_root")
+    store.wait_until(lambda: store.is_complete(final) or job_file.is_file(),
+                     f"machine 0 did not start training {final.name} within {store.MACHINE_WAIT_S:.0f} s ({job_file} is "
+                     "missing): start the same command there with train.launch.machine_rank=0, on the same shared runs_root")
     if store.is_complete(final):
         announce(log, "train", f"machine {rank}: already trained by machine 0: {final}")
         return store.StageRun(final, key, computed=False)
@@ -172,29 +170,14 @@ def join_training(cfg: PipelineConfig, key: str, on_progress: Callable[[int, int
     local = Path(tempfile.mkdtemp(prefix=f"mft-train-machine{rank}-"))
     argv, env = trainer_command(cfg.train, work, precision == "bf16", launch_dir=local)
     announce(log, "train", f"machine {rank}: joining: " + describe_training(cfg, precision))
-    progress = TrainingProgress()
-
-    def on_report(report: StepReport) -> None:
-        line = progress.update(report.step, report.total, report.loss, report.tokens_per_s)
-        if line is not None and on_progress is not None:
-            on_progress(report.step, report.total, line)
-
     try:
-        run_trainer(argv, env, local / "train.log", on_report)
+        run_trainer(argv, env, local / "train.log", step_reporter(on_progress))
     finally:
         shutil.rmtree(local, ignore_errors=True)
-    wait_for(lambda: store.is_complete(final),
-              f"machine 0 did not publish {final} within {JOIN_WAIT_S:.0f} s after training ended: see its log")
+    store.wait_until(lambda: store.is_complete(final),
+                     f"machine 0 did not publish {final} within {store.MACHINE_WAIT_S:.0f} s after training ended: see its log")
     announce(log, "train", f"machine {rank}: done; machine 0 published {final}")
     return store.StageRun(final, key, computed=False)
-
-
-def wait_for(condition: Callable[[], bool], timeout_message: str) -> None:
-    deadline = time.monotonic() + JOIN_WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(timeout_message)
-        time.sleep(0.5)
 
 
 def _relative_to_runs(path: Path, runs_root: Path) -> str:

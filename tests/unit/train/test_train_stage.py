@@ -326,12 +326,12 @@ def test_train_tasks_names_an_unknown_task_fails_at_config_time(tmp_path, tiny_l
 
 
 def test_a_machine_of_rank_above_0_never_builds_an_output_it_waits_for_machine_0s(tmp_path, tiny_llama_dir, monkeypatch):
-    from mft_core.train import stage as train_stage
+    from mft_core import store
 
     launch = {"num_machines": 2, "main_process_ip": "127.0.0.1", "main_process_port": 29555}
     path = make_project(tmp_path, tiny_llama_dir, launch=launch)
     machine_1 = load_config(path, {"train.launch.machine_rank": 1})
-    monkeypatch.setattr(train_stage, "JOIN_WAIT_S", 0.5)
+    monkeypatch.setattr(store, "MACHINE_WAIT_S", 0.5)
     with pytest.raises(TimeoutError, match=r"machine 0 did not publish .*ingest.*machine_rank=0"):
         run_stage(machine_1, "ingest")
     assert not list((tmp_path / "runs").glob("ingest/*"))  # no output, no lock, no work directory
