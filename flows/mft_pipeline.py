@@ -3,7 +3,7 @@
 Parameters (the same in `mft run`, `prefect deployment run mft-pipeline/<name> -p ...` and
 prefect.yaml):
   config     path of the pipeline config (relative to the working directory)
-  stages     the stages to run (default: all); a stage not listed is only *located*: its
+  stages     the stages to run (default: all; align only with align.enabled); a stage not listed is only *located*: its
              finished output for this config must exist, or the flow fails saying what to run
   force      stages to recompute even when their output exists
   overrides  {"dotted.key": value} applied on top of the config file (like `--set`)
@@ -23,8 +23,9 @@ from mft_core.console import run_log
 from mft_core.preflight import preflight
 from mft_core.report import pipeline_summary
 from mft_core.run_report import write_report
-from mft_core.stages import STAGE_ORDER, locate_stage
+from mft_core.stages import STAGE_ORDER, check_enabled, locate_stage, stage_chain
 from tasks._common import results_dir
+from tasks.align import align_task
 from tasks.evaluate import evaluate_task
 from tasks.ingest import ingest_task
 from tasks.merge import merge_task
@@ -35,6 +36,7 @@ STAGE_TASKS = {
     "ingest": ingest_task,
     "tokenize": tokenize_task,
     "train": train_task,
+    "align": align_task,
     "merge": merge_task,
     "evaluate": evaluate_task,
 }
@@ -56,13 +58,17 @@ def mft_pipeline(
 ) -> dict[str, str]:
     logger = get_run_logger()
     cfg = load_config(config, overrides)
-    selected = list(stages) if stages else list(STAGE_ORDER)
+    chain = stage_chain(cfg)  # the stages this config runs (align only when enabled)
+    selected = list(stages) if stages else chain
     forced = list(force or [])
     _check_names("stages", selected)
     _check_names("force", forced)
+    for name in selected:
+        check_enabled(cfg, name)
     rank = cfg.train.launch.machine_rank
-    if rank > 0:  # a multi-machine run: machine 0 publishes the training and runs what comes after it
-        after = [name for name in selected if STAGE_ORDER.index(name) > STAGE_ORDER.index("train")]
+    if rank > 0:  # a multi-machine run: machine 0 publishes the trainings and runs what comes after them
+        trained = [name for name in ("train", "align") if name in chain]
+        after = [name for name in selected if chain.index(name) > chain.index(trained[-1])]
         if after:
             logger.info("machine rank %d joins the training only; %s run on machine 0", rank, ", ".join(after))
         selected = [name for name in selected if name not in after]
@@ -72,11 +78,11 @@ def mft_pipeline(
     # `mft run` opened the run log already; under a worker (a deployment) it opens here.
     with run_log(cfg.runs_root):
         preflight(cfg, selected, forced)  # a missing toolchain, model or disk costs seconds, not a training run
-        last = max(STAGE_ORDER.index(name) for name in selected)
+        last = max(chain.index(name) for name in selected)
 
         outputs: dict[str, str] = {}
         upstream: str | None = None
-        for name in STAGE_ORDER[: last + 1]:
+        for name in chain[: last + 1]:
             if name in selected:
                 stage_task = STAGE_TASKS[name].with_options(
                     refresh_cache=name in forced, result_storage=results_dir(cfg)

@@ -43,6 +43,11 @@ class TaskSpec(_Strict):
         default=None, description="Task name; default: the path's basename (hf://: the last part of PATH, else the dataset's name)."
     )
     weight: float = Field(default=1.0, gt=0, description="Loss weight of the task (used by training).")
+    kind: Literal["sft", "preference"] = Field(
+        default="sft",
+        description="sft: fine-tuning records (trained by train); preference: chosen/rejected pairs (trained by align, "
+        "which needs align.enabled).",
+    )
 
     @property
     def task_name(self) -> str:
@@ -289,6 +294,46 @@ class TrainConfig(_Strict):
         return self
 
 
+class AlignConfig(_Strict):
+    """Preference alignment after fine-tuning, on the preference tasks (data.tasks[].kind: preference).
+    A fresh LoRA adapter on the fine-tuned model (the SFT adapter merged into the base in memory);
+    its launch, precision, attention and threads are train's."""
+
+    enabled: bool = Field(default=False, description="Run the align stage between train and merge.")
+    method: Literal["dpo", "rpo", "orpo"] = Field(
+        default="dpo",
+        description="dpo: -log σ(β Δ) of the policy-vs-reference log-ratio margin; rpo: dpo + rpo_alpha × the chosen "
+        "answer's per-token NLL; orpo: the chosen NLL - β log σ(log odds ratio), no reference model.",
+    )
+    beta: float = Field(default=0.1, gt=0, description="β: DPO/RPO's inverse temperature; ORPO's weight of the odds-ratio term.")
+    rpo_alpha: float = Field(default=1.0, gt=0, description="Weight of the chosen answer's NLL in rpo.")
+    balance: Literal["pair", "task"] = Field(
+        default="task",
+        description="pair: the mean over the step's pairs (case1-like); task: the mean of per-task pair means "
+        "(case3-like: a large preference task does not drown the others), weighted by the task weights.",
+    )
+    lora: LoraConfig = LoraConfig()
+    lr: float = Field(default=5e-5, gt=0, description="Peak learning rate (AdamW, betas 0.9/0.95).")
+    min_lr: float = Field(default=0.0, ge=0, description="Floor of the schedule, reached at the last step.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(default=2, ge=0, description="Linear warmup, in optimizer steps.")
+    epochs: int = Field(default=1, ge=1, description="Passes over the preference pairs.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    rows_per_micro_batch: int = Field(default=1, ge=1, description="Packed rows (of tokenize.seq_length) per micro-batch.")
+    grad_accum: int = Field(default=4, ge=1, description="Micro-batches per optimizer step, per process.")
+    seed: int = Field(default=42, description="Seeds the adapter's init and the pair order.")
+    eval_every: int = Field(default=20, ge=1, description="Validation (reward margins, preference accuracy) every N steps and at the end.")
+    checkpoint_every: int = Field(default=20, ge=1, description="Full-state checkpoint every N optimizer steps.")
+
+    @model_validator(mode="after")
+    def _no_dora(self) -> "AlignConfig":
+        if self.lora.dora:
+            raise ValueError("align.lora.dora: the align adapter is plain LoRA (merge joins it with the SFT adapter)")
+        if self.min_lr > self.lr:
+            raise ValueError(f"align.min_lr ({self.min_lr}) must not exceed align.lr ({self.lr})")
+        return self
+
+
 class MergeConfig(_Strict):
     dtype: Literal["fp32", "bf16"] = Field(
         default="fp32", description="dtype of the merged weights (the base is loaded in it; fp32 is exact)."
@@ -355,6 +400,7 @@ class PipelineConfig(_Strict):
     ingest: IngestConfig = IngestConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     train: TrainConfig = TrainConfig()
+    align: AlignConfig = AlignConfig()
     merge: MergeConfig = MergeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
@@ -365,7 +411,20 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
-        names = [t.task_name for t in self.data.tasks]
+        names = [t.task_name for t in self.data.tasks if t.kind == "sft"]
+        preference = [t.task_name for t in self.data.tasks if t.kind == "preference"]
+        if not names:
+            raise ValueError("data.tasks: every task is kind preference; the train stage needs at least one sft task")
+        if self.align.enabled and not preference:
+            raise ValueError("align.enabled needs preference data: add a data.tasks entry with kind: preference")
+        if preference and not self.align.enabled:
+            raise ValueError(f"data.tasks {preference} are preference tasks, which only the align stage trains: "
+                             "set align.enabled: true, or remove them")
+        if self.align.enabled and self.train.method == "qlora":
+            raise ValueError("align after train.method qlora is not supported: the SFT adapter cannot be merged "
+                             "exactly into a 4-bit base; use train.method lora or full")
+        if self.align.enabled and self.tokenize.packing == "concatenated":
+            raise ValueError("align needs tokenize.packing isolated: preference pairs are rendered with the chat template")
         if self.train.tasks is not None:
             unknown = [n for n in self.train.tasks if n not in names]
             if unknown or len(set(self.train.tasks)) != len(self.train.tasks):
@@ -373,7 +432,7 @@ class PipelineConfig(_Strict):
                 raise ValueError(f"train.tasks {self.train.tasks}: {problem}; the tasks of data.tasks are {', '.join(names)}")
             if self.train.loss == "coba" and len(self.train.tasks) < 2:
                 raise ValueError(f"train.loss=coba balances several tasks; train.tasks {self.train.tasks} selects one")
-        weighted = [t.task_name for t in self.data.tasks if t.weight != 1.0]
+        weighted = [t.task_name for t in self.data.tasks if t.weight != 1.0 and t.kind == "sft"]
         if self.train.loss == "coba" and weighted:
             raise ValueError(f"train.loss=coba sets the task weights itself; data.tasks weights of {weighted} would be "
                              "ignored: remove them or choose another loss")
@@ -537,7 +596,7 @@ def reference_rows(model: type[BaseModel] = None, prefix: str = "") -> list[tupl
         annotation = field.annotation
         nested = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
         if annotation == list[TaskSpec]:
-            rows.append((path, "(required)", "list of {path, name, weight}: " + (field.description or "")))
+            rows.append((path, "(required)", "list of {path, name, weight, kind}: " + (field.description or "")))
             rows.extend(reference_rows(TaskSpec, f"{path}[]."))
             continue
         if nested is not None:

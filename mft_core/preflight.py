@@ -53,11 +53,11 @@ class Preflight:
 def stages_to_build(cfg: PipelineConfig, selected: list[str], forced: list[str]) -> list[str]:
     """The selected stages whose output does not exist yet for this config (or that are forced):
     the first missing one and every selected stage after it build."""
-    from mft_core.stages import STAGE_ORDER, StageNotReady, locate_stage  # stages imports every stage
+    from mft_core.stages import StageNotReady, locate_stage, stage_chain  # stages imports every stage
 
     building = False
     result = []
-    for name in STAGE_ORDER:
+    for name in stage_chain(cfg):
         if name not in selected:
             continue
         if not building and name in forced:
@@ -98,7 +98,7 @@ def preflight(cfg: PipelineConfig, selected: list[str], forced: list[str] | None
 
 def _check_model(cfg: PipelineConfig, building: list[str], check: Preflight) -> int | None:
     """Whether the model can be had; its parameter count when it is known cheaply."""
-    if not {"tokenize", "train", "merge", "evaluate"} & set(building):
+    if not {"tokenize", "train", "align", "merge", "evaluate"} & set(building):
         return None
     from mft_core import hub
     from mft_core.modeling import SMOLLM2_ALIAS, find_smollm2_gguf

@@ -56,6 +56,18 @@ def train_summary(directory: Path) -> str:
     return head + "\n" + _table(headers, rows)
 
 
+def align_summary(directory: Path) -> str:
+    summary = json.loads((directory / "train_summary.json").read_text())
+    before, after = summary.get("valid_before") or {}, summary.get("valid_after") or {}
+    headers = ["task", "accuracy before", "accuracy after", "reward margin after", "valid pair loss before", "after"]
+    rows = [[t, _fmt(before.get("logp_accuracy", {}).get(t)), _fmt(after.get("logp_accuracy", {}).get(t)),
+             _fmt(after.get("reward_margin", {}).get(t)), _fmt(before.get("loss", {}).get(t)), _fmt(after.get("loss", {}).get(t))]
+            for t in summary["preference_tasks"]]
+    head = (f"align ({directory}; {summary['method']}, β {summary['beta']:g}, {summary['steps']} steps; accuracy: "
+            "the share of validation pairs whose chosen answer has the higher mean token log-prob)")
+    return head + "\n" + _table(headers, rows)
+
+
 def merge_summary(directory: Path) -> str:
     report = json.loads((directory / "merge_report.json").read_text())
     check = report["check"]
@@ -114,6 +126,17 @@ def train_line(directory: Path) -> str:
     return ", ".join(parts)
 
 
+def align_line(directory: Path) -> str:
+    summary = json.loads((directory / "train_summary.json").read_text())
+    parts = [f"{summary['method']}, {summary['steps']} steps"]
+    before, after = summary.get("valid_before"), summary.get("valid_after")
+    if before and after:
+        mean = lambda values: sum(values.values()) / max(len(values), 1)
+        parts.append(f"valid preference accuracy {mean(before['logp_accuracy']):.0%} → {mean(after['logp_accuracy']):.0%}")
+        parts.append(f"reward margin {mean(after['reward_margin']):.3g}")
+    return ", ".join(parts)
+
+
 def merge_line(directory: Path) -> str:
     report = json.loads((directory / "merge_report.json").read_text())
     check = report["check"]
@@ -132,12 +155,12 @@ def evaluate_line(directory: Path) -> str:
     return ", ".join(scores) + f" (average over {', '.join(summary['languages'])})"
 
 
-RESULT_LINES = {"ingest": ingest_line, "tokenize": tokenize_line, "train": train_line, "merge": merge_line,
-                "evaluate": evaluate_line}
+RESULT_LINES = {"ingest": ingest_line, "tokenize": tokenize_line, "train": train_line, "align": align_line,
+                "merge": merge_line, "evaluate": evaluate_line}
 
 
-SUMMARIES = {"ingest": ingest_summary, "tokenize": tokenize_summary, "train": train_summary, "merge": merge_summary,
-             "evaluate": evaluate_summary}
+SUMMARIES = {"ingest": ingest_summary, "tokenize": tokenize_summary, "train": train_summary, "align": align_summary,
+             "merge": merge_summary, "evaluate": evaluate_summary}
 
 
 def pipeline_summary(outputs: dict[str, Path]) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mft_core import merge, store
+from mft_core.align import stage as align_stage
 from mft_core.config import PipelineConfig
 from mft_core.console import announce, format_duration
 from mft_core.data import ingest, tokenize
@@ -36,7 +37,7 @@ class StageNotReady(RuntimeError):
 class Stage:
     name: str
     version: int
-    upstream: str | None
+    upstream: str | None  # the stage before it when every stage runs; `upstream_name` skips disabled ones
     # (cfg, upstream dir or None, hash cache) -> (config part, input digests) of the key
     key_parts: Callable[[PipelineConfig, Path | None, store.FileHashCache], tuple[Any, list[str]]]
     # (cfg, upstream dir or None, work dir, progress callback or None) -> stats (JSON-able)
@@ -45,6 +46,9 @@ class Stage:
     # Files of the output that describe how the run went, not what it produced (store.manifest_digest):
     # left out of the keys of the stages after it.
     context_files: tuple[str, ...] = ()
+    # Whether the config runs this stage (align: align.enabled); a disabled stage is skipped, and
+    # the stage after it takes its upstream's output.
+    enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
 
 
 STAGES: dict[str, Stage] = {
@@ -73,10 +77,20 @@ STAGES: dict[str, Stage] = {
         # step times, tokens/s, memory and TensorBoard's event files (named by time and host)
         context_files=("metrics.jsonl", "tensorboard/*", "loss_curves.png"),
     ),
+    "align": Stage(
+        name="align",
+        version=align_stage.STAGE_VERSION,
+        upstream="train",
+        key_parts=lambda cfg, _up, hashes: align_stage.align_key_parts(cfg, hashes),
+        build=lambda cfg, up, work, progress: align_stage.run_align(cfg, up, work, progress),
+        resumable=True,  # checkpoints, as train's
+        context_files=("metrics.jsonl", "tensorboard/*", "loss_curves.png"),
+        enabled=lambda cfg: cfg.align.enabled,
+    ),
     "merge": Stage(
         name="merge",
         version=merge.STAGE_VERSION,
-        upstream="train",
+        upstream="align",  # the aligned model when align runs, else train's (upstream_name)
         key_parts=lambda cfg, _up, hashes: merge.merge_key_parts(cfg, hashes),
         build=lambda cfg, up, work, _progress: merge.run_merge(cfg, up, work),
     ),
@@ -92,6 +106,25 @@ STAGES: dict[str, Stage] = {
 STAGE_ORDER: list[str] = list(STAGES)
 
 
+def stage_chain(cfg: PipelineConfig) -> list[str]:
+    """The stages this config runs, in order (STAGE_ORDER without the disabled ones)."""
+    return [name for name in STAGE_ORDER if STAGES[name].enabled(cfg)]
+
+
+def upstream_name(cfg: PipelineConfig, name: str) -> str | None:
+    """The stage whose output `name` reads for this config: the enabled stage before it."""
+    parent = STAGES[name].upstream
+    while parent is not None and not STAGES[parent].enabled(cfg):
+        parent = STAGES[parent].upstream
+    return parent
+
+
+def check_enabled(cfg: PipelineConfig, name: str) -> None:
+    if not STAGES[name].enabled(cfg):
+        raise ValueError(f"stage {name!r} is off in this config ({cfg.source}): set align.enabled: true and add a "
+                         "preference task (data.tasks[].kind: preference) to run it")
+
+
 def key_components(cfg: PipelineConfig, name: str, upstream_dir: Path | None) -> dict[str, Any]:
     """What the stage key hashes, as `store.stage_key`'s arguments (kept beside each output as
     key_parts.json, so that `mft status` can say why an output no longer matches the config)."""
@@ -99,7 +132,8 @@ def key_components(cfg: PipelineConfig, name: str, upstream_dir: Path | None) ->
     hashes = store.FileHashCache(cfg.runs_root)
     config_part, inputs = stage.key_parts(cfg, upstream_dir, hashes)
     if upstream_dir is not None:
-        context = STAGES[stage.upstream].context_files if stage.upstream else ()
+        parent = upstream_name(cfg, name)
+        context = STAGES[parent].context_files if parent else ()
         inputs = [f"upstream:{store.manifest_digest(upstream_dir, context)}", *inputs]
     return {"stage": name, "version": stage.version, "config": config_part, "inputs": inputs}
 
@@ -110,11 +144,10 @@ def compute_key(cfg: PipelineConfig, name: str, upstream_dir: Path | None) -> st
 
 def upstream_of(cfg: PipelineConfig, name: str) -> Path | None:
     """The finished output directory of `name`'s upstream stage, located by key (not by recency)."""
-    parent = STAGES[name].upstream
+    parent = upstream_name(cfg, name)
     if parent is None:
         return None
-    directory = locate_stage(cfg, parent)
-    return directory
+    return locate_stage(cfg, parent)
 
 
 def locate_stage(cfg: PipelineConfig, name: str) -> Path:
@@ -135,14 +168,18 @@ def run_stage(cfg: PipelineConfig, name: str, upstream_dir: Path | None = None, 
               progress: Progress | None = None) -> store.StageRun:
     """Build (or reuse) the output of stage `name`. `upstream_dir` defaults to the located upstream."""
     stage = STAGES[name]
-    if upstream_dir is None and stage.upstream is not None:
-        upstream_dir = locate_stage(cfg, stage.upstream)
+    check_enabled(cfg, name)
+    if upstream_dir is None and upstream_name(cfg, name) is not None:
+        upstream_dir = upstream_of(cfg, name)
     parts = key_components(cfg, name, upstream_dir)
     key = store.stage_key(**parts)
     rank = cfg.train.launch.machine_rank
     if rank > 0:  # a multi-machine run: machine 0 alone builds and publishes, on the shared runs root
         if name == "train":
             return train_stage.join_training(cfg, key, progress)
+        if name == "align":
+            return train_stage.join_training(cfg, key, progress, "align", align_stage.align_train_config(cfg),
+                                             align_stage.RECIPE)
         final = store.stage_dir(cfg.runs_root, name, key)
         announce(log, name, f"machine {rank}: waiting for machine 0's output {final}")
         store.wait_until(lambda: store.is_complete(final),

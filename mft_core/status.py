@@ -22,9 +22,9 @@ from typing import Any
 
 from mft_core import store
 from mft_core.config import PipelineConfig
-from mft_core.stages import STAGE_ORDER, STAGES, key_components
+from mft_core.stages import key_components, stage_chain, upstream_name
 
-MODEL_STAGES = ("train", "merge", "evaluate")  # their keys hash the base model's weights
+MODEL_STAGES = ("train", "align", "merge", "evaluate")  # their keys hash the base model's weights
 
 
 @dataclass
@@ -61,8 +61,8 @@ def pipeline_status(cfg: PipelineConfig, convert_models: bool = False) -> list[S
     """The status of every stage for `cfg`."""
     result: list[StageStatus] = []
     upstream_dir: Path | None = None
-    for name in STAGE_ORDER:
-        parent = STAGES[name].upstream
+    for name in stage_chain(cfg):
+        parent = upstream_name(cfg, name)
         if parent is not None and upstream_dir is None:
             status = StageStatus(name, "waiting", note=f"its key needs {parent}'s output")
         else:
@@ -238,8 +238,7 @@ def key_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             lines.append(f"input {label}: new")
         elif inputs_before[label] != inputs_after[label]:
             if label == "upstream":
-                upstream = STAGES[stage].upstream
-                lines.append(f"input upstream: the {upstream} output differs (see {upstream})")
+                lines.append("input upstream: the output of the stage before it differs (see that stage)")
             else:
                 lines.append(f"input {label}: content changed")
     return lines or ["the same components (the key was computed differently: a STAGE_VERSION bump without a record?)"]

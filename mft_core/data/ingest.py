@@ -44,6 +44,7 @@ from mft_core.console import announce
 from mft_core.data.records import (
     REJECT_FIXES,
     RecordError,
+    normalize_preference,
     normalize_record,
     parse_line,
     record_fingerprint,
@@ -71,6 +72,9 @@ RECORD_SCHEMA = pa.schema(
         ("record_hash", pa.string()),
     ]
 )
+# A preference task's records (shape "preference"): `messages` is the shared conversation, ending
+# with the user turn; the two answers follow it.
+PREFERENCE_SCHEMA = RECORD_SCHEMA.append(pa.field("chosen", pa.string())).append(pa.field("rejected", pa.string()))
 
 
 class IngestError(RuntimeError):
@@ -188,11 +192,11 @@ def _row_group_batches(path: Path) -> Iterator[pa.RecordBatch]:
             yield from parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=[group])
 
 
-def _parse_row(row: dict[str, Any] | RecordError) -> dict[str, Any]:
+def _parse_row(row: dict[str, Any] | RecordError, normalize=normalize_record) -> dict[str, Any]:
     """A Parquet row (from read_parquet_rows) -> canonical record, or raise RecordError."""
     if isinstance(row, RecordError):
         raise row
-    return normalize_record(row)
+    return normalize(row)
 
 
 def _json_array(err: RecordError, raw: bytes) -> RecordError | None:
@@ -232,9 +236,10 @@ def split_score(record_hash: bytes, seed: int) -> float:
 class _ParquetSink:
     """Rows buffered up to one row group, then written: bounded memory."""
 
-    def __init__(self, path: Path, row_group_size: int):
+    def __init__(self, path: Path, row_group_size: int, schema: pa.Schema = RECORD_SCHEMA):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = pq.ParquetWriter(path, RECORD_SCHEMA, compression="zstd")
+        self.schema = schema
+        self.writer = pq.ParquetWriter(path, schema, compression="zstd")
         self.rows: list[dict[str, Any]] = []
         self.row_group_size = row_group_size
         self.count = 0
@@ -247,8 +252,8 @@ class _ParquetSink:
 
     def flush(self) -> None:
         if self.rows:
-            columns = [pa.array([row[f.name] for row in self.rows], type=f.type) for f in RECORD_SCHEMA]
-            self.writer.write_table(pa.Table.from_arrays(columns, schema=RECORD_SCHEMA))
+            columns = [pa.array([row[f.name] for row in self.rows], type=f.type) for f in self.schema]
+            self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
             self.rows = []
 
     def close(self) -> None:
@@ -312,6 +317,9 @@ def ingest_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[s
     section = cfg.stage_section("ingest")
     section.pop("row_group_size")  # how the Parquet files are cut, not what they hold
     config = {"ingest": section, "tasks": [t.task_name for t in cfg.data.tasks]}
+    preference = [t.task_name for t in cfg.data.tasks if t.kind == "preference"]
+    if preference:  # only then: the keys of configs without preference data stay as they were
+        config["preference_tasks"] = preference
     inputs = [f"benchmark:{benchmark_digest(cfg)}"]
     for task in cfg.data.tasks:
         root = task.path
@@ -379,8 +387,11 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
             stats = all_stats[name] = TaskStats()
             files = task_files(task.path, warn_ignored=True)
             stats.files = len(files)
+            preference = task.kind == "preference"
+            normalize = normalize_preference if preference else normalize_record
+            schema = PREFERENCE_SCHEMA if preference else RECORD_SCHEMA
             sinks = {
-                split: _ParquetSink(out_dir / "data" / name / f"{split}.parquet", settings.row_group_size)
+                split: _ParquetSink(out_dir / "data" / name / f"{split}.parquet", settings.row_group_size, schema)
                 for split in ("train", "valid")
             }
             # The min_valid lowest-scoring train candidates are held back (a max-heap of
@@ -405,7 +416,8 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
                         # of ingest rather than bad data, and skipping could drop good records unseen.
                         try:
                             try:
-                                record = parse_line(item) if isinstance(item, bytes) else _parse_row(item)
+                                record = (parse_line(item, normalize) if isinstance(item, bytes)
+                                          else _parse_row(item, normalize))
                             except RecordError as err:
                                 array = _json_array(err, item) if first else None
                                 first = False
@@ -447,6 +459,8 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
                             "source": source,
                             "record_hash": fingerprint.hex(),
                         }
+                        if preference:
+                            row.update(chosen=record["chosen"], rejected=record["rejected"])
                         score = split_score(fingerprint, settings.split_seed)
                         if score < settings.valid_fraction:
                             sinks["valid"].add(row)
@@ -497,6 +511,7 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
                     "files": [cfg.display_path(p) for p in files],
                     "train": stats.train,
                     "valid": stats.valid,
+                    **({"kind": "preference"} if preference else {}),
                 }
             )
 

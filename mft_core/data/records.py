@@ -66,6 +66,12 @@ REJECT_FIXES: dict[str, str] = {
     "corrupt_file": "the file is truncated or damaged: download or write it again "
     "(`gzip -t FILE` checks a .gz file); the lines before the damage were read",
     "json_array": "convert the array to JSON Lines, one object per line: jq -c '.[]' in.json > out.jsonl",
+    # Preference tasks (data.tasks[].kind: preference) only.
+    "not_a_preference_pair": "a preference record holds `chosen` and `rejected`: two chat conversations that "
+    "differ only in their last (assistant) turn, or a `prompt` with two answers (see the README's preference format)",
+    "pair_prefix_differs": "`chosen` and `rejected` must share every turn before the last one; only the final "
+    "assistant answer may differ",
+    "identical_answers": "the chosen and the rejected answer are the same text: such a pair teaches nothing; drop it",
 }
 
 # Any UTF-16 surrogate code point. json.loads joins a valid "\ud83d\ude00" pair into one
@@ -180,11 +186,72 @@ def normalize_record(obj: Any) -> dict[str, Any]:
     if "text" in obj:
         return {"shape": "text", "messages": [], "text": _content(obj["text"], "text")}
     keys = ", ".join(json_repr(key) for key in sorted(obj)[:8]) or "none"
+    if "chosen" in obj and "rejected" in obj:
+        raise RecordError("unknown_shape", f"a preference pair (keys: {keys}) in a fine-tuning task: "
+                          "set `kind: preference` on this task in data.tasks")
     raise RecordError("unknown_shape", f"no chat_rounds, text or known pair of keys (keys: {keys})")
 
 
-def parse_line(raw: bytes) -> dict[str, Any]:
-    """Bytes of one JSONL line (without its newline) -> canonical record, or raise RecordError."""
+def _chat_turns(value: Any, where: str) -> list[dict[str, str]]:
+    """A preference side written as chat turns ({role, content}; chatml's user/assistant/system or
+    MFTCoder's human/bot), validated like chat_rounds."""
+    try:
+        return _chat_rounds(value)
+    except RecordError as err:
+        raise RecordError(err.reason, f"{where}: {err.detail}") from None
+
+
+def _answer(value: Any, where: str) -> str:
+    """One side of a flat preference record: a string, or a list of exactly one assistant turn."""
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or ROLE_ALIASES.get(
+                str(value[0].get("role", "")).strip().lower()) != "assistant":
+            raise RecordError("not_a_preference_pair", f"{where} is a list, but not of exactly one assistant turn")
+        return _content(value[0].get("content"), f"{where}[0].content")
+    return _content(value, where)
+
+
+def normalize_preference(obj: Any) -> dict[str, Any]:
+    """Validate one preference record and return its canonical form, or raise RecordError:
+      {"shape": "preference", "messages": [the shared conversation, ending with a user turn],
+       "text": None, "chosen": str, "rejected": str}
+    Accepted: MFTCoder's {"chosen": [turns], "rejected": [turns]} (the two conversations equal but
+    for their last, assistant, turn), and the flat {"prompt": str | [turns], "chosen", "rejected"}
+    with an optional `system` (each answer a string or a one-turn assistant list)."""
+    if not isinstance(obj, dict):
+        raise RecordError("not_object", f"got a JSON {json_type(obj)}")
+    if "chosen" not in obj or "rejected" not in obj:
+        keys = ", ".join(json_repr(key) for key in sorted(obj)[:8]) or "none"
+        raise RecordError("not_a_preference_pair", f"no `chosen` and `rejected` (keys: {keys})")
+    if "prompt" in obj:
+        prompt = obj["prompt"]
+        if isinstance(prompt, list):
+            messages = _chat_turns(prompt + [{"role": "assistant", "content": "-"}], "prompt")[:-1]
+        else:
+            messages = _system(obj) + [{"role": "user", "content": _content(prompt, "prompt")}]
+        chosen, rejected = _answer(obj["chosen"], "chosen"), _answer(obj["rejected"], "rejected")
+    else:
+        if not isinstance(obj["chosen"], list) or not isinstance(obj["rejected"], list):
+            raise RecordError("not_a_preference_pair", "without a `prompt`, `chosen` and `rejected` must be chat "
+                              f"conversations (arrays of turns), got a JSON {json_type(obj['chosen'])} and a JSON "
+                              f"{json_type(obj['rejected'])}")
+        chosen_turns = _chat_turns(obj["chosen"], "chosen")
+        rejected_turns = _chat_turns(obj["rejected"], "rejected")
+        if chosen_turns[:-1] != rejected_turns[:-1]:
+            differs = next((i for i, (a, b) in enumerate(zip(chosen_turns, rejected_turns)) if a != b),
+                           min(len(chosen_turns), len(rejected_turns)) - 1)
+            raise RecordError("pair_prefix_differs", f"chosen[{differs}] and rejected[{differs}] differ "
+                              f"({len(chosen_turns)} and {len(rejected_turns)} turns)")
+        messages = chosen_turns[:-1]
+        chosen, rejected = chosen_turns[-1]["content"], rejected_turns[-1]["content"]
+    if chosen == rejected:
+        raise RecordError("identical_answers", f"both answers are {json_repr(chosen)}")
+    return {"shape": "preference", "messages": messages, "text": None, "chosen": chosen, "rejected": rejected}
+
+
+def parse_line(raw: bytes, normalize=normalize_record) -> dict[str, Any]:
+    """Bytes of one JSONL line (without its newline) -> canonical record (`normalize_record`, or
+    `normalize_preference` for a preference task), or raise RecordError."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -199,7 +266,7 @@ def parse_line(raw: bytes) -> dict[str, Any]:
         raise RecordError(
             "too_deeply_nested", f"the JSON is nested deeper than the parser allows (about {sys.getrecursionlimit()} levels)"
         ) from None
-    return normalize_record(obj)
+    return normalize(obj)
 
 
 def record_fingerprint(record: dict[str, Any]) -> bytes:
@@ -207,7 +274,10 @@ def record_fingerprint(record: dict[str, Any]) -> bytes:
 
     The shape is left out: a pair and a chat_rounds record of the same conversation are the same
     content (the first one wins), and the content-keyed split of existing data never moves."""
-    payload = json.dumps([record["messages"], record["text"]], ensure_ascii=False, separators=(",", ":"))
+    content = [record["messages"], record["text"]]
+    if record["shape"] == "preference":
+        content += [record["chosen"], record["rejected"]]
+    payload = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).digest()
 
 
@@ -215,4 +285,5 @@ def record_text(record: dict[str, Any]) -> str:
     """All the text of a record, for decontamination."""
     if record["text"] is not None:
         return record["text"]
-    return "\n".join(m["content"] for m in record["messages"])
+    answers = [record["chosen"], record["rejected"]] if record["shape"] == "preference" else []
+    return "\n".join([m["content"] for m in record["messages"]] + answers)

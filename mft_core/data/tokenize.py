@@ -85,6 +85,7 @@ class Chunk:
     start: int
     stop: int
     index: int  # shard number within (split, task)
+    preference: bool = False  # a preference task: its shard holds pairs (chosen, rejected, chosen, ...)
 
     @property
     def shard_name(self) -> str:
@@ -111,7 +112,8 @@ def plan_chunks(ingest_dir: Path, shard_size_mb: float) -> list[Chunk]:
             pieces = max(1, math.ceil(meta.row_group(group).total_byte_size / target))
             step = max(1, math.ceil(rows / pieces))
             for start in range(0, rows, step):
-                chunks.append(Chunk(split, task["name"], task["id"], rel, group, start, min(rows, start + step), index))
+                chunks.append(Chunk(split, task["name"], task["id"], rel, group, start, min(rows, start + step), index,
+                                    preference=task.get("kind") == "preference"))
                 index += 1
     return chunks
 
@@ -158,8 +160,44 @@ def _init_worker(tokenizer_dir: str, template_name: str, role_markers: dict | No
     )
 
 
+def pair_records(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A preference record -> the chosen and the rejected conversation, as chat records: rendered
+    exactly as fine-tuning renders a conversation, so the aligned model keeps its chat format."""
+    def side(answer: str) -> dict[str, Any]:
+        return {"shape": "chat", "messages": [*record["messages"], {"role": "assistant", "content": answer}], "text": None}
+
+    return side(record["chosen"]), side(record["rejected"])
+
+
+def final_answer_only(sample: RenderedSample) -> RenderedSample:
+    """Only the last assistant answer trained: a preference pair compares that answer alone (the
+    rounds before it are the same on both sides, and are context)."""
+    if len(sample.round_ends) < 2:
+        return sample
+    start = sample.round_ends[-2]
+    return RenderedSample(sample.input_ids, [0] * start + sample.loss_mask[start:], sample.round_ends)
+
+
+def fit_pair(chosen: RenderedSample, rejected: RenderedSample, seq_length: int, policy: str
+             ) -> tuple[tuple[RenderedSample, RenderedSample] | None, FitStatus]:
+    """A pair is packed whole into one row: both sides together fit seq_length. Over it, `drop`
+    drops the pair and `truncate` cuts the end of each longer side to half a row (the pair is
+    dropped when a side keeps no trained token)."""
+    if len(chosen) + len(rejected) <= seq_length:
+        return (chosen, rejected), FitStatus.KEPT
+    if policy == "drop":
+        return None, FitStatus.DROPPED
+    half = seq_length // 2
+    cut = [RenderedSample(s.input_ids[:half], s.loss_mask[:half], [min(e, half) for e in s.round_ends]) for s in (chosen, rejected)]
+    if not all(any(s.loss_mask[1:]) for s in cut):
+        return None, FitStatus.DROPPED
+    return (cut[0], cut[1]), FitStatus.TRUNCATED
+
+
 def _tokenize_chunk(chunk: Chunk) -> str:
     w = _WORKER
+    if chunk.preference:
+        return _tokenize_pairs(chunk)
     table = pq.ParquetFile(w["ingest_dir"] / chunk.source_file).read_row_group(
         chunk.row_group, columns=["shape", "messages", "text", "source"]
     ).slice(chunk.start, chunk.stop - chunk.start)
@@ -193,6 +231,44 @@ def _tokenize_chunk(chunk: Chunk) -> str:
 
     base = w["out_dir"] / DOCUMENTS if w["concatenated"] else w["out_dir"]
     _write_shard(base / chunk.shard_name, _shard_columns(ids, mask, lengths, chunk.task_id, sources),
+                 {"chunk": asdict(chunk), "stats": stats})
+    return chunk.shard_name
+
+
+def _tokenize_pairs(chunk: Chunk) -> str:
+    """A preference chunk -> a shard of pairs: rows 2p and 2p + 1 are pair p's chosen and rejected
+    sides, each with only its final answer trained. Stats count pairs (samples) and both sides' tokens."""
+    w = _WORKER
+    table = pq.ParquetFile(w["ingest_dir"] / chunk.source_file).read_row_group(
+        chunk.row_group, columns=["messages", "source", "chosen", "rejected"]
+    ).slice(chunk.start, chunk.stop - chunk.start)
+    records = table.to_pylist()
+    stats = _empty_stats(w["seq_length"])
+    ids: list[int] = []
+    mask: list[int] = []
+    lengths: list[int] = []
+    sources: list[str] = []
+    width = stats["histogram"]["bin_width"]
+    for begin in range(0, len(records), RENDER_BATCH):
+        batch = records[begin : begin + RENDER_BATCH]
+        sides = [side for record in batch for side in pair_records(record)]
+        rendered = [final_answer_only(sample) for sample in render_records(sides, w["tokenizer"], w["template"], w["eos_id"])]
+        for index, record in enumerate(batch):
+            fitted, status = fit_pair(rendered[2 * index], rendered[2 * index + 1], w["seq_length"], w["policy"])
+            stats[status.value] += 1
+            if fitted is None:
+                continue
+            length = sum(len(side) for side in fitted)
+            stats["samples"] += 1
+            stats["tokens"] += length
+            stats["trained_tokens"] += sum(side.num_trained for side in fitted)
+            stats["histogram"]["counts"][min(HISTOGRAM_BINS - 1, (length - 1) // width)] += 1
+            for side in fitted:
+                ids.extend(side.input_ids)
+                mask.extend(side.loss_mask)
+                lengths.append(len(side))
+                sources.append(record["source"])
+    _write_shard(w["out_dir"] / chunk.shard_name, _shard_columns(ids, mask, lengths, chunk.task_id, sources),
                  {"chunk": asdict(chunk), "stats": stats})
     return chunk.shard_name
 
@@ -371,7 +447,8 @@ def run_tokenize(cfg: PipelineConfig, ingest_dir: Path, out_dir: Path) -> dict[s
             task_stats = stats.setdefault(chunk.task, {split: _empty_stats(settings.seq_length) for split in SPLITS})
             _add_stats(task_stats[chunk.split], part)
             shards.append({"split": chunk.split, "task": chunk.task, "task_id": chunk.task_id,
-                           "file": f"{chunk.shard_name}.arrow", "rows": part["samples"], "tokens": part["tokens"]})
+                           "file": f"{chunk.shard_name}.arrow", "rows": part["samples"] * (2 if chunk.preference else 1),
+                           "tokens": part["tokens"], **({"kind": "preference"} if chunk.preference else {})})
 
     tokenizer.chat_template = (
         generation_chat_template(template, tokenizer.convert_ids_to_tokens(eos_id))

@@ -116,10 +116,11 @@ def allocator_env(choice: str, env: dict[str, str]) -> dict[str, str]:
     return {"LD_PRELOAD": preload, "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
 
 
-def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool,
-                    launch_dir: Path | None = None) -> tuple[list[str], dict[str, str]]:
-    """argv and environment of the trainer for this config. The launch's own files (accelerate.yaml,
-    deepspeed.json) go to `launch_dir` (default: the work directory).
+def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool, launch_dir: Path | None = None,
+                    recipe_module: str = "mft_core.train.recipe") -> tuple[list[str], dict[str, str]]:
+    """argv and environment of the trainer (`recipe_module`: the fine-tuning recipe, or align's)
+    for this config. The launch's own files (accelerate.yaml, deepspeed.json) go to `launch_dir`
+    (default: the work directory).
 
     Nothing of the user's own accelerate setup takes part: `accelerate launch` would merge
     ~/.cache/huggingface/accelerate/default_config.yaml into every setting its flags leave open,
@@ -137,7 +138,7 @@ def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool,
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MFT_TRAIN_THREADS": str(threads),
                 "TOKENIZERS_PARALLELISM": "false"})
     env.update(allocator_env(cfg.allocator, env))
-    recipe = ["-m", "mft_core.train.recipe", "--work-dir", str(work_dir)]
+    recipe = ["-m", recipe_module, "--work-dir", str(work_dir)]
     single = launch.num_processes * launch.num_machines == 1
     if single and launch.backend == "ddp":
         return [sys.executable, *recipe], env

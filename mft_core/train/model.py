@@ -126,9 +126,10 @@ def router_balance(causal_lm: nn.Module):
 
 
 def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str, on_gpu: bool,
-               trust_remote_code: bool = False) -> nn.Module:
+               trust_remote_code: bool = False, merge_adapter: Path | None = None) -> nn.Module:
     """The model with its trainable parameters set up per `cfg.method`; trust_remote_code
-    (model.trust_remote_code) allows a model of its own code."""
+    (model.trust_remote_code) allows a model of its own code. merge_adapter: a LoRA adapter folder
+    merged into the loaded weights first (align starts from the fine-tuned model this way)."""
     from transformers import AutoModelForCausalLM
 
     from mft_core.modeling import load_pretrained
@@ -157,6 +158,10 @@ def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str
         )
         kwargs["dtype"] = compute
     model = load_pretrained(AutoModelForCausalLM, model_dir, trust_remote_code, **kwargs)
+    if merge_adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, merge_adapter).merge_and_unload()
     model.config.use_cache = False
     if router_balance(model) is not None:
         model.config.output_router_logits = True  # the router's load-balancing loss joins the loss

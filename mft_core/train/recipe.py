@@ -40,7 +40,7 @@ from mft_core.train.launch import cuda_available
 from mft_core.train.metrics import MetricsLog, peak_rss_mb, plot_loss_curves
 from mft_core.train.model import TokenLossModel, load_model, resolve_attention, shard_decoder_layers
 from mft_core.train.optim import make_scheduler, param_groups, total_optimizer_steps
-from mft_core.train.stage import job_path
+from mft_core.train.stage import job_path, trained_task_ids
 
 log = logging.getLogger("mft.train")
 
@@ -154,8 +154,9 @@ def main(work_dir: Path) -> None:
     seq_length, pad_id = template["seq_length"], template["pad_id"]
     train_split = TokenizedSplit(tokenize_dir, "train")
     valid_split = TokenizedSplit(tokenize_dir, "valid")
-    if cfg.tasks is not None:  # a subset of the tokenized tasks; ids and names stay those of the output
-        selected = [t["id"] for t in job["tasks"] if t["name"] in cfg.tasks]
+    # The fine-tuning tasks (train.tasks, else all but preference tasks); ids and names stay those of the output
+    selected = trained_task_ids(job, "sft", cfg.tasks)
+    if selected is not None:
         train_split.keep_tasks(selected)
         valid_split.keep_tasks(selected)
     train_batch = batch_maker(train_split, seq_length, pad_id, device)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mft_core import store
-from mft_core.config import PipelineConfig
+from mft_core.config import PipelineConfig, TrainConfig
 from mft_core.console import TrainingProgress, announce
 from mft_core.hub import snapshot_of
 from mft_core.modeling import resolve_model
@@ -67,7 +67,7 @@ def train_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[st
         section.pop("lora")
     if train.tasks is None:
         section.pop("tasks")  # every task, as before the key existed: earlier outputs stay valid
-    section["task_weights"] = {t.task_name: t.weight for t in cfg.data.tasks}
+    section["task_weights"] = {t.task_name: t.weight for t in cfg.data.tasks if t.kind == "sft"}
     model_dir = resolve_model(cfg.model.path, cfg.runs_root)
     return section, [f"model:{model_digest(model_dir, hashes)}"]
 
@@ -94,7 +94,7 @@ def write_train_job(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path) -> 
     """train_job.json, everything the trainer reads (recipe.main(work_dir) runs from it alone)."""
     model_dir = resolve_model(cfg.model.path, cfg.runs_root)
     weights = {t.task_name: t.weight for t in cfg.data.tasks}
-    tasks = [{"name": t["name"], "id": t["id"], "weight": weights[t["name"]]} for t in _tokenized_tasks(tokenize_dir)]
+    tasks = [{**t, "weight": weights[t["name"]]} for t in _tokenized_tasks(tokenize_dir)]
     from mft_core.train.model import resolve_precision  # imports torch: only when training
 
     # Resolved once, here: `auto` may measure the CPU, and every process must train in the same
@@ -118,14 +118,14 @@ def write_train_job(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path) -> 
     return job
 
 
-def step_reporter(on_progress: Callable[[int, int, str], None] | None) -> Callable[[StepReport], None]:
+def step_reporter(on_progress: Callable[[int, int, str], None] | None, stage: str = "train") -> Callable[[StepReport], None]:
     """The trainer's step reports -> a throttled progress line on the console and to `on_progress`."""
     progress = TrainingProgress()
 
     def on_report(report: StepReport) -> None:
         line = progress.update(report.step, report.total, report.loss, report.tokens_per_s)
         if line is not None:
-            announce(log, "train", line)
+            announce(log, stage, line)
             if on_progress is not None:
                 on_progress(report.step, report.total, line)
 
@@ -148,35 +148,39 @@ def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
     return json.loads((work_dir / "train_summary.json").read_text())
 
 
-def join_training(cfg: PipelineConfig, key: str, on_progress: Callable[[int, int, str], None] | None = None) -> store.StageRun:
-    """Machine rank > 0 of a multi-machine run: join the training machine 0 builds. Machine 0 is
+def join_training(cfg: PipelineConfig, key: str, on_progress: Callable[[int, int, str], None] | None = None,
+                  stage: str = "train", trainer_cfg: TrainConfig | None = None,
+                  recipe_module: str = "mft_core.train.recipe") -> store.StageRun:
+    """Machine rank > 0 of a multi-machine run: join the training machine 0 builds (train's, or
+    align's with its trainer config and recipe). Machine 0 is
     the only one that takes the store's lock and publishes (two machines building the same key on
     shared storage would wait on each other's lock forever, or both publish); this one waits for
     machine 0's train_job.json in the key's work directory, runs its own processes of the same
     launch into that directory (checkpoint shards and RNG states are per process), and returns
     once machine 0 has published the output. Its launch files and log stay on this machine."""
     rank = cfg.train.launch.machine_rank
-    final = store.stage_dir(cfg.runs_root, "train", key)
+    final = store.stage_dir(cfg.runs_root, stage, key)
     work = final.with_name(final.name + ".partial")
     job_file = work / "train_job.json"
-    announce(log, "train", f"machine {rank}: waiting for machine 0 to start training {final.name} in {work}")
+    announce(log, stage, f"machine {rank}: waiting for machine 0 to start training {final.name} in {work}")
     store.wait_until(lambda: store.is_complete(final) or job_file.is_file(),
                      f"machine 0 did not start training {final.name} within {store.MACHINE_WAIT_S:.0f} s ({job_file} is "
                      "missing): start the same command there with train.launch.machine_rank=0, on the same shared runs_root")
     if store.is_complete(final):
-        announce(log, "train", f"machine {rank}: already trained by machine 0: {final}")
+        announce(log, stage, f"machine {rank}: already trained by machine 0: {final}")
         return store.StageRun(final, key, computed=False)
     precision = json.loads(job_file.read_text())["precision"]
-    local = Path(tempfile.mkdtemp(prefix=f"mft-train-machine{rank}-"))
-    argv, env = trainer_command(cfg.train, work, precision == "bf16", launch_dir=local)
-    announce(log, "train", f"machine {rank}: joining: " + describe_training(cfg, precision))
+    local = Path(tempfile.mkdtemp(prefix=f"mft-{stage}-machine{rank}-"))
+    argv, env = trainer_command(trainer_cfg or cfg.train, work, precision == "bf16", launch_dir=local,
+                                recipe_module=recipe_module)
+    announce(log, stage, f"machine {rank}: joining: " + describe_training(cfg, precision))
     try:
-        run_trainer(argv, env, local / "train.log", step_reporter(on_progress))
+        run_trainer(argv, env, local / f"{stage}.log", step_reporter(on_progress, stage))
     finally:
         shutil.rmtree(local, ignore_errors=True)
     store.wait_until(lambda: store.is_complete(final),
                      f"machine 0 did not publish {final} within {store.MACHINE_WAIT_S:.0f} s after training ended: see its log")
-    announce(log, "train", f"machine {rank}: done; machine 0 published {final}")
+    announce(log, stage, f"machine {rank}: done; machine 0 published {final}")
     return store.StageRun(final, key, computed=False)
 
 
@@ -194,8 +198,18 @@ def job_path(value: str, work_dir: Path) -> Path:
 
 
 def _tokenized_tasks(tokenize_dir: Path) -> list[dict[str, Any]]:
-    """Task names and ids in id order, from the shard index of the tokenize stage."""
-    seen: dict[int, str] = {}
+    """Task names, ids (in id order) and kinds (preference tasks only), from the shard index of
+    the tokenize stage."""
+    seen: dict[int, dict[str, Any]] = {}
     for shard in json.loads((tokenize_dir / "shards.json").read_text()):
-        seen[shard["task_id"]] = shard["task"]
-    return [{"id": i, "name": seen[i]} for i in sorted(seen)]
+        seen[shard["task_id"]] = {"name": shard["task"], "id": shard["task_id"],
+                                  **({"kind": "preference"} if shard.get("kind") == "preference" else {})}
+    return [seen[i] for i in sorted(seen)]
+
+
+def trained_task_ids(job: dict[str, Any], kind: str, names: list[str] | None = None) -> list[int] | None:
+    """The ids of the tasks of `kind` (sft: train's; preference: align's), among `names` when
+    given; None when that is every task of the tokenize output (nothing to leave out)."""
+    ids = [t["id"] for t in job["tasks"]
+           if t.get("kind", "sft") == kind and (names is None or t["name"] in names)]
+    return None if len(ids) == len(job["tasks"]) else ids

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -100,12 +101,20 @@ class Api:
         self.url = f"http://127.0.0.1:{port}/api"
 
     def call(self, method: str, path: str, body: dict | None = None):
+        """One request. A 503 is the server's "retry me" (on SQLite a write that met the scheduler's
+        lock); Prefect's own client retries it with back-off, and so does this one, a few times."""
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            raw = response.read()
-        return json.loads(raw) if raw else None
+        for attempt in range(6):
+            request = urllib.request.Request(self.url + path, data=data, method=method,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    raw = response.read()
+                return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as err:
+                if err.code != 503 or attempt == 5:
+                    raise
+                time.sleep(0.5 * 2 ** attempt)
 
     def flow_run(self, run_id: str) -> dict:
         return self.call("GET", f"/flow_runs/{run_id}")

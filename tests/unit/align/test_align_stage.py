@@ -1,0 +1,208 @@
+"""The align stage for real: its recipe as a subprocess on a tiny random Llama (CPU), after a real
+fine-tuning run; the stacked adapter through merge; resume after a kill; one model in memory.
+
+The toy preference task: the chosen answer to "question i: is it good?" always starts with "yes",
+the rejected one with "no" (the rest is the same), so a model can learn the preference quickly
+and a validation accuracy says whether it did."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mft_core.config import ConfigError, load_config
+from mft_core.stages import run_stage, stage_chain
+
+REPO = Path(__file__).resolve().parents[3]
+pytestmark = pytest.mark.slow
+
+
+def make_project(root: Path, model_dir: Path, **align) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "alpha").mkdir(exist_ok=True)
+    with open(root / "alpha" / "d.jsonl", "w") as fh:
+        for i in range(60):
+            fh.write(json.dumps({"chat_rounds": [{"role": "human", "content": f"alpha question {i}"},
+                                                 {"role": "bot", "content": f"def f{i}(x):\n    return x * {i}"}]}) + "\n")
+    (root / "prefer").mkdir(exist_ok=True)
+    with open(root / "prefer" / "d.jsonl", "w") as fh:
+        for i in range(80):
+            question, yes, no = f"question {i}: is it good?", f"yes, it is {i}", f"no, it is {i}"
+            if i % 2:  # the flat form
+                fh.write(json.dumps({"prompt": question, "chosen": yes, "rejected": no}) + "\n")
+            else:  # MFTCoder's: two conversations differing in their last turn
+                turns = [{"role": "user", "content": question}]
+                fh.write(json.dumps({"chosen": turns + [{"role": "assistant", "content": yes}],
+                                     "rejected": turns + [{"role": "assistant", "content": no}]}) + "\n")
+    config = {
+        "data": {"tasks": [{"path": "alpha"}, {"path": "prefer", "kind": "preference"}]},
+        "model": {"path": str(model_dir)},
+        "ingest": {"decontaminate": {"enabled": False}, "min_valid": 8},
+        "tokenize": {"seq_length": 96, "num_workers": 1},
+        "train": {"grad_accum": 2, "max_steps": 4, "eval_every": 2, "checkpoint_every": 2, "warmup_steps": 1,
+                  "lr": 5e-3, "precision": "fp32", "threads": 1},
+        "align": {"enabled": True, "max_steps": 8, "grad_accum": 2, "rows_per_micro_batch": 2, "lr": 1e-2, "beta": 0.5,
+                  "eval_every": 4, "checkpoint_every": 2, "warmup_steps": 0, **align},
+        "merge": {"check_samples": 4},
+    }
+    (root / "pipeline.yaml").write_text(json.dumps(config))
+    return root / "pipeline.yaml"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_llama_dir) -> Path:
+    """The project with ingest, tokenize and train done (every align test starts from that SFT model)."""
+    path = make_project(tmp_path_factory.mktemp("align"), tiny_llama_dir)
+    cfg = load_config(path)
+    for stage in ("ingest", "tokenize", "train"):
+        run_stage(cfg, stage)
+    return path
+
+
+def summary(directory: Path) -> dict:
+    return json.loads((directory / "train_summary.json").read_text())
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_dpo_learns_the_toy_preference_to_a_validation_accuracy_of_at_least_0_8(project, seed):
+    result = summary(run_stage(load_config(project, {"align.seed": seed}), "align").directory)
+    before, after = result["valid_before"], result["valid_after"]
+    assert before["loss"]["prefer"] == pytest.approx(0.6931471805599453, abs=1e-6)  # policy = reference: log 2
+    assert before["accuracy"]["prefer"] == 0.0  # every reward margin is exactly 0 before training
+    assert after["accuracy"]["prefer"] >= 0.8, result
+    assert after["logp_accuracy"]["prefer"] >= 0.8, result
+    assert after["reward_margin"]["prefer"] > 0
+
+
+@pytest.mark.parametrize("method", ["rpo", "orpo"])
+def test_rpo_and_orpo_learn_the_toy_preference_too(project, method):
+    result = summary(run_stage(load_config(project, {"align.method": method}), "align").directory)
+    assert result["method"] == method
+    assert result["valid_after"]["logp_accuracy"]["prefer"] >= 0.8, result
+    assert result["valid_after"]["loss"]["prefer"] < result["valid_before"]["loss"]["prefer"]
+
+
+def logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double()
+
+
+def test_merge_of_the_stacked_adapter_is_the_aligned_model(project, tiny_llama_dir):
+    """The model merge saves = base + SFT adapter (merged) + align adapter: the policy align
+    trained. The stack [s1 B1, s2 B2][A1; A2] must equal the two adapters applied in turn; merge's
+    own check only compares the stacked adapter unmerged with its merge."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(project)
+    align_dir = run_stage(cfg, "align").directory
+    merged_dir = run_stage(cfg, "merge").directory / "model"
+    hyper = json.loads((align_dir / "hyperparameters.json").read_text())
+    sft_adapter = cfg.runs_root / hyper["sft_dir"] / "model"
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    fine_tuned = PeftModel.from_pretrained(base, sft_adapter).merge_and_unload()
+    aligned = PeftModel.from_pretrained(fine_tuned, align_dir / "align-adapter").eval()
+    saved = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    ids = [1, 40, 41, 42, 200, 17, 9, 300, 2]
+    difference = (logits(aligned, ids) - logits(saved, ids)).abs().max().item()
+    with aligned.disable_adapter():
+        align_effect = (logits(aligned, ids) - logits(saved, ids)).abs().max().item()
+    assert difference < 1e-4 and align_effect > 100 * difference, (difference, align_effect)
+    stacked = json.loads((align_dir / "model" / "adapter_config.json").read_text())
+    assert stacked["r"] == cfg.train.lora.r + cfg.align.lora.r
+
+
+def test_align_loads_one_model_and_the_reference_is_it_with_the_adapter_disabled(project, monkeypatch):
+    """DPO with LoRA never holds a second model: the recipe, run in this process, loads exactly one
+    causal LM, and the parameters in memory are that model's plus the align adapter's."""
+    from transformers import AutoModelForCausalLM
+
+    from mft_core.align import recipe
+    from mft_core.align.stage import write_align_job
+    from mft_core.stages import locate_stage
+
+    cfg = load_config(project, {"align.seed": 7, "align.max_steps": 2})
+    work = cfg.runs_root / "align" / "in-process.partial"  # where job paths resolve (runs/<stage>/<key>)
+    work.mkdir(parents=True)
+    write_align_job(cfg, locate_stage(cfg, "train"), work)
+    loads = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):
+        model = original(cls, *args, **kwargs)
+        loads.append(sum(p.numel() for p in model.parameters()))
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counted))
+    monkeypatch.setenv("MFT_TRAIN_THREADS", "1")
+    recipe.main(work)
+    hyper = json.loads((work / "hyperparameters.json").read_text())
+    adapter = load_file(work / "align-adapter" / "adapter_model.safetensors")
+    assert len(loads) == 1, loads
+    assert hyper["parameters_in_memory"] == loads[0] + sum(t.numel() for t in adapter.values())
+    assert hyper["reference"] == "the fine-tuned model, align adapter disabled"
+
+
+def align_until_killed(cfg_path: Path, runs_root: Path, checkpoint_glob: str, overrides: list[str]) -> Path | None:
+    proc = subprocess.Popen([sys.executable, "-m", "mft_core.cli", "align", "--config", str(cfg_path),
+                             *[arg for o in overrides for arg in ("--set", o)]],
+                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial, deadline = None, time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        hits = list((runs_root / "align").glob(f"*.partial/checkpoints/{checkpoint_glob}"))
+        if hits:
+            partial = next(p for p in hits[0].parents if p.name.endswith(".partial"))
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return partial
+
+
+def test_align_killed_after_a_checkpoint_then_resumed_equals_uninterrupted(project):
+    overrides = ["align.seed=11"]
+    cfg = load_config(project, {"align.seed": 11})
+    partial = align_until_killed(project, cfg.runs_root, "step-0000004/COMPLETE", overrides)
+    assert partial is not None, "the run ended before its step-4 checkpoint"
+    assert not (partial / "checkpoints" / "step-0000008").exists()  # the kill left steps 5-8 to do
+    resumed = run_stage(cfg, "align")
+    assert resumed.computed
+    resumed_adapter = load_file(resumed.directory / "align-adapter" / "adapter_model.safetensors")
+    resumed_metrics = [json.loads(l) for l in (resumed.directory / "metrics.jsonl").read_text().splitlines()]
+    again = run_stage(cfg, "align", force=True)  # the same key, uninterrupted
+    fresh_adapter = load_file(again.directory / "align-adapter" / "adapter_model.safetensors")
+    fresh_metrics = [json.loads(l) for l in (again.directory / "metrics.jsonl").read_text().splitlines()]
+    for name, tensor in fresh_adapter.items():
+        torch.testing.assert_close(resumed_adapter[name], tensor, rtol=0, atol=1e-6)
+    assert [m["step"] for m in resumed_metrics] == [m["step"] for m in fresh_metrics]
+    for a, b in zip(resumed_metrics, fresh_metrics):
+        for key in ("loss", "grad_norm", "lr"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-8), (key, a["step"])
+
+
+def test_without_align_merge_takes_the_fine_tuned_model(project):
+    """align off: the chain skips it and merge's upstream is train (its key then names train's
+    output); on: merge reads align's, and the two merged models differ."""
+    on = load_config(project)
+    off = load_config(project, {"align.enabled": False, "data.tasks": [{"path": "alpha"}]})
+    assert stage_chain(on) == ["ingest", "tokenize", "train", "align", "merge", "evaluate"]
+    assert stage_chain(off) == ["ingest", "tokenize", "train", "merge", "evaluate"]
+    with pytest.raises(ValueError, match="align.enabled: true"):
+        run_stage(off, "align")
+
+
+def test_a_preference_task_needs_align_enabled_and_align_needs_one(project):
+    with pytest.raises(ConfigError, match="only the align stage trains"):
+        load_config(project, {"align.enabled": False})
+    with pytest.raises(ConfigError, match="needs preference data"):
+        load_config(project, {"data.tasks": [{"path": "alpha"}]})
+    with pytest.raises(ConfigError, match="qlora"):
+        load_config(project, {"train.method": "qlora", "train.precision": "bf16"})
