@@ -44,10 +44,11 @@ def run_flow(config: Path, **params):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from mft_core.stages import STAGE_ORDER
+    from mft_core.config import load_config
+    from mft_core.stages import stage_chain
 
     state = mft_pipeline(config=str(config), return_state=True, **params)
-    expected = len(params.get("stages") or STAGE_ORDER)
+    expected = len(params.get("stages") or stage_chain(load_config(config, params.get("overrides"))))
     # Task run states reach the server as events, a moment after the flow returns: wait for all.
     deadline = time.monotonic() + 15
     with get_client(sync_client=True) as client:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mft_core.data.records import PAIR_KEYS, REJECT_FIXES, RecordError, normalize_record, parse_line
+from mft_core.data.records import PAIR_KEYS, REJECT_FIXES, RecordError, normalize_preference, normalize_record, parse_line
 
 
 def user(c):
@@ -82,6 +82,18 @@ REJECTS = {
     "too_deeply_nested": b'{"text": "t", "meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
 }
 
+def conversation(*answers_and_question):
+    *question, answer = answers_and_question
+    return [user(q) for q in question] + [assistant(answer)]
+
+
+# Reasons of preference tasks (data.tasks[].kind: preference), found by normalize_preference.
+PREFERENCE_REJECTS = {
+    "not_a_preference_pair": json.dumps({"prompt": "p", "answer": "a"}).encode(),
+    "pair_prefix_differs": json.dumps({"chosen": conversation("q1", "yes"), "rejected": conversation("q2", "no")}).encode(),
+    "identical_answers": json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}).encode(),
+}
+
 # Reasons that are about a whole file, not one line: parse_line cannot see them, so they are
 # tested on real files in test_ingest.py (by these tests).
 FILE_REJECTS = {
@@ -91,7 +103,7 @@ FILE_REJECTS = {
 
 
 def test_every_reject_reason_is_covered_here():
-    assert set(REJECTS) | set(FILE_REJECTS) == set(REJECT_FIXES)
+    assert set(REJECTS) | set(FILE_REJECTS) | set(PREFERENCE_REJECTS) == set(REJECT_FIXES)
     assert not set(REJECTS) & set(FILE_REJECTS)
     test_ingest = (Path(__file__).parent / "test_ingest.py").read_text()
     for test_name in FILE_REJECTS.values():
@@ -104,6 +116,36 @@ def test_each_reject_reason(reason):
         parse_line(REJECTS[reason])
     assert info.value.reason == reason
     assert info.value.detail
+
+
+@pytest.mark.parametrize("reason", sorted(PREFERENCE_REJECTS))
+def test_each_preference_reject_reason(reason):
+    with pytest.raises(RecordError) as info:
+        parse_line(PREFERENCE_REJECTS[reason], normalize_preference)
+    assert info.value.reason == reason
+    assert info.value.detail
+
+
+def test_preference_records_in_both_forms_share_one_canonical_form():
+    """MFTCoder's two conversations and the flat prompt/chosen/rejected (string or one assistant
+    turn, with an optional system) give the same record: the shared turns, then the two answers."""
+    expected = {"shape": "preference", "messages": [{"role": "system", "content": "S"}, user("q")],
+                "text": None, "chosen": "yes", "rejected": "no"}
+    system = [{"role": "system", "content": "S"}]
+    assert normalize_preference({"chosen": system + conversation("q", "yes"),
+                                 "rejected": system + conversation("q", "no")}) == expected
+    assert normalize_preference({"system": "S", "prompt": "q", "chosen": "yes", "rejected": "no"}) == expected
+    assert normalize_preference({"prompt": system + [user("q")], "chosen": [assistant("yes")],
+                                 "rejected": [assistant("no")]}) == expected
+    multi = normalize_preference({"chosen": [user("q1"), assistant("a1"), user("q2"), assistant("yes")],
+                                  "rejected": [{"role": "human", "content": "q1"}, {"role": "bot", "content": "a1"},
+                                               {"role": "human", "content": "q2"}, {"role": "bot", "content": "no"}]})
+    assert multi["messages"] == [user("q1"), assistant("a1"), user("q2")] and multi["chosen"] == "yes"
+
+
+def test_a_preference_pair_in_a_fine_tuning_task_says_which_setting_is_missing():
+    with pytest.raises(RecordError, match="kind: preference"):
+        normalize_record({"prompt": "p", "chosen": "a", "rejected": "b"})
 
 
 def test_chat_rounds_that_is_not_a_list_and_only_system():

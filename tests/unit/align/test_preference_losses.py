@@ -133,9 +133,11 @@ def test_orpo_needs_no_reference_and_ignores_one():
 
 
 def test_orpo_is_finite_and_accurate_near_zero_and_for_very_negative_mean_log_probs():
-    """m near 0 (a near-certain answer) and m = -40 (e^m underflows against 1): log(1 - e^m) must stay
-    accurate; the hand value uses log(-expm1(m)) and log1p(-e^m), exact in float64 there."""
-    chosen, rejected = [-1e-6 * 3, -40.0 * 2], [-40.0 * 2, -1e-6 * 3]
+    """m = -1e-12 (a near-certain answer) and m = -40 (e^m negligible against 1): log(1 - e^m) must stay
+    accurate. Near 0 the naive log(1 - exp(m)) loses about 4 of 16 digits (1 - e^-1e-12 cancels); the
+    hand value uses math.expm1, exact there. Pair 2 has log odds ≈ -67.6, so ℓ ≈ β·67.6 carries that
+    error in full."""
+    chosen, rejected = [-1e-12 * 3, -40.0 * 2], [-40.0 * 2, -1e-12 * 3]
     policy = PairLogps(t64(chosen), t64(rejected), t64([3.0, 2.0]), t64([2.0, 3.0]), torch.tensor([0, 0]))
     loss = per_pair_loss("orpo", policy, None, BETA)[0]
 
@@ -143,7 +145,7 @@ def test_orpo_is_finite_and_accurate_near_zero_and_for_very_negative_mean_log_pr
         return math.log(-math.expm1(m))
 
     expected = []
-    for m_c, m_r in ((-1e-6, -40.0), (-40.0, -1e-6)):
+    for m_c, m_r in ((-1e-12, -40.0), (-40.0, -1e-12)):
         log_odds = (m_c - m_r) - (log1mexp(m_c) - log1mexp(m_r))
         expected.append(-m_c - BETA * log_sigmoid(log_odds))
     assert torch.isfinite(loss).all()
