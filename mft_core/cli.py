@@ -138,8 +138,10 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
 
     stats = build_demo_data(Path(args.out), per_task=args.per_task, seed=args.seed)
     counts = ", ".join(f"{name} {task['records']}" for name, task in stats["tasks"].items())
-    removed = sum(task["contaminated"] for task in stats["tasks"].values())
-    print(f"demo data in {args.out}: {counts} records ({removed} removed as contaminated; details in demo_stats.json)")
+    removed = sum(task["contaminated"] for task in (*stats["tasks"].values(), *stats["preference"].values()))
+    pairs = ", ".join(f"{name} {task['pairs']} pairs" for name, task in stats["preference"].items())
+    print(f"demo data in {args.out}: {counts} records, {pairs} ({removed} removed as contaminated; "
+          "details in demo_stats.json)")
     return 0
 
 

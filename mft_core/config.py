@@ -324,6 +324,9 @@ class AlignConfig(_Strict):
     seed: int = Field(default=42, description="Seeds the adapter's init and the pair order.")
     eval_every: int = Field(default=20, ge=1, description="Validation (reward margins, preference accuracy) every N steps and at the end.")
     checkpoint_every: int = Field(default=20, ge=1, description="Full-state checkpoint every N optimizer steps.")
+    launch: LaunchConfig | None = Field(
+        default=None, description="How align's processes start (train.launch's keys); default: train.launch. Its "
+        "machines (num_machines, machine_rank, main_process_ip) must be train's.")
 
     @model_validator(mode="after")
     def _no_dora(self) -> "AlignConfig":
@@ -423,6 +426,10 @@ class PipelineConfig(_Strict):
         if self.align.enabled and self.train.method == "qlora":
             raise ValueError("align after train.method qlora is not supported: the SFT adapter cannot be merged "
                              "exactly into a 4-bit base; use train.method lora or full")
+        machines = ("num_machines", "machine_rank", "main_process_ip")
+        if self.align.launch is not None and any(getattr(self.align.launch, k) != getattr(self.train.launch, k) for k in machines):
+            raise ValueError("align.launch must name the machines train.launch names (num_machines, machine_rank, "
+                             "main_process_ip): both stages run on the same machines")
         if self.align.enabled and self.tokenize.packing == "concatenated":
             raise ValueError("align needs tokenize.packing isolated: preference pairs are rendered with the chat template")
         if self.train.tasks is not None:

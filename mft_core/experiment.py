@@ -117,7 +117,7 @@ class Experiment:
 
     @property
     def task_names(self) -> list[str]:
-        return [t.task_name for t in self.base.data.tasks]
+        return [t.task_name for t in self.base.data.tasks if t.kind == "sft"]  # the fine-tuning tasks
 
 
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
@@ -159,8 +159,8 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
 def _arms(config: ExperimentConfig, base: PipelineConfig, steps: int) -> list[ArmSpec]:
     arms: list[ArmSpec] = []
     if config.preset == "paper":
-        tasks = len(base.data.tasks)
-        single_steps = max(1, steps // tasks) if config.single_task_budget == "split" else steps
+        fine_tuning = [task for task in base.data.tasks if task.kind == "sft"]  # preference tasks are align's
+        single_steps = max(1, steps // len(fine_tuning)) if config.single_task_budget == "split" else steps
         unit_weights = {f"data.tasks.{i}.weight": 1.0 for i in range(len(base.data.tasks))}
         arms.append(ArmSpec(name="mft-case3", overrides={"train.loss": "case3"}))
         if config.coba:
@@ -168,7 +168,7 @@ def _arms(config: ExperimentConfig, base: PipelineConfig, steps: int) -> list[Ar
         # Mixed SFT: every task's data in one stream, one token mean, no task balancing.
         arms.append(ArmSpec(name="mixed-sft", overrides={"train.loss": "case1", "train.sampling": "proportional",
                                                          **unit_weights}))
-        for task in base.data.tasks:  # with one task, case1 and case3 are the same loss
+        for task in fine_tuning:  # with one task, case1 and case3 are the same loss
             arms.append(ArmSpec(name=f"sft-{task.task_name}", overrides={"train.tasks": [task.task_name],
                                                                          "train.loss": "case1",
                                                                          "train.max_steps": single_steps}))

@@ -65,7 +65,12 @@ def align_summary(directory: Path) -> str:
             for t in summary["preference_tasks"]]
     head = (f"align ({directory}; {summary['method']}, β {summary['beta']:g}, {summary['steps']} steps; accuracy: "
             "the share of validation pairs whose chosen answer has the higher mean token log-prob)")
-    return head + "\n" + _table(headers, rows)
+    text = head + "\n" + _table(headers, rows)
+    sft_before, sft_after = summary.get("sft_valid_loss_before") or {}, summary.get("sft_valid_loss_after") or {}
+    if sft_before:
+        text += "\n\nfine-tuning tasks (validation loss of the fine-tuned model, then of the aligned one)\n" + _table(
+            ["task", "valid loss before", "after"], [[t, _fmt(v), _fmt(sft_after.get(t))] for t, v in sft_before.items()])
+    return text
 
 
 def merge_summary(directory: Path) -> str:

@@ -55,8 +55,8 @@ def write_report(cfg: PipelineConfig, outputs: dict[str, Path], run_started: dat
     an output built after `run_started` counts as computed by this run, else as reused."""
     outputs = {stage: Path(directory) for stage, directory in outputs.items()}
     sections = [_overview(cfg, outputs, run_started)]
-    for stage, render in (("ingest", _ingest), ("tokenize", _tokenize), ("train", _train), ("merge", _merge),
-                          ("evaluate", _evaluate)):
+    for stage, render in (("ingest", _ingest), ("tokenize", _tokenize), ("train", _train), ("align", _align),
+                          ("merge", _merge), ("evaluate", _evaluate)):
         if stage in outputs:
             sections.append(render(outputs[stage]))
     sections.append(_provenance(cfg))
@@ -177,6 +177,33 @@ def _train(directory: Path) -> str:
         second=("peak RSS (MB)", [(m["step"], m["peak_rss_mb"]) for m in steps if "peak_rss_mb" in m])))
     final = summary.get("final_valid_task_loss") or {}
     parts.append(_table(["task", "final validation loss"], [[task, _fmt(final.get(task))] for task in tasks]))
+    return "\n".join(parts)
+
+
+def _align(directory: Path) -> str:
+    summary = _json(directory / "train_summary.json")
+    hyper = _json(directory / "hyperparameters.json")
+    valids = [m for m in _jsonl(directory / "metrics.jsonl") if "valid_task_accuracy" in m]
+    tasks = summary["preference_tasks"]
+    before, after = summary.get("valid_before") or {}, summary.get("valid_after") or {}
+    parts = ["<h2 id=\"align\">Preference alignment</h2>",
+             f"<p>{_e(summary['method'].upper())}, β {_e(summary['beta'])}, {_e(summary['steps'])} steps from the "
+             f"fine-tuned model <code>{_e(hyper.get('sft_dir', '-'))}</code>; reference: {_e(hyper.get('reference', '-'))}; "
+             f"precision {_e(hyper.get('precision', '-'))}.</p>",
+             _table(["task", "accuracy before", "accuracy after", "reward accuracy after", "reward margin after",
+                     "pair loss before", "pair loss after"],
+                    [[t, _pct(before.get("logp_accuracy", {}).get(t)), _pct(after.get("logp_accuracy", {}).get(t)),
+                      _pct(after.get("accuracy", {}).get(t)), _fmt(after.get("reward_margin", {}).get(t)),
+                      _fmt(before.get("loss", {}).get(t)), _fmt(after.get("loss", {}).get(t))] for t in tasks]),
+             "<p>Accuracy: the share of validation pairs whose chosen answer has the higher mean token log-prob; "
+             "reward accuracy: whose chosen reward β(π − ρ) is the higher.</p>"]
+    parts.append(_plot("Validation preference accuracy", "optimizer step", "accuracy", [
+        (task, [(m["step"], m["valid_task_logp_accuracy"][task]) for m in valids if task in m["valid_task_logp_accuracy"]], "o-")
+        for task in tasks]))
+    sft_before, sft_after = summary.get("sft_valid_loss_before") or {}, summary.get("sft_valid_loss_after") or {}
+    if sft_before:
+        parts.append(_table(["fine-tuning task", "validation loss before align", "after"],
+                            [[t, _fmt(v), _fmt(sft_after.get(t))] for t, v in sft_before.items()]))
     return "\n".join(parts)
 
 

@@ -5,12 +5,14 @@ Run by the align stage as the train stage runs its trainer (`python -m mft_core.
 recipe's parts (accelerator, world check, batches, optimizer step, checkpoints, metrics, weights)
 and owns only its loop.
 
-The model: the fine-tuned model, i.e. the base with the SFT adapter merged in memory (or the fully
-fine-tuned model), plus a fresh LoRA adapter, the only trainable weights. The reference of DPO/RPO
-is that same model with the new adapter disabled (`disable_adapter()` under no_grad): exactly the
-model the policy starts from, and no second copy in memory. (Continuing to train the SFT adapter
-itself would make `disable_adapter()` the *base* model, a wrong reference; TRL loads a second,
-frozen copy of the adapter for that case.) ORPO needs no reference.
+The model: the fine-tuned model, i.e. the base with the SFT adapter loaded frozen and unmerged
+(exactly the model fine-tuning trained: merged into a bf16 base, its update would be rounded
+away), or the fully fine-tuned model, plus a fresh LoRA adapter, the only trainable weights. The
+reference of DPO/RPO is that same model with the new adapter switched off (its LoRA scaling 0
+under no_grad, `adapter_switched_off`): exactly the model the policy starts from, and no second
+copy in memory. (Training the SFT adapter on would leave no such reference: disabling it gives
+the *base* model; TRL loads a second, frozen copy of the adapter for that case.) ORPO needs no
+reference.
 
 Writes into DIR what the train stage writes (metrics.jsonl, checkpoints/, hyperparameters.json,
 train_summary.json, loss_curves.png) and:
@@ -42,12 +44,20 @@ from mft_core.train import losses
 from mft_core.train.data import TokenizedSplit, epoch_plan, validation_plan
 from mft_core.train.launch import cuda_available
 from mft_core.train.metrics import MetricsLog, peak_rss_mb, plot_loss_curves
-from mft_core.train.model import TokenLossModel, load_model, resolve_attention
+from mft_core.train.model import TokenLossModel, adapter_switched_off, load_model, resolve_attention
 from mft_core.train.optim import make_scheduler, param_groups, total_optimizer_steps
-from mft_core.train.recipe import batch_maker, check_world, make_accelerator, optimizer_step, save_weights
+from mft_core.train.recipe import (
+    batch_maker,
+    check_world,
+    make_accelerator,
+    optimizer_step,
+    save_weights,
+    task_loss_totals,
+)
 from mft_core.train.stage import job_path, trained_task_ids
 
 log = logging.getLogger("mft.align")
+REFERENCE = "the fine-tuned model: the align adapter switched off, in the same weights"
 
 
 # ----------------------------------------------------------------------------- one micro-batch
@@ -60,8 +70,11 @@ def micro_batch_pairs(wrapper, accelerator, batch, sample_task: torch.Tensor, al
     reference = None
     if align.method in NEEDS_REFERENCE:
         unwrapped = accelerator.unwrap_model(wrapper)
-        with torch.no_grad(), unwrapped.model.disable_adapter():
+        training = unwrapped.training
+        unwrapped.eval()  # the reference is a fixed model: no dropout anywhere
+        with torch.no_grad(), adapter_switched_off(unwrapped.model):
             ref_out = unwrapped(batch["input_ids"], batch["position_ids"], batch["labels"])
+        unwrapped.train(training)
         reference = pair_logps(ref_out.token_loss.double(), token_sample, sample_task)
     out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"], real_tokens=batch["task_ids"] >= 0)
     policy = pair_logps(out.token_loss.double(), token_sample, sample_task)
@@ -133,6 +146,11 @@ def main(work_dir: Path) -> None:
         plans.append(epoch_plan(train_pairs, epoch=len(plans), seed=align.seed, seq_length=seq_length,
                                 rows_per_micro_batch=cfg.rows_per_micro_batch, world_size=world, grad_accum=cfg.grad_accum))
     total_steps = total_optimizer_steps([p.num_optimizer_steps for p in plans], cfg.max_steps)
+    # The fine-tuning tasks' validation data: what alignment does to them (before and after).
+    sft_valid = TokenizedSplit(tokenize_dir, "valid")
+    sft_valid.keep_tasks(trained_task_ids(job, "sft") or [])
+    sft_valid_batches = (validation_plan(sft_valid, seq_length=seq_length, rows_per_micro_batch=cfg.rows_per_micro_batch,
+                                         world_size=world)[rank] if len(sft_valid) else None)
     valid_batches = None
     if len(valid_pairs):
         valid_batches = [pair_rows(rows) for rows in validation_plan(
@@ -143,7 +161,7 @@ def main(work_dir: Path) -> None:
     sft_model = job_path(job["sft_dir"], work_dir) / "model"
     model = load_model(sft_model if sft_method == "full" else model_dir, cfg, precision, attention, on_gpu,
                        trust_remote_code=job["trust_remote_code"],
-                       merge_adapter=None if sft_method == "full" else sft_model)
+                       frozen_adapter=None if sft_method == "full" else sft_model)
     wrapper = TokenLossModel(model)
     optimizer = torch.optim.AdamW(param_groups(wrapper, 0.0), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     scheduler = make_scheduler(optimizer, kind=cfg.schedule, warmup_steps=cfg.warmup_steps,
@@ -163,7 +181,7 @@ def main(work_dir: Path) -> None:
     if is_main:
         (work_dir / "hyperparameters.json").write_text(json.dumps({
             **job, "precision": precision, "attention": attention, "world_size": world,
-            "reference": "the fine-tuned model, align adapter disabled" if align.method in NEEDS_REFERENCE else "none (orpo)",
+            "reference": REFERENCE if align.method in NEEDS_REFERENCE else "none (orpo)",
             "parameters_in_memory": parameters,
             "steps_per_epoch": [p.num_optimizer_steps for p in plans], "total_steps": total_steps}, indent=1) + "\n")
         print(f"progress step={state['step']} total={total_steps}", flush=True)
@@ -178,12 +196,21 @@ def main(work_dir: Path) -> None:
         wrapper.train()
         return totals.reduced(task_names)
 
-    def write_validation(step: int) -> None:
+    def sft_validation_loss() -> dict[str, float]:
+        """Per-task token-mean validation loss of the fine-tuning tasks under the policy."""
+        wrapper.eval()
+        sums, counts = task_loss_totals(wrapper, batch_maker(sft_valid, seq_length, pad_id, device), sft_valid_batches,
+                                        len(task_names))
+        wrapper.train()
+        return {name: (sums[k] / counts[k]).item() for k, name in enumerate(task_names) if counts[k] > 0}
+
+    def write_validation(step: int, with_sft_tasks: bool = False) -> None:
         valid = evaluate()
-        metrics.write({"step": step, **{f"valid_task_{row}": valid[row] for row in PairTotals.ROWS}})
+        sft = {"valid_sft_task_loss": sft_validation_loss()} if with_sft_tasks and sft_valid_batches is not None else {}
+        metrics.write({"step": step, **{f"valid_task_{row}": valid[row] for row in PairTotals.ROWS}, **sft})
 
     if valid_batches is not None and resume_from is None:
-        write_validation(0)  # the fine-tuned model before alignment: the "before" of every curve
+        write_validation(0, with_sft_tasks=True)  # the fine-tuned model before alignment: the "before" of every curve
 
     # ------------------------------------------------------------------------- train
 
@@ -238,7 +265,7 @@ def main(work_dir: Path) -> None:
                       f"tokens_per_s={input_tokens / max(now - tick, 1e-9):.1f}", flush=True)
             last_step = state["step"] >= total_steps
             if valid_batches is not None and (state["step"] % cfg.eval_every == 0 or last_step):
-                write_validation(state["step"])
+                write_validation(state["step"], with_sft_tasks=last_step)
             if state["step"] % cfg.checkpoint_every == 0 or last_step:
                 ckpt.save_checkpoint(accelerator, work_dir, state["step"], state, cfg.keep_checkpoints,
                                      protect=None, deepspeed=deepspeed)
@@ -265,6 +292,9 @@ def main(work_dir: Path) -> None:
             # validation before alignment (step 0) and at the end
             "valid_before": {row: valid[0][f"valid_task_{row}"] for row in PairTotals.ROWS} if valid else None,
             "valid_after": {row: valid[-1][f"valid_task_{row}"] for row in PairTotals.ROWS} if valid else None,
+            # the fine-tuning tasks' validation loss under the fine-tuned model and under the aligned one
+            "sft_valid_loss_before": valid[0].get("valid_sft_task_loss") if valid else None,
+            "sft_valid_loss_after": valid[-1].get("valid_sft_task_loss") if valid else None,
             # The fine-tuning's own validation losses (the model card shows them); align's are pair losses.
             "final_valid_task_loss": sft_summary.get("final_valid_task_loss"),
             "sft": {k: sft_summary.get(k) for k in ("steps", "best_valid_loss", "final_valid_task_loss")},

@@ -30,7 +30,14 @@ from mft_core.console import announce
 from mft_core.modeling import resolve_model
 from mft_core.store import FileHashCache
 from mft_core.train.launch import run_trainer, trainer_command
-from mft_core.train.stage import _NOT_IN_KEY, _relative_to_runs, job_path, step_reporter, train_key_parts
+from mft_core.train.stage import (
+    _LAUNCH_NOT_IN_KEY,
+    _NOT_IN_KEY,
+    _relative_to_runs,
+    job_path,
+    step_reporter,
+    train_key_parts,
+)
 
 log = logging.getLogger("mft.align")
 
@@ -46,7 +53,7 @@ def align_train_config(cfg: PipelineConfig) -> TrainConfig:
     memory settings and clipping; align's adapter, optimizer, schedule and batches."""
     update = {key: getattr(cfg.align, key) for key in _FROM_ALIGN}
     return cfg.train.model_copy(update={**update, "method": "lora", "weight_decay": 0.0, "tasks": None,
-                                        "early_stopping_patience": None})
+                                        "early_stopping_patience": None, "launch": cfg.align.launch or cfg.train.launch})
 
 
 def align_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[str, Any], list[str]]:
@@ -56,9 +63,13 @@ def align_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[st
     section = json.loads(align_train_config(cfg).model_dump_json())
     for key in (*_NOT_IN_KEY, "loss", "coba", "focal_gamma", "sampling", "sampling_alpha", "tasks"):
         section.pop(key, None)
-    train_section, inputs = train_key_parts(cfg, hashes)
-    section["launch"] = train_section["launch"]  # without the keys that only say where machines are
+    _, inputs = train_key_parts(cfg, hashes)
+    for key in _LAUNCH_NOT_IN_KEY:  # where the machines are, not what is computed
+        section["launch"].pop(key)
+    if section["launch"]["backend"] != "deepspeed":
+        section["launch"].pop("zero_stage")
     section["align"] = cfg.stage_section("align")
+    section["align"].pop("launch")  # resolved into section["launch"]
     section["task_weights"] = {t.task_name: t.weight for t in cfg.data.tasks if t.kind == "preference"}
     return section, inputs
 

@@ -1,4 +1,4 @@
-"""The embedded demo data set: three code tasks mined from the installed Python stdlib.
+"""The embedded demo data set: three code tasks and a preference task mined from the installed Python stdlib.
 
 ``build_demo_data`` walks the standard library of the running interpreter, takes every
 module-level function and method that has a real docstring, and turns each into records of
@@ -8,6 +8,10 @@ three tasks in MFTCoder's chatML format (reference/mftcoder.md §1.1), one JSONL
 - code-completion: the signature, the docstring and 0+ first body lines -> the rest, verbatim
   (human prompt text + bot answer is exactly the function's source, HumanEval style);
 - docstring-generation: the function without its docstring -> the docstring text.
+
+- code-preference (for the align stage): a text-to-code prompt; chosen: the function; rejected:
+  a broken variant that still parses (a `return` without its value, two lines swapped, a wrong
+  name), in MFTCoder's preference format.
 
 Every task draws from its own share of the functions (a seeded shuffle dealt round-robin), so
 no function's docstring is both an input in one task and a target in another. Records that
@@ -356,6 +360,60 @@ RENDERERS = {
 }
 
 
+# ----------------------------------------------------------------------------- the preference task
+# A small preference task for the align stage (data.tasks[].kind: preference): the text-to-code
+# prompt of a function; chosen: the function; rejected: a broken variant that still parses. The
+# pair is packed whole into one training row, so both sides together must fit 1024 tokens.
+
+PREFERENCE_TASK = "code-preference"
+PREFERENCE_PAIRS = 400
+MAX_PREFERENCE_SIDE_CHARS = 1700  # system + prompt + answer of one side (~460 tokens at 3.7 chars/token)
+
+
+def _body_statement_lines(function: MinedFunction) -> list[int]:
+    """Indices (in source lines) of the one-line statements directly in the function's body, after its docstring."""
+    tree = ast.parse(function.source).body[0]  # the source starts at line 1 (decorators included)
+    return [statement.lineno - 1 for statement in tree.body[1:] if statement.lineno == statement.end_lineno]
+
+
+def corrupt_function(function: MinedFunction, rng: random.Random) -> tuple[str, str] | None:
+    """(kind, broken source) of a variant that still parses but is wrong: the value of a `return`
+    dropped, two adjacent one-line statements swapped, or the function under another name."""
+    lines = function.source.split("\n")
+    candidates: list[tuple[str, list[str]]] = []
+    returns = [i for i in range(function.head_lines, len(lines)) if lines[i].lstrip().startswith("return ")]
+    if returns:
+        i = rng.choice(returns)
+        indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+        candidates.append(("missing_return", lines[:i] + [indent + lines[i].lstrip()[len("return "):]] + lines[i + 1:]))
+    singles = _body_statement_lines(function)
+    adjacent = [(a, b) for a, b in zip(singles, singles[1:]) if b == a + 1 and lines[a].strip() != lines[b].strip()]
+    if adjacent:
+        a, b = rng.choice(adjacent)
+        candidates.append(("swapped_lines", lines[:a] + [lines[b], lines[a]] + lines[b + 1:]))
+    rng.shuffle(candidates)
+    # A wrong name (the prompt gives the signature) only where the code offers no other breakage.
+    renamed = function.source.replace(f"def {function.name}(", f"def {function.name}_2(", 1)
+    candidates.append(("wrong_name", renamed.split("\n")))
+    for kind, broken_lines in candidates:
+        broken = "\n".join(broken_lines)
+        if broken == function.source:
+            continue
+        try:
+            ast.parse(broken)
+        except SyntaxError:
+            continue
+        return kind, broken
+    return None
+
+
+def preference_record(human: str, chosen: str, rejected: str) -> dict:
+    """MFTCoder's preference format: two chat conversations that differ in their last turn."""
+    turns = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": human}]
+    return {"chosen": turns + [{"role": "assistant", "content": chosen}],
+            "rejected": turns + [{"role": "assistant", "content": rejected}]}
+
+
 # ----------------------------------------------------------------------------- building
 
 
@@ -449,6 +507,32 @@ def build_demo_data(
             log.info("%s: %d records (fewer than the %d asked: the source has no more)",
                      task, len(records), per_task)
 
+    # The preference task: functions of text-to-code's share (its prompts, a wording of their own).
+    preference_rng = random.Random(f"{seed}:{PREFERENCE_TASK}")
+    pairs: list[dict] = []
+    preference_stats = {"pairs": 0, "candidates": 0, "too_long": 0, "contaminated": 0, "kinds": {}}
+    for function_index in order[0::len(TASKS)]:
+        if len(pairs) >= min(per_task, PREFERENCE_PAIRS):
+            break
+        function = functions[function_index]
+        human, chosen = render_text_to_code(function, preference_rng)
+        broken = corrupt_function(function, preference_rng)
+        preference_stats["candidates"] += 1
+        if broken is None:
+            continue
+        rejected = f"```python\n{broken[1]}\n```"
+        if len(SYSTEM_PROMPT) + len(human) + max(len(chosen), len(rejected)) > MAX_PREFERENCE_SIDE_CHARS:
+            preference_stats["too_long"] += 1
+            continue
+        if decontaminator is not None and decontaminator.matches(human + "\n" + chosen + "\n" + rejected):
+            preference_stats["contaminated"] += 1
+            continue
+        pairs.append(preference_record(human, chosen, rejected))
+        preference_stats["kinds"][broken[0]] = preference_stats["kinds"].get(broken[0], 0) + 1
+    preference_stats["pairs"] = len(pairs)
+    preference_stats["kinds"] = dict(sorted(preference_stats["kinds"].items()))
+    _write_jsonl(out_dir / PREFERENCE_TASK / "data.jsonl", pairs)
+
     result = {
         "python_version": platform.python_version(),
         "python_implementation": platform.python_implementation(),
@@ -463,6 +547,7 @@ def build_demo_data(
             "ngram": DEFAULT_NGRAM,
         },
         "tasks": task_stats,
+        "preference": {PREFERENCE_TASK: preference_stats},
     }
     stats_path = out_dir / "demo_stats.json"
     stats_path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

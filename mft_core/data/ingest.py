@@ -16,7 +16,9 @@ Output directory:
   data/<task>/train.parquet, data/<task>/valid.parquet
       columns: task, task_id (int16), shape (chat | pair | text: the record's source shape, which
                decides how it is tokenized), messages (list<struct<role, content>>), text, source
-               ("path:line"), record_hash (hex sha256 of the canonical content)
+               ("path:line"), record_hash (hex sha256 of the canonical content); a preference task
+               (kind: preference, records.normalize_preference) adds chosen and rejected, its
+               messages being the conversation they answer
 
 Memory stays bounded whatever the input size: records stream from file to Parquet row groups.
 The only state that grows is the dedup set (one 64-bit fingerprint per unique record).

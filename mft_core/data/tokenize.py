@@ -10,6 +10,10 @@ Output directory:
       input_ids list<int32>, loss_mask list<uint8>, task_id int16, length int32, source string
   <split>/<task>-<NNNNN>.stats.json   per-shard stats (written last: the shard's "done" marker)
 
+A preference task's shards (`"kind": "preference"` in shards.json) hold its pairs: rows 2p and
+2p + 1 are pair p's chosen and rejected sides, rendered as fine-tuning renders a conversation,
+with only the final answer trained; a pair fits one row whole (`fit_pair`). Its stats count pairs.
+
 Work is cut into chunks by input size (`shard_size_mb`) along Parquet row groups, planned before
 any worker starts, so the output is the same whatever the number of workers. Each chunk is one
 shard, published atomically; a killed run keeps its finished shards and the rerun (same key)

@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import logging
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,11 +126,16 @@ def router_balance(causal_lm: nn.Module):
     return balance, coefficient
 
 
+FROZEN_ADAPTER = "frozen"  # the name of `load_model`'s frozen_adapter among the model's adapters
+
+
 def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str, on_gpu: bool,
-               trust_remote_code: bool = False, merge_adapter: Path | None = None) -> nn.Module:
+               trust_remote_code: bool = False, frozen_adapter: Path | None = None) -> nn.Module:
     """The model with its trainable parameters set up per `cfg.method`; trust_remote_code
-    (model.trust_remote_code) allows a model of its own code. merge_adapter: a LoRA adapter folder
-    merged into the loaded weights first (align starts from the fine-tuned model this way)."""
+    (model.trust_remote_code) allows a model of its own code. frozen_adapter: a LoRA adapter folder
+    loaded unmerged and frozen under the trainable one, both active (align starts from the
+    fine-tuned model this way: exactly the model fine-tuning trained, where merging the adapter
+    into a bf16 base would round its update away)."""
     from transformers import AutoModelForCausalLM
 
     from mft_core.modeling import load_pretrained
@@ -158,10 +164,6 @@ def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str
         )
         kwargs["dtype"] = compute
     model = load_pretrained(AutoModelForCausalLM, model_dir, trust_remote_code, **kwargs)
-    if merge_adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, merge_adapter).merge_and_unload()
     model.config.use_cache = False
     if router_balance(model) is not None:
         model.config.output_router_logits = True  # the router's load-balancing loss joins the loss
@@ -198,11 +200,42 @@ def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    if frozen_adapter is None:
+        model = get_peft_model(model, lora)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, frozen_adapter, adapter_name=FROZEN_ADAPTER)
+        for module in model.modules():  # frozen means deterministic too: no dropout in train mode
+            dropouts = getattr(module, "lora_dropout", None)
+            if isinstance(dropouts, nn.ModuleDict) and FROZEN_ADAPTER in dropouts:
+                dropouts[FROZEN_ADAPTER] = nn.Identity()
+        model.add_adapter("default", lora)
+        model.base_model.set_adapter([FROZEN_ADAPTER, "default"])  # both active; it makes both trainable:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = ".default." in name
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("%s: %d trainable of %d parameters (%.2f%%)", cfg.method, trainable, total, 100 * trainable / total)
     return model
+
+
+@contextmanager
+def adapter_switched_off(model: nn.Module, adapter: str = "default"):
+    """`adapter` contributes nothing inside the block (its LoRA scaling is 0), the other adapters
+    still do: with a frozen adapter under it (load_model's frozen_adapter), the model it started
+    from. PEFT's disable_adapter() would switch every adapter off."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "scaling", None), dict) and adapter in m.scaling]
+    if not layers:
+        raise ValueError(f"the model has no LoRA adapter named {adapter!r}")
+    saved = [layer.scaling[adapter] for layer in layers]
+    for layer in layers:
+        layer.scaling[adapter] = 0.0
+    try:
+        yield
+    finally:
+        for layer, scale in zip(layers, saved):
+            layer.scaling[adapter] = scale
 
 
 def shard_decoder_layers(wrapper: nn.Module, precision: str) -> int:

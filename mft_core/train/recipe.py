@@ -408,7 +408,9 @@ def save_weights(accelerator, wrapper, out: Path) -> None:
         inner = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=inner, safe_serialization=True)
+        # Only the trained adapter: a frozen one under it (align's) is an input, not an output.
+        selected = {"selected_adapters": ["default"]} if len(getattr(model, "peft_config", {})) > 1 else {}
+        model.save_pretrained(tmp, state_dict=inner, safe_serialization=True, **selected)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     accelerator.wait_for_everyone()

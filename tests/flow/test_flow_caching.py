@@ -152,3 +152,34 @@ def test_overrides_parameter_and_stats_artifact(prefect_api, project):
     assert artifacts and artifacts[0].type == "table"
     table = json.loads(artifacts[0].data) if isinstance(artifacts[0].data, str) else artifacts[0].data
     assert {row["task"] for row in table} >= {"alpha", "beta"}
+
+
+def test_align_joins_the_chain_and_shares_what_it_does_not_change(prefect_api, project):
+    """With a preference task and align.enabled the flow runs ingest ... train, align, merge; a
+    change of align.beta reruns align and merge only; align.enabled off, merge takes train's model."""
+    config = project()
+    root = config.parent
+    (root / "prefer").mkdir()
+    (root / "prefer" / "d.jsonl").write_text("".join(
+        json.dumps({"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"}) + "\n" for i in range(20)))
+    text = config.read_text().replace("tasks: [{path: alpha}, {path: beta}]",
+                                      "tasks: [{path: alpha}, {path: beta}, {path: prefer, kind: preference}]")
+    config.write_text(text + "align: {enabled: true, max_steps: 2, grad_accum: 1, warmup_steps: 0, eval_every: 2}\n")
+    stages = ["ingest", "tokenize", "train", "align", "merge"]
+    state, tasks = run_flow(config, stages=stages)
+    assert state.is_completed() and tasks == {name: "Completed" for name in stages}
+    first = state.result()
+    assert json.loads((Path(first["merge"]) / "key_parts.json").read_text())["inputs"][0].startswith("upstream:")
+    assert progress_descriptions(state.state_details.flow_run_id)["align-progress"].startswith("step 2/2")
+
+    state, tasks = run_flow(config, stages=stages, overrides={"align.beta": 0.3})
+    assert tasks == {"ingest": "Cached", "tokenize": "Cached", "train": "Cached", "align": "Completed",
+                     "merge": "Completed"}
+    assert state.result()["train"] == first["train"] and state.result()["align"] != first["align"]
+
+    from flows.mft_pipeline import mft_pipeline
+
+    state = mft_pipeline(config=str(config), stages=["align"], overrides={"align.enabled": False}, return_state=True)
+    assert state.is_failed()  # a config with a preference task must enable align: it says so
+    with pytest.raises(Exception, match="only the align stage trains"):
+        state.result()

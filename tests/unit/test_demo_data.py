@@ -17,6 +17,8 @@ import pytest
 
 from mft_core.benchmark import BenchmarkError
 from mft_core.data.demo import (
+    MAX_PREFERENCE_SIDE_CHARS,
+    PREFERENCE_TASK,
     MAX_RECORD_CHARS,
     TASKS,
     build_demo_data,
@@ -61,7 +63,7 @@ def test_two_builds_are_byte_identical_and_the_seed_matters(tmp_path: Path, huma
     first, second, other_seed = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for out, seed in ((first, 0), (second, 0), (other_seed, 1)):
         build_demo_data(out, per_task=25, seed=seed, humaneval_dir=humaneval_dir, source_dir=SUBSET)
-    files = [f"{task}/data.jsonl" for task in TASKS] + ["demo_stats.json"]
+    files = [f"{task}/data.jsonl" for task in (*TASKS, PREFERENCE_TASK)] + ["demo_stats.json"]
     for name in files:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     assert (first / "text-to-code/data.jsonl").read_bytes() != (other_seed / "text-to-code/data.jsonl").read_bytes()
@@ -217,3 +219,25 @@ def test_full_stdlib_build(tmp_path: Path, humaneval_dir: Path):
         assert len(lines) == stats["tasks"][task]["records"]
         for line in lines:
             parse_line(line)
+
+
+def test_the_preference_task_pairs_a_function_with_a_broken_variant_that_still_parses(built, mined_sources):
+    """code-preference: the text-to-code prompt of a function, the function as chosen and a broken
+    variant as rejected (a return without its value, two lines swapped, another name), in MFTCoder's
+    format; every pair is valid for ingest and both sides fit one 1024-token row together."""
+    import ast
+
+    from mft_core.data.records import normalize_preference
+
+    out, stats = built
+    pairs = _records(out, PREFERENCE_TASK)
+    kinds = stats["preference"][PREFERENCE_TASK]["kinds"]
+    assert len(pairs) == stats["preference"][PREFERENCE_TASK]["pairs"] == sum(kinds.values()) > 20
+    assert set(kinds) <= {"missing_return", "swapped_lines", "wrong_name"} and kinds.get("missing_return", 0) > 0
+    for pair in pairs:
+        record = normalize_preference(pair)
+        chosen, rejected = _fenced_code(record["chosen"]), _fenced_code(record["rejected"])
+        assert chosen in mined_sources and chosen != rejected
+        ast.parse(rejected)  # broken in meaning, not in syntax
+        assert record["messages"][-1]["content"].count(chosen.split("(")[0].split("def ")[-1]) >= 1
+        assert max(sum(len(m["content"]) for m in pair[side]) for side in ("chosen", "rejected")) <= MAX_PREFERENCE_SIDE_CHARS

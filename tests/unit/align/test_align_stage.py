@@ -79,6 +79,23 @@ def test_dpo_learns_the_toy_preference_to_a_validation_accuracy_of_at_least_0_8(
     assert after["accuracy"]["prefer"] >= 0.8, result
     assert after["logp_accuracy"]["prefer"] >= 0.8, result
     assert after["reward_margin"]["prefer"] > 0
+    # the fine-tuning task's validation loss before alignment is the fine-tuned model's own
+    sft = summary(run_stage(load_config(project), "train").directory)
+    assert result["sft_valid_loss_before"]["alpha"] == pytest.approx(sft["final_valid_task_loss"]["alpha"], rel=1e-6)
+    assert result["sft_valid_loss_after"]["alpha"] != result["sft_valid_loss_before"]["alpha"]
+
+
+def test_the_reference_is_exactly_the_fine_tuned_model_in_bf16_too(tmp_path, tiny_llama_dir):
+    """Before its first step, align's model gives the fine-tuning tasks the validation loss the
+    fine-tuning run measured: the SFT adapter is loaded unmerged (merged into a bf16 base, its
+    update would be rounded into the base's bf16 grid, a different model)."""
+    cfg = load_config(make_project(tmp_path, tiny_llama_dir), {"train.precision": "bf16", "align.max_steps": 2})
+    for stage in ("ingest", "tokenize", "train"):
+        run_stage(cfg, stage)
+    sft = summary(run_stage(cfg, "train").directory)["final_valid_task_loss"]["alpha"]
+    result = summary(run_stage(cfg, "align").directory)
+    assert result["sft_valid_loss_before"]["alpha"] == pytest.approx(sft, rel=1e-6)
+    assert result["valid_before"]["loss"]["prefer"] == pytest.approx(0.6931471805599453, abs=1e-6)
 
 
 @pytest.mark.parametrize("method", ["rpo", "orpo"])
@@ -144,10 +161,11 @@ def test_align_loads_one_model_and_the_reference_is_it_with_the_adapter_disabled
     monkeypatch.setenv("MFT_TRAIN_THREADS", "1")
     recipe.main(work)
     hyper = json.loads((work / "hyperparameters.json").read_text())
-    adapter = load_file(work / "align-adapter" / "adapter_model.safetensors")
+    adapters = [load_file(folder / "adapter_model.safetensors")
+                for folder in (work / "align-adapter", cfg.runs_root / hyper["sft_dir"] / "model")]
     assert len(loads) == 1, loads
-    assert hyper["parameters_in_memory"] == loads[0] + sum(t.numel() for t in adapter.values())
-    assert hyper["reference"] == "the fine-tuned model, align adapter disabled"
+    assert hyper["parameters_in_memory"] == loads[0] + sum(t.numel() for a in adapters for t in a.values())
+    assert hyper["reference"] == recipe.REFERENCE
 
 
 def align_until_killed(cfg_path: Path, runs_root: Path, checkpoint_glob: str, overrides: list[str]) -> Path | None:
