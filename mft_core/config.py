@@ -295,9 +295,9 @@ class TrainConfig(_Strict):
 
 
 class AlignConfig(_Strict):
-    """Preference alignment after fine-tuning, on the preference tasks (data.tasks[].kind: preference).
-    A fresh LoRA adapter on the fine-tuned model (the SFT adapter merged into the base in memory);
-    its launch, precision, attention and threads are train's."""
+    """Preference alignment after fine-tuning, on the preference tasks (data.tasks[].kind: preference):
+    a fresh LoRA adapter on the fine-tuned model (the SFT adapter frozen under it); precision,
+    attention and threads are train's, the launch align.launch (default: train's)."""
 
     enabled: bool = Field(default=False, description="Run the align stage between train and merge.")
     method: Literal["dpo", "rpo", "orpo"] = Field(
@@ -311,6 +311,11 @@ class AlignConfig(_Strict):
         default="task",
         description="pair: the mean over the step's pairs (case1-like); task: the mean of per-task pair means "
         "(case3-like: a large preference task does not drown the others), weighted by the task weights.",
+    )
+    parameters: Literal["lora", "full"] = Field(
+        default="lora",
+        description="lora: a fresh adapter (align.lora) on the fine-tuned model, the reference = that adapter switched "
+        "off; full: every weight trains (fp32 master weights), the reference log-probs computed once before training.",
     )
     lora: LoraConfig = LoraConfig()
     lr: float = Field(default=5e-5, gt=0, description="Peak learning rate (AdamW, betas 0.9/0.95).")

@@ -59,12 +59,15 @@ def train_summary(directory: Path) -> str:
 def align_summary(directory: Path) -> str:
     summary = json.loads((directory / "train_summary.json").read_text())
     before, after = summary.get("valid_before") or {}, summary.get("valid_after") or {}
-    headers = ["task", "accuracy before", "accuracy after", "reward margin after", "valid pair loss before", "after"]
-    rows = [[t, _fmt(before.get("logp_accuracy", {}).get(t)), _fmt(after.get("logp_accuracy", {}).get(t)),
-             _fmt(after.get("reward_margin", {}).get(t)), _fmt(before.get("loss", {}).get(t)), _fmt(after.get("loss", {}).get(t))]
-            for t in summary["preference_tasks"]]
-    head = (f"align ({directory}; {summary['method']}, β {summary['beta']:g}, {summary['steps']} steps; accuracy: "
-            "the share of validation pairs whose chosen answer has the higher mean token log-prob)")
+    headers = ["task", "accuracy before", "after", "log-prob margin before", "after", "reward accuracy after",
+               "reward margin after", "pair loss before", "after"]
+    value = lambda side, row, t: _fmt(side.get(row, {}).get(t))
+    rows = [[t, value(before, "logp_accuracy", t), value(after, "logp_accuracy", t), value(before, "logp_margin", t),
+             value(after, "logp_margin", t), value(after, "accuracy", t), value(after, "reward_margin", t),
+             value(before, "loss", t), value(after, "loss", t)] for t in summary["preference_tasks"]]
+    head = (f"align ({directory}; {summary['method']}, β {summary['beta']:g}, {summary['steps']} steps; on the "
+            "validation pairs: accuracy = chosen has the higher mean token log-prob, log-prob margin = by how much; "
+            "reward = β (log-prob - the reference's))")
     text = head + "\n" + _table(headers, rows)
     sft_before, sft_after = summary.get("sft_valid_loss_before") or {}, summary.get("sft_valid_loss_after") or {}
     if sft_before:

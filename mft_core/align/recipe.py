@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -37,38 +36,45 @@ from pathlib import Path
 import torch
 
 from mft_core.align.data import PairSplit, pair_rows
-from mft_core.align.losses import NEEDS_REFERENCE, pair_coefficients, pair_logps, per_pair_loss, preference_loss
-from mft_core.config import AlignConfig, TrainConfig
+from mft_core.align.losses import (
+    NEEDS_REFERENCE,
+    PairLogps,
+    pair_coefficients,
+    pair_logps,
+    per_pair_loss,
+    preference_loss,
+)
+from mft_core.config import AlignConfig
 from mft_core.train import checkpoint as ckpt
 from mft_core.train import losses
 from mft_core.train.data import TokenizedSplit, epoch_plan, validation_plan
-from mft_core.train.launch import cuda_available
 from mft_core.train.metrics import MetricsLog, peak_rss_mb, plot_loss_curves
-from mft_core.train.model import TokenLossModel, adapter_switched_off, load_model, resolve_attention
+from mft_core.train.model import TokenLossModel, adapter_switched_off, load_model
 from mft_core.train.optim import make_scheduler, param_groups, total_optimizer_steps
-from mft_core.train.recipe import (
-    batch_maker,
-    check_world,
-    make_accelerator,
-    optimizer_step,
-    save_weights,
-    task_loss_totals,
-)
+from mft_core.train.recipe import batch_maker, optimizer_step, save_weights, start_run, task_loss_totals
 from mft_core.train.stage import job_path, trained_task_ids
 
 log = logging.getLogger("mft.align")
 REFERENCE = "the fine-tuned model: the align adapter switched off, in the same weights"
+PRECOMPUTED = "the fine-tuned model's log-probs, computed in one no-grad pass before the first step"
 
 
 # ----------------------------------------------------------------------------- one micro-batch
 
 
-def micro_batch_pairs(wrapper, accelerator, batch, sample_task: torch.Tensor, align: AlignConfig):
+def micro_batch_pairs(wrapper, accelerator, batch, sample_task: torch.Tensor, align: AlignConfig,
+                      reference_table: torch.Tensor | None = None, pair_ids: list[int] | None = None):
     """(per-pair loss [P] with its graph, chosen and rejected rewards [P], the policy's PairLogps)
-    of one micro-batch: the reference forward first (no grad, adapter disabled), then the policy's."""
+    of one micro-batch. The reference (dpo, rpo): the rows `pair_ids` of a precomputed table
+    (full-parameter align), else a forward of the same model with the align adapter switched off
+    (no grad, eval mode), before the policy's own."""
     token_sample = losses.trained_values(batch["sample_ids"], batch["labels"])
     reference = None
-    if align.method in NEEDS_REFERENCE:
+    if align.method in NEEDS_REFERENCE and reference_table is not None:
+        rows = reference_table[torch.tensor(pair_ids, dtype=torch.long)].to(device=accelerator.device)
+        reference = PairLogps(rows[:, 0], rows[:, 1], torch.ones(len(pair_ids)), torch.ones(len(pair_ids)),
+                              sample_task[0::2])
+    elif align.method in NEEDS_REFERENCE:
         unwrapped = accelerator.unwrap_model(wrapper)
         training = unwrapped.training
         unwrapped.eval()  # the reference is a fixed model: no dropout anywhere
@@ -82,12 +88,55 @@ def micro_batch_pairs(wrapper, accelerator, batch, sample_task: torch.Tensor, al
     return loss, chosen_reward, rejected_reward, policy
 
 
+def pair_batch_maker(pairs: PairSplit, seq_length: int, pad_id: int, device):
+    """rows of pair indices -> the micro-batch of their samples (chosen, rejected, chosen, ...) on the device."""
+    make = batch_maker(pairs.samples, seq_length, pad_id, device)
+    return lambda rows: make(pair_rows(rows))
+
+
+def sample_tasks(pairs: PairSplit, rows) -> torch.Tensor:
+    """The task of each sample of a micro-batch of pair rows (both sides of a pair: its task)."""
+    return torch.tensor([int(pairs.task_ids[pair]) for row in rows for pair in row for _side in (0, 1)], dtype=torch.long)
+
+
+def pair_ids(rows) -> list[int]:
+    return [pair for row in rows for pair in row]
+
+
+def precomputed_reference(wrapper, accelerator, make_batch, pairs: PairSplit, plan: list, path: Path) -> torch.Tensor:
+    """[pairs, 2] float64: every pair's summed chosen and rejected log-probs under the model as it
+    is now (before the first step: the fine-tuned model), in one no-grad pass, each process over
+    its share of `plan` (validation_plan: every pair once), summed over processes. Kept in `path`
+    (the work directory): a resumed run reads it, since its model is no longer the reference."""
+    if path.is_file():
+        return torch.load(path)
+    table = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    wrapper.eval()
+    with torch.no_grad():
+        for rows in plan:
+            batch = make_batch(rows)
+            out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"])
+            logps = pair_logps(out.token_loss.double(), losses.trained_values(batch["sample_ids"], batch["labels"]),
+                               sample_tasks(pairs, rows))
+            ids = torch.tensor(pair_ids(rows), dtype=torch.long)
+            table[ids, 0], table[ids, 1] = logps.chosen.cpu(), logps.rejected.cpu()
+    wrapper.train()
+    table = losses.all_reduce_sum(table)
+    if accelerator.is_main_process:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(table, tmp)
+        tmp.rename(path)
+    accelerator.wait_for_everyone()
+    return table
+
+
 class PairTotals:
     """Per-task sums over pairs, summed over ranks on `reduced()`: the loss, the reward margin,
-    pairs won (chosen reward > rejected reward), pairs whose chosen answer has the higher mean token
-    log-prob under the model (meaningful before training too, where every DPO reward is 0), count."""
+    pairs won (chosen reward > rejected reward), and two that mean something before training too,
+    where every DPO reward is 0: pairs whose chosen answer has the higher mean token log-prob under
+    the model, and that mean log-prob's margin (chosen - rejected); then the count."""
 
-    ROWS = ("loss", "reward_margin", "accuracy", "logp_accuracy")
+    ROWS = ("loss", "reward_margin", "accuracy", "logp_accuracy", "logp_margin")
 
     def __init__(self, num_tasks: int):
         self.sums = torch.zeros(len(self.ROWS) + 1, num_tasks, dtype=torch.float64)
@@ -96,7 +145,8 @@ class PairTotals:
         task = policy.task.cpu()
         margin = (chosen_reward - rejected_reward).detach().double().cpu()
         mean_gap = (policy.chosen / policy.chosen_tokens - policy.rejected / policy.rejected_tokens).detach().double().cpu()
-        values = (loss.detach().double().cpu(), margin, (margin > 0).double(), (mean_gap > 0).double(), torch.ones_like(margin))
+        values = (loss.detach().double().cpu(), margin, (margin > 0).double(), (mean_gap > 0).double(), mean_gap,
+                  torch.ones_like(margin))
         for row, value in enumerate(values):
             self.sums[row].index_add_(0, task, value)
 
@@ -111,35 +161,21 @@ class PairTotals:
 
 
 def main(work_dir: Path) -> None:
-    job = json.loads((work_dir / "train_job.json").read_text())
-    cfg = TrainConfig.model_validate(job["train"])  # train's launch and precision, align's optimizer and data settings
+    run = start_run(work_dir)  # cfg: train's precision and attention, align's launch, optimizer and batches
+    job, cfg, accelerator, deepspeed = run.job, run.cfg, run.accelerator, run.deepspeed
+    tokenize_dir, seq_length, pad_id = run.tokenize_dir, run.seq_length, run.pad_id
     align = AlignConfig.model_validate(job["align"])
-    torch.set_num_threads(int(os.environ.get("MFT_TRAIN_THREADS", os.cpu_count() or 1)))
-    on_gpu = cuda_available()
-    precision = job["precision"]
-    attention = resolve_attention(cfg.attention, on_gpu, precision)
-    accelerator = make_accelerator(precision)
-    check_world(accelerator, cfg)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     is_main = accelerator.is_main_process
-    from accelerate.utils import DistributedType, set_seed
-
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    set_seed(align.seed)
-
-    tokenize_dir = job_path(job["tokenize_dir"], work_dir)
-    template = json.loads((tokenize_dir / "template.json").read_text())
-    seq_length, pad_id = template["seq_length"], template["pad_id"]
+    precision, on_gpu = run.precision, run.on_gpu
     preference_ids = trained_task_ids(job, "preference") or [t["id"] for t in job["tasks"]]
     train_pairs = PairSplit(TokenizedSplit(tokenize_dir, "train"), preference_ids)
     valid_pairs = PairSplit(TokenizedSplit(tokenize_dir, "valid"), preference_ids)
-    train_batch = batch_maker(train_pairs.samples, seq_length, pad_id, device)
-    valid_batch = batch_maker(valid_pairs.samples, seq_length, pad_id, device)
+    # Plans and micro-batches hold rows of pair indices; a batch expands them into the pairs' samples.
+    train_batch = pair_batch_maker(train_pairs, seq_length, pad_id, device)
+    valid_batch = pair_batch_maker(valid_pairs, seq_length, pad_id, device)
     task_names = [t["name"] for t in job["tasks"]]
     task_weights = torch.tensor([t["weight"] for t in job["tasks"]], dtype=torch.float64)
-
-    def sample_tasks(pairs: PairSplit, rows) -> torch.Tensor:
-        return torch.tensor([int(pairs.samples.task_ids[i]) for row in rows for i in row], dtype=torch.long)
 
     plans = []
     while len(plans) < cfg.epochs and sum(p.num_optimizer_steps for p in plans) < (cfg.max_steps or float("inf")):
@@ -151,15 +187,14 @@ def main(work_dir: Path) -> None:
     sft_valid.keep_tasks(trained_task_ids(job, "sft") or [])
     sft_valid_batches = (validation_plan(sft_valid, seq_length=seq_length, rows_per_micro_batch=cfg.rows_per_micro_batch,
                                          world_size=world)[rank] if len(sft_valid) else None)
-    valid_batches = None
-    if len(valid_pairs):
-        valid_batches = [pair_rows(rows) for rows in validation_plan(
-            valid_pairs, seq_length=seq_length, rows_per_micro_batch=cfg.rows_per_micro_batch, world_size=world)[rank]]
+    pair_plan = lambda pairs: validation_plan(pairs, seq_length=seq_length, rows_per_micro_batch=cfg.rows_per_micro_batch,
+                                              world_size=world)[rank]  # every pair once over the processes
+    valid_batches = pair_plan(valid_pairs) if len(valid_pairs) else None
 
     sft_method = job["sft_method"]
     model_dir = job_path(job["model_dir"], work_dir)
     sft_model = job_path(job["sft_dir"], work_dir) / "model"
-    model = load_model(sft_model if sft_method == "full" else model_dir, cfg, precision, attention, on_gpu,
+    model = load_model(sft_model if sft_method == "full" else model_dir, cfg, precision, run.attention, on_gpu,
                        trust_remote_code=job["trust_remote_code"],
                        frozen_adapter=None if sft_method == "full" else sft_model)
     wrapper = TokenLossModel(model)
@@ -171,6 +206,15 @@ def main(work_dir: Path) -> None:
         ckpt.install_trainable_only_hooks(accelerator)
     trainable = ckpt.trainable_names(wrapper)
 
+    # Full-parameter DPO/RPO: the reference log-probs of every pair, computed by the model before it
+    # trains (no second copy of it); LoRA switches its adapter off instead, at every micro-batch.
+    tables = {}
+    if align.method in NEEDS_REFERENCE and cfg.method == "full":
+        for split, pairs, make in (("train", train_pairs, train_batch), ("valid", valid_pairs, valid_batch)):
+            if len(pairs):
+                tables[split] = precomputed_reference(wrapper, accelerator, make, pairs, pair_plan(pairs),
+                                                      work_dir / f"reference_logps_{split}.pt")
+
     state = {"step": 0, "epoch": 0, "group": 0}
     resume_from = ckpt.latest_checkpoint(work_dir)
     if resume_from is not None:
@@ -180,8 +224,10 @@ def main(work_dir: Path) -> None:
     parameters = sum(p.numel() for p in accelerator.unwrap_model(wrapper).parameters())
     if is_main:
         (work_dir / "hyperparameters.json").write_text(json.dumps({
-            **job, "precision": precision, "attention": attention, "world_size": world,
-            "reference": REFERENCE if align.method in NEEDS_REFERENCE else "none (orpo)",
+            **job, "precision": precision, "attention": run.attention, "world_size": world,
+            "reference": ("none (orpo)" if align.method not in NEEDS_REFERENCE else PRECOMPUTED if tables else REFERENCE),
+            # what merge reads: one stacked adapter, or a full model
+            "train": {**job["train"], "method": "lora" if cfg.method == "lora" and sft_method != "full" else "full"},
             "parameters_in_memory": parameters,
             "steps_per_epoch": [p.num_optimizer_steps for p in plans], "total_steps": total_steps}, indent=1) + "\n")
         print(f"progress step={state['step']} total={total_steps}", flush=True)
@@ -192,7 +238,8 @@ def main(work_dir: Path) -> None:
         totals = PairTotals(len(task_names))
         with torch.no_grad():
             for rows in valid_batches:
-                totals.add(*micro_batch_pairs(wrapper, accelerator, valid_batch(rows), sample_tasks(valid_pairs, rows), align))
+                totals.add(*micro_batch_pairs(wrapper, accelerator, valid_batch(rows), sample_tasks(valid_pairs, rows),
+                                              align, tables.get("valid"), pair_ids(rows)))
         wrapper.train()
         return totals.reduced(task_names)
 
@@ -220,7 +267,7 @@ def main(work_dir: Path) -> None:
     for epoch in range(state["epoch"], len(plans)):
         if stop:
             break
-        micro_batches = [pair_rows(rows) for rows in plans[epoch].micro_batches(rank)]
+        micro_batches = plans[epoch].micro_batches(rank)
         groups = [micro_batches[i : i + cfg.grad_accum] for i in range(0, len(micro_batches), cfg.grad_accum)]
         for group_index in range(state["group"], len(groups)):
             group = groups[group_index]
@@ -238,7 +285,7 @@ def main(work_dir: Path) -> None:
                 accelerator.sync_gradients = last  # the step's one sync point, as in the fine-tuning recipe
                 with nullcontext() if last else accelerator.no_sync(wrapper):
                     pair_loss, chosen_reward, rejected_reward, policy = micro_batch_pairs(
-                        wrapper, accelerator, batch, tasks_of[i], align)
+                        wrapper, accelerator, batch, tasks_of[i], align, tables.get("train"), pair_ids(rows))
                     contribution = preference_loss(pair_loss, policy.task, coefficients)
                     # x world (DDP averages over ranks), x grad_accum under DeepSpeed (it divides): the
                     # step's gradient is that of the summed contributions.
@@ -277,12 +324,15 @@ def main(work_dir: Path) -> None:
 
     # ------------------------------------------------------------------------- save
 
-    save_weights(accelerator, wrapper, work_dir / "align-adapter")
-    if is_main:
-        if sft_method == "full":
+    if cfg.method == "full":
+        save_weights(accelerator, wrapper, work_dir / "model")  # every weight trained: the aligned model itself
+    else:
+        save_weights(accelerator, wrapper, work_dir / "align-adapter")
+        if is_main and sft_method == "full":
             save_merged_full_model(accelerator.unwrap_model(wrapper).model, work_dir / "model")
-        else:
+        elif is_main:
             write_stacked_adapter(sft_model, work_dir / "align-adapter", work_dir / "model")
+    if is_main:
         sft_summary = json.loads((job_path(job["sft_dir"], work_dir) / "train_summary.json").read_text())
         records = [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
         valid = [r for r in records if "valid_task_accuracy" in r]

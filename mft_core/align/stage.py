@@ -52,7 +52,7 @@ def align_train_config(cfg: PipelineConfig) -> TrainConfig:
     """The TrainConfig the align recipe runs with: train's launch, precision, attention, threads,
     memory settings and clipping; align's adapter, optimizer, schedule and batches."""
     update = {key: getattr(cfg.align, key) for key in _FROM_ALIGN}
-    return cfg.train.model_copy(update={**update, "method": "lora", "weight_decay": 0.0, "tasks": None,
+    return cfg.train.model_copy(update={**update, "method": cfg.align.parameters, "weight_decay": 0.0, "tasks": None,
                                         "early_stopping_patience": None, "launch": cfg.align.launch or cfg.train.launch})
 
 
@@ -70,6 +70,9 @@ def align_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[st
         section["launch"].pop("zero_stage")
     section["align"] = cfg.stage_section("align")
     section["align"].pop("launch")  # resolved into section["launch"]
+    if cfg.align.parameters == "full":
+        section.pop("lora")
+        section["align"].pop("lora")
     section["task_weights"] = {t.task_name: t.weight for t in cfg.data.tasks if t.kind == "preference"}
     return section, inputs
 
@@ -79,8 +82,10 @@ def describe_alignment(cfg: PipelineConfig, precision: str) -> str:
     length = f"{align.max_steps} steps" if align.max_steps else f"{align.epochs} epoch(s)"
     tasks = ", ".join(t.task_name for t in cfg.data.tasks if t.kind == "preference")
     reference = "reference: the fine-tuned model" if align.method != "orpo" else "no reference"
-    return (f"{align.method.upper()} (β {align.beta:g}, {reference}), {length}, LoRA r{align.lora.r} on the "
-            f"fine-tuned model, tasks {tasks}, {precision}")
+    what = f"LoRA r{align.lora.r}" if align.parameters == "lora" else "every weight"
+    if align.parameters == "full" and align.method != "orpo":
+        reference += ", precomputed"
+    return f"{align.method.upper()} (β {align.beta:g}, {reference}), {length}, {what} of the fine-tuned model, tasks {tasks}, {precision}"
 
 
 def write_align_job(cfg: PipelineConfig, train_dir: Path, work_dir: Path) -> dict[str, Any]:
@@ -107,7 +112,7 @@ def run_align(cfg: PipelineConfig, train_dir: Path, work_dir: Path,
     argv, env = trainer_command(align_train_config(cfg), work_dir, precision == "bf16", recipe_module=RECIPE)
     announce(log, "align", "start: " + describe_alignment(cfg, precision))
     run_trainer(argv, env, work_dir / "align.log", step_reporter(on_progress, "align"))
-    for required in ("model", "align-adapter", "train_summary.json", "metrics.jsonl"):
+    for required in ("model", "train_summary.json", "metrics.jsonl"):
         if not (work_dir / required).exists():
             raise RuntimeError(f"the align recipe exited 0 but wrote no {required} in {work_dir}")
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)

@@ -198,20 +198,48 @@ def fit_pair(chosen: RenderedSample, rejected: RenderedSample, seq_length: int, 
     return (cut[0], cut[1]), FitStatus.TRUNCATED
 
 
+class _ShardRows:
+    """What one chunk's shard accumulates: the samples' token ids, loss masks, lengths and sources,
+    and the stats (samples, tokens, the length histogram, kept / truncated / dropped)."""
+
+    def __init__(self, seq_length: int):
+        self.stats = _empty_stats(seq_length)
+        self.ids: list[int] = []
+        self.mask: list[int] = []
+        self.lengths: list[int] = []
+        self.sources: list[str] = []
+
+    def add(self, sides: list[RenderedSample], source: str) -> None:
+        """One sample, or a preference pair's two sides (consecutive rows, counted as one sample)."""
+        length = sum(len(side) for side in sides)
+        stats = self.stats
+        stats["samples"] += 1
+        stats["tokens"] += length
+        stats["trained_tokens"] += sum(side.num_trained for side in sides)
+        stats["histogram"]["counts"][min(HISTOGRAM_BINS - 1, (length - 1) // stats["histogram"]["bin_width"])] += 1
+        for side in sides:
+            self.ids.extend(side.input_ids)
+            self.mask.extend(side.loss_mask)
+            self.lengths.append(len(side))
+            self.sources.append(source)
+
+    def write(self, base: Path, chunk: Chunk) -> str:
+        _write_shard(base / chunk.shard_name, _shard_columns(self.ids, self.mask, self.lengths, chunk.task_id, self.sources),
+                     {"chunk": asdict(chunk), "stats": self.stats})
+        return chunk.shard_name
+
+
+def _chunk_records(chunk: Chunk, columns: list[str]) -> list[dict[str, Any]]:
+    table = pq.ParquetFile(_WORKER["ingest_dir"] / chunk.source_file).read_row_group(chunk.row_group, columns=columns)
+    return table.slice(chunk.start, chunk.stop - chunk.start).to_pylist()
+
+
 def _tokenize_chunk(chunk: Chunk) -> str:
     w = _WORKER
     if chunk.preference:
         return _tokenize_pairs(chunk)
-    table = pq.ParquetFile(w["ingest_dir"] / chunk.source_file).read_row_group(
-        chunk.row_group, columns=["shape", "messages", "text", "source"]
-    ).slice(chunk.start, chunk.stop - chunk.start)
-    records = table.to_pylist()
-    stats = _empty_stats(w["seq_length"])
-    ids: list[int] = []
-    mask: list[int] = []
-    lengths: list[int] = []
-    sources: list[str] = []
-    width = stats["histogram"]["bin_width"]
+    records = _chunk_records(chunk, ["shape", "messages", "text", "source"])
+    shard = _ShardRows(w["seq_length"])
     for begin in range(0, len(records), RENDER_BATCH):
         batch = records[begin : begin + RENDER_BATCH]
         for record, sample in zip(batch, render_records(batch, w["tokenizer"], w["template"], w["eos_id"])):
@@ -219,62 +247,30 @@ def _tokenize_chunk(chunk: Chunk) -> str:
                 fitted, status = RenderedSample(sample.input_ids, [1] * len(sample), sample.round_ends), FitStatus.KEPT
             else:
                 fitted, status = fit_to_length(sample, w["seq_length"], w["policy"])
-            stats[status.value] += 1
+            shard.stats[status.value] += 1
             if fitted is None:
                 log.debug("dropped over-length sample %s (%d tokens)", record["source"], len(sample))
                 continue
-            length = len(fitted.input_ids)
-            stats["samples"] += 1
-            stats["tokens"] += length
-            stats["trained_tokens"] += fitted.num_trained
-            stats["histogram"]["counts"][min(HISTOGRAM_BINS - 1, (length - 1) // width)] += 1
-            ids.extend(fitted.input_ids)
-            mask.extend(fitted.loss_mask)
-            lengths.append(length)
-            sources.append(record["source"])
-
-    base = w["out_dir"] / DOCUMENTS if w["concatenated"] else w["out_dir"]
-    _write_shard(base / chunk.shard_name, _shard_columns(ids, mask, lengths, chunk.task_id, sources),
-                 {"chunk": asdict(chunk), "stats": stats})
-    return chunk.shard_name
+            shard.add([fitted], record["source"])
+    return shard.write(w["out_dir"] / DOCUMENTS if w["concatenated"] else w["out_dir"], chunk)
 
 
 def _tokenize_pairs(chunk: Chunk) -> str:
     """A preference chunk -> a shard of pairs: rows 2p and 2p + 1 are pair p's chosen and rejected
     sides, each with only its final answer trained. Stats count pairs (samples) and both sides' tokens."""
     w = _WORKER
-    table = pq.ParquetFile(w["ingest_dir"] / chunk.source_file).read_row_group(
-        chunk.row_group, columns=["messages", "source", "chosen", "rejected"]
-    ).slice(chunk.start, chunk.stop - chunk.start)
-    records = table.to_pylist()
-    stats = _empty_stats(w["seq_length"])
-    ids: list[int] = []
-    mask: list[int] = []
-    lengths: list[int] = []
-    sources: list[str] = []
-    width = stats["histogram"]["bin_width"]
+    records = _chunk_records(chunk, ["messages", "source", "chosen", "rejected"])
+    shard = _ShardRows(w["seq_length"])
     for begin in range(0, len(records), RENDER_BATCH):
         batch = records[begin : begin + RENDER_BATCH]
         sides = [side for record in batch for side in pair_records(record)]
         rendered = [final_answer_only(sample) for sample in render_records(sides, w["tokenizer"], w["template"], w["eos_id"])]
         for index, record in enumerate(batch):
             fitted, status = fit_pair(rendered[2 * index], rendered[2 * index + 1], w["seq_length"], w["policy"])
-            stats[status.value] += 1
-            if fitted is None:
-                continue
-            length = sum(len(side) for side in fitted)
-            stats["samples"] += 1
-            stats["tokens"] += length
-            stats["trained_tokens"] += sum(side.num_trained for side in fitted)
-            stats["histogram"]["counts"][min(HISTOGRAM_BINS - 1, (length - 1) // width)] += 1
-            for side in fitted:
-                ids.extend(side.input_ids)
-                mask.extend(side.loss_mask)
-                lengths.append(len(side))
-                sources.append(record["source"])
-    _write_shard(w["out_dir"] / chunk.shard_name, _shard_columns(ids, mask, lengths, chunk.task_id, sources),
-                 {"chunk": asdict(chunk), "stats": stats})
-    return chunk.shard_name
+            shard.stats[status.value] += 1
+            if fitted is not None:
+                shard.add(list(fitted), record["source"])
+    return shard.write(w["out_dir"], chunk)
 
 
 def _write_shard(out: Path, arrays: list[pa.Array], stats: dict[str, Any]) -> None:

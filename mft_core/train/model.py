@@ -132,10 +132,10 @@ FROZEN_ADAPTER = "frozen"  # the name of `load_model`'s frozen_adapter among the
 def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str, on_gpu: bool,
                trust_remote_code: bool = False, frozen_adapter: Path | None = None) -> nn.Module:
     """The model with its trainable parameters set up per `cfg.method`; trust_remote_code
-    (model.trust_remote_code) allows a model of its own code. frozen_adapter: a LoRA adapter folder
-    loaded unmerged and frozen under the trainable one, both active (align starts from the
-    fine-tuned model this way: exactly the model fine-tuning trained, where merging the adapter
-    into a bf16 base would round its update away)."""
+    (model.trust_remote_code) allows a model of its own code. frozen_adapter: a LoRA adapter the
+    model starts from (align starts from the fine-tuned model this way): under a new LoRA, loaded
+    unmerged and frozen, both active (exactly the model fine-tuning trained, where merging it into
+    a bf16 base would round its update away); for full training, merged into the fp32 weights."""
     from transformers import AutoModelForCausalLM
 
     from mft_core.modeling import load_pretrained
@@ -175,6 +175,11 @@ def load_model(model_dir: Path, cfg: TrainConfig, precision: str, attention: str
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method == "full":
+        if frozen_adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, frozen_adapter).merge_and_unload()
+            model.requires_grad_(True)  # PEFT froze the base it loaded the adapter onto
         return model
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

@@ -27,6 +27,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -133,25 +134,49 @@ def optimizer_step(accelerator, wrapper, optimizer, scheduler, max_grad_norm: fl
     return None if grad_norm is None else float(grad_norm)
 
 
-def main(work_dir: Path) -> None:
+@dataclass
+class RecipeRun:
+    """What a recipe (this one, align's) sets up from its work directory's train_job.json before
+    anything of its own: the settings, the accelerator and where this process stands in the world."""
+
+    job: dict
+    cfg: TrainConfig
+    precision: str  # resolved by the stage, the same for every process
+    attention: str
+    on_gpu: bool
+    accelerator: object
+    deepspeed: bool
+    tokenize_dir: Path
+    seq_length: int
+    pad_id: int
+
+
+def start_run(work_dir: Path) -> RecipeRun:
     job = json.loads((work_dir / "train_job.json").read_text())
     cfg = TrainConfig.model_validate(job["train"])
     torch.set_num_threads(int(os.environ.get("MFT_TRAIN_THREADS", os.cpu_count() or 1)))
     on_gpu = cuda_available()
-    precision = job["precision"]  # resolved by the stage, the same for every process
-    attention = resolve_attention(cfg.attention, on_gpu, precision)
-    accelerator = make_accelerator(precision)
+    attention = resolve_attention(cfg.attention, on_gpu, job["precision"])
+    accelerator = make_accelerator(job["precision"])
     check_world(accelerator, cfg)
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    is_main = accelerator.is_main_process
     from accelerate.utils import DistributedType, set_seed
 
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     set_seed(cfg.seed)  # the same initial weights (LoRA init) on every rank
-
     tokenize_dir = job_path(job["tokenize_dir"], work_dir)
     template = json.loads((tokenize_dir / "template.json").read_text())
-    seq_length, pad_id = template["seq_length"], template["pad_id"]
+    return RecipeRun(job, cfg, job["precision"], attention, on_gpu, accelerator,
+                     accelerator.distributed_type == DistributedType.DEEPSPEED, tokenize_dir,
+                     template["seq_length"], template["pad_id"])
+
+
+def main(work_dir: Path) -> None:
+    run = start_run(work_dir)
+    job, cfg, accelerator, deepspeed = run.job, run.cfg, run.accelerator, run.deepspeed
+    precision, attention, on_gpu = run.precision, run.attention, run.on_gpu
+    tokenize_dir, seq_length, pad_id = run.tokenize_dir, run.seq_length, run.pad_id
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    is_main = accelerator.is_main_process
+    from accelerate.utils import DistributedType
     train_split = TokenizedSplit(tokenize_dir, "train")
     valid_split = TokenizedSplit(tokenize_dir, "valid")
     # The fine-tuning tasks (train.tasks, else all but preference tasks); ids and names stay those of the output

@@ -159,7 +159,13 @@ def test_align_loads_one_model_and_the_reference_is_it_with_the_adapter_disabled
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counted))
     monkeypatch.setenv("MFT_TRAIN_THREADS", "1")
-    recipe.main(work)
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        recipe.main(work)
+    finally:  # accelerate's state is process-wide: the next in-process run starts clean
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     hyper = json.loads((work / "hyperparameters.json").read_text())
     adapters = [load_file(folder / "adapter_model.safetensors")
                 for folder in (work / "align-adapter", cfg.runs_root / hyper["sft_dir"] / "model")]
@@ -184,18 +190,22 @@ def align_until_killed(cfg_path: Path, runs_root: Path, checkpoint_glob: str, ov
     return partial
 
 
-def test_align_killed_after_a_checkpoint_then_resumed_equals_uninterrupted(project):
-    overrides = ["align.seed=11"]
-    cfg = load_config(project, {"align.seed": 11})
+@pytest.mark.parametrize("parameters", ["lora", "full"])
+def test_align_killed_after_a_checkpoint_then_resumed_equals_uninterrupted(project, parameters):
+    """LoRA, and full-parameter align, whose resumed run must read the reference log-probs it
+    computed before its first step (its model is no longer the reference)."""
+    overrides = ["align.seed=11", f"align.parameters={parameters}"]
+    cfg = load_config(project, {"align.seed": 11, "align.parameters": parameters})
     partial = align_until_killed(project, cfg.runs_root, "step-0000004/COMPLETE", overrides)
     assert partial is not None, "the run ended before its step-4 checkpoint"
     assert not (partial / "checkpoints" / "step-0000008").exists()  # the kill left steps 5-8 to do
     resumed = run_stage(cfg, "align")
     assert resumed.computed
-    resumed_adapter = load_file(resumed.directory / "align-adapter" / "adapter_model.safetensors")
+    weights = "align-adapter/adapter_model.safetensors" if parameters == "lora" else "model/model.safetensors"
+    resumed_adapter = load_file(resumed.directory / weights)
     resumed_metrics = [json.loads(l) for l in (resumed.directory / "metrics.jsonl").read_text().splitlines()]
     again = run_stage(cfg, "align", force=True)  # the same key, uninterrupted
-    fresh_adapter = load_file(again.directory / "align-adapter" / "adapter_model.safetensors")
+    fresh_adapter = load_file(again.directory / weights)
     fresh_metrics = [json.loads(l) for l in (again.directory / "metrics.jsonl").read_text().splitlines()]
     for name, tensor in fresh_adapter.items():
         torch.testing.assert_close(resumed_adapter[name], tensor, rtol=0, atol=1e-6)
@@ -224,3 +234,38 @@ def test_a_preference_task_needs_align_enabled_and_align_needs_one(project):
         load_config(project, {"data.tasks": [{"path": "alpha"}]})
     with pytest.raises(ConfigError, match="qlora"):
         load_config(project, {"train.method": "qlora", "train.precision": "bf16"})
+
+
+def test_full_parameter_dpo_precomputes_the_reference_once_and_merge_takes_the_full_model(project, monkeypatch):
+    """align.parameters full: every weight trains from the fine-tuned model (the SFT adapter merged
+    into the fp32 weights); the reference is a table of every pair's log-probs computed by that
+    model before the first step, so policy = reference there (pair loss log 2); one model loaded."""
+    cfg = load_config(project, {"align.parameters": "full", "align.lr": 2e-3, "align.seed": 5})
+    out = run_stage(cfg, "align").directory
+    result, hyper = summary(out), json.loads((out / "hyperparameters.json").read_text())
+    from mft_core.align import recipe
+
+    assert hyper["reference"] == recipe.PRECOMPUTED and hyper["train"]["method"] == "full"
+    table = torch.load(out / "reference_logps_train.pt")
+    assert table.shape[1] == 2 and (table < 0).all()
+    assert result["valid_before"]["loss"]["prefer"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    assert result["valid_after"]["accuracy"]["prefer"] >= 0.8, result
+    merged = run_stage(cfg, "merge").directory
+    assert json.loads((merged / "merge_report.json").read_text())["method"] == "full"
+
+
+def test_lora_align_after_full_fine_tuning_saves_the_merged_full_model(tmp_path, tiny_llama_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(make_project(tmp_path, tiny_llama_dir), {"train.method": "full", "train.lr": 1e-3})
+    for stage in ("ingest", "tokenize", "train"):
+        run_stage(cfg, stage)
+    align_dir = run_stage(cfg, "align").directory
+    assert json.loads((align_dir / "hyperparameters.json").read_text())["train"]["method"] == "full"
+    merged = run_stage(cfg, "merge").directory / "model"
+    sft = AutoModelForCausalLM.from_pretrained(run_stage(cfg, "train").directory / "model", dtype=torch.float32)
+    aligned = PeftModel.from_pretrained(sft, align_dir / "align-adapter").eval()
+    saved = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    ids = [1, 40, 41, 42, 200, 17, 9, 300, 2]
+    assert (logits(aligned, ids) - logits(saved, ids)).abs().max().item() < 1e-4

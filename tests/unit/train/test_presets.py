@@ -61,3 +61,26 @@ def test_every_multi_machine_preset_runs_as_machine_ranks_on_one_host(preset, tm
     assert len(published) == 1 and "machine 1: joining" in outputs[1]
     summary = json.loads((published[0] / "train_summary.json").read_text())
     assert summary["steps"] == 2 and json.loads((published[0] / "hyperparameters.json").read_text())["world_size"] == 2
+
+
+def aligns(preset: Path) -> bool:
+    return load_config(preset).align.enabled
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if aligns(p)], ids=lambda p: p.name)
+def test_every_align_preset_fine_tunes_then_aligns_on_cpu(preset, tmp_path, tiny_llama_dir):
+    """Its train and align sections, scaled down, on the tiny project with a preference task."""
+    from tests.unit.align.test_align_stage import make_project as make_align_project
+
+    raw = json.loads(make_align_project(tmp_path, tiny_llama_dir).read_text())
+    raw["train"] = smoke_raw(preset, tmp_path / "sft", tiny_llama_dir)["train"]
+    align = load_config(preset).stage_section("align")
+    align.update(max_steps=2, epochs=1, warmup_steps=0, grad_accum=min(align["grad_accum"], 2), eval_every=2,
+                 checkpoint_every=2)
+    cfg = config_from_dict({**raw, "align": align}, tmp_path, source=f"{preset.name} on the tiny model")
+    for stage in ("ingest", "tokenize", "train"):
+        run_stage(cfg, stage)
+    out = run_stage(cfg, "align").directory
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["method"] == load_config(preset).align.method
+    assert (out / "model" / "adapter_config.json").is_file()
