@@ -45,8 +45,9 @@ class TaskSpec(_Strict):
     weight: float = Field(default=1.0, gt=0, description="Loss weight of the task (used by training).")
     kind: Literal["sft", "preference"] = Field(
         default="sft",
-        description="sft: fine-tuning records (trained by train); preference: chosen/rejected pairs (trained by align, "
-        "which needs align.enabled).",
+        description="sft: fine-tuning records (trained by train); preference: chosen/rejected pairs, trained by align "
+        "when align.enabled (without it they are ingested and tokenized, and wait: a run without align evaluates the "
+        "fine-tuned model that align will start from).",
     )
 
     @property
@@ -425,9 +426,6 @@ class PipelineConfig(_Strict):
             raise ValueError("data.tasks: every task is kind preference; the train stage needs at least one sft task")
         if self.align.enabled and not preference:
             raise ValueError("align.enabled needs preference data: add a data.tasks entry with kind: preference")
-        if preference and not self.align.enabled:
-            raise ValueError(f"data.tasks {preference} are preference tasks, which only the align stage trains: "
-                             "set align.enabled: true, or remove them")
         if self.align.enabled and self.train.method == "qlora":
             raise ValueError("align after train.method qlora is not supported: the SFT adapter cannot be merged "
                              "exactly into a 4-bit base; use train.method lora or full")

@@ -470,6 +470,26 @@ def failure_message(report: dict[str, Any], targets: list[str], report_path: Pat
 # ----------------------------------------------------------------------------- model card
 
 
+def _alignment_section(trained: dict[str, Any]) -> str:
+    """The model card's account of the align stage (its output's hyperparameters and summary)."""
+    align, summary = trained["align"], trained["summary"]
+    before, after = summary.get("valid_before") or {}, summary.get("valid_after") or {}
+    rows = "\n".join(f"| {t} | {before.get('logp_accuracy', {}).get(t, float('nan')):.2%} | "
+                     f"{after.get('logp_accuracy', {}).get(t, float('nan')):.2%} | "
+                     f"{after.get('reward_margin', {}).get(t, float('nan')):.4f} |" for t in summary.get("preference_tasks", []))
+    return f"""
+## Preference alignment
+
+After fine-tuning (`{trained.get('sft_dir')}`), aligned with **{align['method'].upper()}** (β {align['beta']:g},
+balance {align['balance']}, {align['parameters']} parameters) for {summary.get('steps')} steps; reference:
+{trained.get('reference')}. The steps above are align's; the losses are the fine-tuning's.
+
+| preference task | validation accuracy before | after | reward margin after |
+|---|---|---|---|
+{rows}
+"""
+
+
 def model_card(cfg: PipelineConfig, trained: dict[str, Any], template: dict[str, Any], report: dict[str, Any]) -> str:
     summary, check = trained["summary"], report["check"]
     losses = summary.get("final_valid_task_loss") or {}
@@ -491,6 +511,7 @@ def model_card(cfg: PipelineConfig, trained: dict[str, Any], template: dict[str,
         if template["template"] == "mftcoder" else "the base tokenizer's own chat template"
     )
     train_yaml = yaml.safe_dump(trained["train"], sort_keys=False).rstrip()
+    aligned = _alignment_section(trained) if "align" in trained else ""
     return f"""---
 {yaml.safe_dump(front, sort_keys=False).rstrip()}
 ---
@@ -506,9 +527,9 @@ Weights: safetensors, {report['dtype']}.
 |---|---|---|---|
 {rows}
 
-{summary.get('steps')} optimizer steps, {summary.get('trained_tokens')} trained tokens, precision
+{summary.get('steps')} optimizer steps, {summary.get('trained_tokens') or '-'} trained tokens, precision
 {trained.get('precision')}, {trained.get('world_size')} process(es).
-
+{aligned}
 ## Prompt format
 
 {prompt}. The tokenizer's chat template reproduces the training prompt token for token:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import string
+import sys
 import textwrap
 from pathlib import Path
 
@@ -189,3 +190,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps its state process-wide: a test that builds an Accelerator in this process
+    (a recipe run in-process, TRL's trainer) must not hand it to the next one, which would fail
+    with "AcceleratorState has already been initialized"."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

@@ -11,7 +11,9 @@ away), or the fully fine-tuned model, plus a fresh LoRA adapter, the only traina
 reference of DPO/RPO is that same model with the new adapter switched off (its LoRA scaling 0
 under no_grad, `adapter_switched_off`): exactly the model the policy starts from, and no second
 copy in memory. (Training the SFT adapter on would leave no such reference: disabling it gives
-the *base* model; TRL loads a second, frozen copy of the adapter for that case.) ORPO needs no
+the *base* model; TRL loads a second, frozen copy of the adapter for that case.) With
+align.parameters full every weight trains, and the reference is a table of every pair's
+log-probs computed by the model before its first step (`precomputed_reference`). ORPO needs no
 reference.
 
 Writes into DIR what the train stage writes (metrics.jsonl, checkpoints/, hyperparameters.json,
@@ -19,8 +21,10 @@ train_summary.json, loss_curves.png) and:
   model/          ONE LoRA adapter equal to the SFT adapter plus the align adapter, of rank r_sft +
                   r_align: [s_1 B_1, s_2 B_2] [A_1; A_2] = s_1 B_1 A_1 + s_2 B_2 A_2 (scale 1), so that
                   merge folds it into the base as it folds any adapter; after full fine-tuning,
-                  the full model with the align adapter merged.
-  align-adapter/  the align adapter alone (on top of the fine-tuned model).
+                  the full model with the align adapter merged; with align.parameters full, the
+                  aligned model itself.
+  align-adapter/  the align adapter alone (on top of the fine-tuned model; LoRA only).
+  reference_logps_{train,valid}.pt   the precomputed reference (align.parameters full, dpo/rpo).
 """
 
 from __future__ import annotations
@@ -49,9 +53,17 @@ from mft_core.train import checkpoint as ckpt
 from mft_core.train import losses
 from mft_core.train.data import TokenizedSplit, epoch_plan, validation_plan
 from mft_core.train.metrics import MetricsLog, peak_rss_mb, plot_loss_curves
-from mft_core.train.model import TokenLossModel, adapter_switched_off, load_model
-from mft_core.train.optim import make_scheduler, param_groups, total_optimizer_steps
-from mft_core.train.recipe import batch_maker, optimizer_step, save_weights, start_run, task_loss_totals
+from mft_core.train.model import adapter_switched_off, load_model
+from mft_core.train.optim import total_optimizer_steps
+from mft_core.train.recipe import (
+    batch_maker,
+    optimizer_step,
+    prepare_training,
+    save_weights,
+    start_run,
+    step_groups,
+    task_loss_totals,
+)
 from mft_core.train.stage import job_path, trained_task_ids
 
 log = logging.getLogger("mft.align")
@@ -197,14 +209,7 @@ def main(work_dir: Path) -> None:
     model = load_model(sft_model if sft_method == "full" else model_dir, cfg, precision, run.attention, on_gpu,
                        trust_remote_code=job["trust_remote_code"],
                        frozen_adapter=None if sft_method == "full" else sft_model)
-    wrapper = TokenLossModel(model)
-    optimizer = torch.optim.AdamW(param_groups(wrapper, 0.0), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    scheduler = make_scheduler(optimizer, kind=cfg.schedule, warmup_steps=cfg.warmup_steps,
-                               total_steps=total_steps, min_lr=cfg.min_lr)
-    wrapper, optimizer, scheduler = accelerator.prepare(wrapper, optimizer, scheduler)
-    if not deepspeed:
-        ckpt.install_trainable_only_hooks(accelerator)
-    trainable = ckpt.trainable_names(wrapper)
+    wrapper, optimizer, scheduler, trainable = prepare_training(run, model, total_steps)  # weight_decay 0 (the stage's)
 
     # Full-parameter DPO/RPO: the reference log-probs of every pair, computed by the model before it
     # trains (no second copy of it); LoRA switches its adapter off instead, at every micro-batch.
@@ -262,65 +267,57 @@ def main(work_dir: Path) -> None:
     # ------------------------------------------------------------------------- train
 
     wrapper.train()
-    stop = state["step"] >= total_steps
+    done = state["step"] >= total_steps  # resumed from the final checkpoint: nothing left but saving
     tick = time.perf_counter()
-    for epoch in range(state["epoch"], len(plans)):
-        if stop:
+    for epoch, group_index, group in [] if done else step_groups(plans, rank, cfg.grad_accum, state):
+        tasks_of = [sample_tasks(train_pairs, rows) for rows in group]
+        # The step's pairs per task over all ranks, before any forward: the denominators of the objective.
+        task_pairs = losses.all_reduce_sum(sum(torch.bincount(t[0::2], minlength=len(task_names)) for t in tasks_of))
+        coefficients = pair_coefficients(align.balance, task_pairs, task_weights)
+        totals = PairTotals(len(task_names))
+        objective = torch.zeros((), dtype=torch.float64)
+        input_tokens = 0
+        for i, rows in enumerate(group):
+            batch = train_batch(rows)
+            input_tokens += int((batch["task_ids"] >= 0).sum())
+            last = i == len(group) - 1
+            accelerator.sync_gradients = last  # the step's one sync point, as in the fine-tuning recipe
+            with nullcontext() if last else accelerator.no_sync(wrapper):
+                pair_loss, chosen_reward, rejected_reward, policy = micro_batch_pairs(
+                    wrapper, accelerator, batch, tasks_of[i], align, tables.get("train"), pair_ids(rows))
+                contribution = preference_loss(pair_loss, policy.task, coefficients)
+                # x world (DDP averages over ranks), x grad_accum under DeepSpeed (it divides): the
+                # step's gradient is that of the summed contributions.
+                accelerator.backward((contribution * world * (cfg.grad_accum if deepspeed else 1)).float())
+            objective += contribution.detach().cpu()
+            totals.add(pair_loss, chosen_reward, rejected_reward, policy)
+        lr_used = scheduler.get_last_lr()[0]
+        grad_norm = optimizer_step(accelerator, wrapper, optimizer, scheduler, cfg.max_grad_norm, deepspeed)
+        state["step"] += 1
+        state["epoch"], state["group"] = epoch, group_index + 1
+        objective = losses.all_reduce_sum(objective)
+        step_pairs = totals.reduced(task_names)
+        input_tokens = int(losses.all_reduce_sum(torch.tensor(float(input_tokens))).item())
+        now = time.perf_counter()
+        metrics.write({
+            "step": state["step"], "epoch": epoch, "lr": lr_used, "loss": objective.item(), "grad_norm": grad_norm,
+            **{f"task_{row}": step_pairs[row] for row in (*PairTotals.ROWS, "pairs")},
+            "tokens": input_tokens, "tokens_per_s": input_tokens / max(now - tick, 1e-9),
+            "step_seconds": now - tick, "peak_rss_mb": peak_rss_mb(),
+            **({"cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20} if on_gpu else {}),
+        })
+        if is_main:
+            print(f"progress step={state['step']} total={total_steps} loss={objective.item():.6g} "
+                  f"tokens_per_s={input_tokens / max(now - tick, 1e-9):.1f}", flush=True)
+        last_step = state["step"] >= total_steps
+        if valid_batches is not None and (state["step"] % cfg.eval_every == 0 or last_step):
+            write_validation(state["step"], with_sft_tasks=last_step)
+        if state["step"] % cfg.checkpoint_every == 0 or last_step:
+            ckpt.save_checkpoint(accelerator, work_dir, state["step"], state, cfg.keep_checkpoints,
+                                 protect=None, deepspeed=deepspeed)
+        tick = time.perf_counter()
+        if last_step:
             break
-        micro_batches = plans[epoch].micro_batches(rank)
-        groups = [micro_batches[i : i + cfg.grad_accum] for i in range(0, len(micro_batches), cfg.grad_accum)]
-        for group_index in range(state["group"], len(groups)):
-            group = groups[group_index]
-            tasks_of = [sample_tasks(train_pairs, rows) for rows in group]
-            # The step's pairs per task over all ranks, before any forward: the denominators of the objective.
-            task_pairs = losses.all_reduce_sum(sum(torch.bincount(t[0::2], minlength=len(task_names)) for t in tasks_of))
-            coefficients = pair_coefficients(align.balance, task_pairs, task_weights)
-            totals = PairTotals(len(task_names))
-            objective = torch.zeros((), dtype=torch.float64)
-            input_tokens = 0
-            for i, rows in enumerate(group):
-                batch = train_batch(rows)
-                input_tokens += int((batch["task_ids"] >= 0).sum())
-                last = i == len(group) - 1
-                accelerator.sync_gradients = last  # the step's one sync point, as in the fine-tuning recipe
-                with nullcontext() if last else accelerator.no_sync(wrapper):
-                    pair_loss, chosen_reward, rejected_reward, policy = micro_batch_pairs(
-                        wrapper, accelerator, batch, tasks_of[i], align, tables.get("train"), pair_ids(rows))
-                    contribution = preference_loss(pair_loss, policy.task, coefficients)
-                    # x world (DDP averages over ranks), x grad_accum under DeepSpeed (it divides): the
-                    # step's gradient is that of the summed contributions.
-                    accelerator.backward((contribution * world * (cfg.grad_accum if deepspeed else 1)).float())
-                objective += contribution.detach().cpu()
-                totals.add(pair_loss, chosen_reward, rejected_reward, policy)
-            lr_used = scheduler.get_last_lr()[0]
-            grad_norm = optimizer_step(accelerator, wrapper, optimizer, scheduler, cfg.max_grad_norm, deepspeed)
-            state["step"] += 1
-            state["epoch"], state["group"] = epoch, group_index + 1
-            objective = losses.all_reduce_sum(objective)
-            step_pairs = totals.reduced(task_names)
-            input_tokens = int(losses.all_reduce_sum(torch.tensor(float(input_tokens))).item())
-            now = time.perf_counter()
-            metrics.write({
-                "step": state["step"], "epoch": epoch, "lr": lr_used, "loss": objective.item(), "grad_norm": grad_norm,
-                **{f"task_{row}": step_pairs[row] for row in (*PairTotals.ROWS, "pairs")},
-                "tokens": input_tokens, "tokens_per_s": input_tokens / max(now - tick, 1e-9),
-                "step_seconds": now - tick, "peak_rss_mb": peak_rss_mb(),
-                **({"cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20} if on_gpu else {}),
-            })
-            if is_main:
-                print(f"progress step={state['step']} total={total_steps} loss={objective.item():.6g} "
-                      f"tokens_per_s={input_tokens / max(now - tick, 1e-9):.1f}", flush=True)
-            last_step = state["step"] >= total_steps
-            if valid_batches is not None and (state["step"] % cfg.eval_every == 0 or last_step):
-                write_validation(state["step"], with_sft_tasks=last_step)
-            if state["step"] % cfg.checkpoint_every == 0 or last_step:
-                ckpt.save_checkpoint(accelerator, work_dir, state["step"], state, cfg.keep_checkpoints,
-                                     protect=None, deepspeed=deepspeed)
-            tick = time.perf_counter()
-            if last_step:
-                stop = True
-                break
-        state["group"] = 0
 
     # ------------------------------------------------------------------------- save
 

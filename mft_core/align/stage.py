@@ -2,12 +2,14 @@
 
 Runs only with `align.enabled` (then merge takes its output instead of train's: stages.py). Like
 the train stage it writes `train_job.json` into its work directory and runs its recipe
-(mft_core/align/recipe.py) as a subprocess, with train's launch, precision and attention; the
-work directory survives a crash and the rerun resumes from the newest checkpoint.
+(mft_core/align/recipe.py) as a subprocess, with train's precision and attention and
+align.launch (default: train's); the work directory survives a crash and the rerun resumes from
+the newest checkpoint.
 
 Output directory (what merge reads from a train output, plus the align adapter alone):
-  model/                  the SFT and align adapters stacked into one (or the full model)
-  align-adapter/          the align adapter alone, on top of the fine-tuned model
+  model/                  the SFT and align adapters stacked into one (or a full model)
+  align-adapter/          the align adapter alone, on top of the fine-tuned model (LoRA only)
+  reference_logps_*.pt    the precomputed reference log-probs (align.parameters full)
   hyperparameters.json    the job: the train output it started from (sft_dir), the method, β, the
                           reference, the parameters in memory
   train_summary.json      steps; validation pair loss, reward margin and preference accuracy per

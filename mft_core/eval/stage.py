@@ -68,8 +68,8 @@ REPORT = "report.md"
 EXECUTION_DIR = "execution"
 MERGE_REPORT = "merge_report.json"
 TEMPLATE = "template.json"
-MODELS = ("base", "finetuned")  # report order: before, after
-MODEL_LABELS = {"base": "base", "finetuned": "fine-tuned"}
+MODELS = ("base", "sft", "finetuned")  # report order: before, the fine-tuned model before align (align runs), after
+MODEL_LABELS = {"base": "base", "sft": "fine-tuned before align", "finetuned": "fine-tuned"}
 
 Progress = Callable[[int, int, str], None]  # (samples done, total, the console's progress line)
 
@@ -291,8 +291,18 @@ def run_evaluate(cfg: PipelineConfig, merge_dir: Path, out_dir: Path, progress: 
         model_runs["base"] = json.loads((base.directory / BASE_RUN).read_text())
         model_runs["base"]["output"] = _relative_to(base.directory, cfg.runs_root)
 
-    _write_results(out_dir / RESULTS, {tag: run["results"] for tag, run in model_runs.items()})
+    results = {tag: run["results"] for tag, run in model_runs.items()}
     summary = build_summary(cfg, problems, model_runs)
+    before_align = sft_evaluation(cfg) if cfg.align.enabled else None
+    if before_align is not None:  # the model align started from, evaluated by a run without align
+        directory, sft_summary = before_align
+        summary["models"]["sft"] = {**sft_summary["models"]["finetuned"], "label": MODEL_LABELS["sft"],
+                                    "evaluation_output": _relative_to(directory, cfg.runs_root)}
+        summary["models"] = {tag: summary["models"][tag] for tag in MODELS if tag in summary["models"]}
+        results["sft"] = [{k: v for k, v in row.items() if k != "model"} for row in _read_results(directory / RESULTS)
+                          if row["model"] == "finetuned"]
+        announce(log, "evaluate", f"the fine-tuned model before align: its evaluation {directory} (a run without align)")
+    _write_results(out_dir / RESULTS, results)
     (out_dir / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     (out_dir / REPORT).write_text(report_markdown(summary))
     return summary
@@ -406,6 +416,26 @@ class _EvalProgress:
         return f"{self.label}: {self.verb} " + ", ".join(parts)
 
 
+def sft_evaluation(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]] | None:
+    """(directory, summary) of the evaluation of the fine-tuned model align starts from, when a
+    run of this config without align has made it (the same data, training and evaluation
+    settings: the same keys up to train), else None."""
+    from mft_core.stages import StageNotReady, locate_stage  # stages imports this module
+
+    without_align = cfg.model_copy(update={"align": cfg.align.model_copy(update={"enabled": False})})
+    try:
+        directory = locate_stage(without_align, "evaluate")
+    except StageNotReady:
+        log.info("no evaluation of the fine-tuned model before align (run the config once with "
+                 "align.enabled=false to get one)")
+        return None
+    return directory, json.loads((directory / SUMMARY).read_text())
+
+
+def _read_results(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _write_results(path: Path, results: dict[str, list[dict[str, Any]]]) -> None:
     order = {language: index for index, language in enumerate(LANGUAGES)}
     rows = [{"model": tag, **record} for tag in MODELS if tag in results for record in results[tag]]
@@ -473,7 +503,7 @@ def eval_table_rows(summary: dict[str, Any]) -> list[list[str]]:
     """Header + one row per language + the average: problems, then pass@k of each model (base first)
     and, when both ran, the change in percentage points."""
     models = [tag for tag in MODELS if tag in summary["models"]]
-    both = len(models) == 2
+    both = "base" in models and "finetuned" in models  # the change: fine-tuned minus base
     header = ["language", "problems"]
     for k in summary["ks"]:
         header += [f"{summary['models'][tag]['label']} pass@{k}" for tag in models]
@@ -490,7 +520,7 @@ def eval_table_rows(summary: dict[str, Any]) -> list[list[str]]:
                 values.append(source.get(f"pass@{k}"))
             row += [_percent(v) for v in values]
             if both:
-                row.append(_change(values[0], values[1]))
+                row.append(_change(values[models.index("base")], values[models.index("finetuned")]))
         rows.append(row)
     return rows
 
@@ -519,7 +549,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
     rows = eval_table_rows(summary)
     table = "\n".join("| " + " | ".join(row) + " |" for row in [rows[0], ["---"] * len(rows[0]), *rows[1:]])
     parts = [f"# HumanEval-X evaluation\n\n{_describe(summary)}.\n", table, ""]
-    if len(summary["models"]) == 2:
+    if "base" in summary["models"] and "finetuned" in summary["models"]:
         parts.append("The change column is in percentage points (fine-tuned minus base).\n")
     if summary.get("skipped_languages"):
         parts.append(f"Not evaluated (no data for them here): {', '.join(summary['skipped_languages'])}; "
@@ -532,8 +562,10 @@ def report_markdown(summary: dict[str, Any]) -> str:
         parts.append(
             f"## {model['label']} model\n\n"
             f"- model: `{model['model']}`; prompts: {model['prompt_mode']}\n"
-            + (f"- its evaluation: `{model['evaluation_output']}` under the runs root, shared by every fine-tune "
-               f"of this base with these settings\n" if model.get("evaluation_output") else "") +
+            + (f"- its evaluation: `{model['evaluation_output']}` under the runs root, "
+               + ("made by a run of this config without align" if tag == "sft"
+                  else "shared by every fine-tune of this base with these settings") + "\n"
+               if model.get("evaluation_output") else "") +
             f"- generation: {generation['samples']} samples, {generation['new_tokens']} new tokens in "
             f"{generation['seconds']:.1f} s ({generation['tokens_per_s'] or 0:.1f} tokens/s); stopped by {stopped}\n"
             f"- execution: {execution['samples']} programs, {execution['cpu_s']:.1f} CPU s\n"

@@ -120,6 +120,16 @@ def focal_task_reference(wrapper, make_batch, micro_batches, num_tasks: int, dev
     return losses.task_mean_losses(sums, counts).float()
 
 
+def step_groups(plans, rank: int, grad_accum: int, state: dict):
+    """(epoch, group index, micro-batches) of every optimizer step left, from the resume point
+    (state["epoch"], state["group"]) on: this rank's micro-batches of each epoch, grad_accum at a time."""
+    for epoch in range(state["epoch"], len(plans)):
+        micro_batches = plans[epoch].micro_batches(rank)
+        groups = [micro_batches[i : i + grad_accum] for i in range(0, len(micro_batches), grad_accum)]
+        for group_index in range(state["group"] if epoch == state["epoch"] else 0, len(groups)):
+            yield epoch, group_index, groups[group_index]
+
+
 def optimizer_step(accelerator, wrapper, optimizer, scheduler, max_grad_norm: float, deepspeed: bool) -> float | None:
     """Clip, update, clear the gradients, advance the schedule; returns the pre-clip grad norm.
     Under DeepSpeed the engine has already clipped and updated inside the step's last backward
@@ -169,6 +179,26 @@ def start_run(work_dir: Path) -> RecipeRun:
                      template["seq_length"], template["pad_id"])
 
 
+def prepare_training(run: RecipeRun, model, total_steps: int):
+    """(wrapper, optimizer, scheduler, trainable parameter names): the model wrapped for per-token
+    losses (FSDP-sharded per decoder layer under FSDP), AdamW (betas 0.9/0.95) and the schedule
+    over exactly `total_steps`, prepared by the accelerator; checkpoints keep only the trainable
+    weights (DeepSpeed's engine saves without the frozen ones itself)."""
+    from accelerate.utils import DistributedType
+
+    cfg, accelerator = run.cfg, run.accelerator
+    wrapper = TokenLossModel(model)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        shard_decoder_layers(wrapper, run.precision)
+    optimizer = torch.optim.AdamW(param_groups(wrapper, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = make_scheduler(optimizer, kind=cfg.schedule, warmup_steps=cfg.warmup_steps,
+                               total_steps=total_steps, min_lr=cfg.min_lr)
+    wrapper, optimizer, scheduler = accelerator.prepare(wrapper, optimizer, scheduler)
+    if not run.deepspeed:
+        ckpt.install_trainable_only_hooks(accelerator)
+    return wrapper, optimizer, scheduler, ckpt.trainable_names(wrapper)
+
+
 def main(work_dir: Path) -> None:
     run = start_run(work_dir)
     job, cfg, accelerator, deepspeed = run.job, run.cfg, run.accelerator, run.deepspeed
@@ -176,7 +206,7 @@ def main(work_dir: Path) -> None:
     tokenize_dir, seq_length, pad_id = run.tokenize_dir, run.seq_length, run.pad_id
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     is_main = accelerator.is_main_process
-    from accelerate.utils import DistributedType
+
     train_split = TokenizedSplit(tokenize_dir, "train")
     valid_split = TokenizedSplit(tokenize_dir, "valid")
     # The fine-tuning tasks (train.tasks, else all but preference tasks); ids and names stay those of the output
@@ -212,16 +242,7 @@ def main(work_dir: Path) -> None:
 
     model = load_model(job_path(job["model_dir"], work_dir), cfg, precision, attention, on_gpu,
                        trust_remote_code=job["trust_remote_code"])
-    wrapper = TokenLossModel(model)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        shard_decoder_layers(wrapper, precision)
-    optimizer = torch.optim.AdamW(param_groups(wrapper, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    scheduler = make_scheduler(optimizer, kind=cfg.schedule, warmup_steps=cfg.warmup_steps,
-                               total_steps=total_steps, min_lr=cfg.min_lr)
-    wrapper, optimizer, scheduler = accelerator.prepare(wrapper, optimizer, scheduler)
-    if not deepspeed:
-        ckpt.install_trainable_only_hooks(accelerator)
-    trainable = ckpt.trainable_names(wrapper)
+    wrapper, optimizer, scheduler, trainable = prepare_training(run, model, total_steps)
 
     state = {"step": 0, "epoch": 0, "group": 0, "best_loss": None, "best_step": None,
              "evals_without_improvement": 0, "trained_tokens": 0, "coba": None}
@@ -282,111 +303,105 @@ def main(work_dir: Path) -> None:
     # ------------------------------------------------------------------------- train
 
     wrapper.train()
-    stop = state["step"] >= total_steps  # resumed from the final checkpoint: nothing left but saving
+    done = state["step"] >= total_steps  # resumed from the final checkpoint: nothing left but saving
+    stop = False  # early stopping
     tick = time.perf_counter()
-    for epoch in range(state["epoch"], len(plans)):
-        if stop:
-            break
-        micro_batches = plans[epoch].micro_batches(rank)
-        groups = [micro_batches[i : i + cfg.grad_accum] for i in range(0, len(micro_batches), cfg.grad_accum)]
-        for group_index in range(state["group"], len(groups)):
-            batches = [train_batch(rows) for rows in groups[group_index]]
-            counts = losses.all_reduce_counts(losses.group_counts(batches, len(task_names)))
-            reference = (focal_task_reference(wrapper, train_batch, groups[group_index], len(task_names), device)
-                         if cfg.loss == "focal_task" else None)
-            # CoBa's weights hold for every micro-step of the step (changed only between steps)
-            step_weights = balancer.weights.float() if balancer is not None else loss_weights
-            mode = "case3" if balancer is not None else cfg.loss
-            objective = torch.zeros((), dtype=torch.float64)
-            task_sums = torch.zeros(len(task_names), dtype=torch.float64)
-            task_tokens = torch.zeros(len(task_names), dtype=torch.float64)
-            input_tokens = torch.tensor(float(sum(int((b["task_ids"] >= 0).sum()) for b in batches)), dtype=torch.float64)
-            for i, batch in enumerate(batches):
-                last = i == len(batches) - 1
-                # The last micro-batch is the step's sync point: DDP and FSDP reduce gradients
-                # only there (no_sync before), and accelerate's backward steps DeepSpeed's engine
-                # wherever sync_gradients is set (left on, it stepped after every micro-batch).
-                accelerator.sync_gradients = last
-                with nullcontext() if last else accelerator.no_sync(wrapper):
-                    # real_tokens: a mixture of experts balances its routers over samples, not padding
-                    out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"],
-                                  real_tokens=batch["task_ids"] >= 0)
-                    token_task = losses.trained_values(batch["task_ids"], batch["labels"])
-                    token_sample = losses.trained_values(batch["sample_ids"], batch["labels"])
-                    contribution = losses.mft_loss(mode, out.token_loss, token_task, token_sample, counts,
-                                                   step_weights, gamma=cfg.focal_gamma, task_reference=reference)
-                    # Gradients are averaged over ranks (x world) and DeepSpeed divides each
-                    # micro-step by its accumulation steps (x grad_accum): undo both, so the step's
-                    # gradient is that of the summed contributions, the global objective.
-                    scale = world * (cfg.grad_accum if deepspeed else 1)
-                    loss = contribution * scale
-                    if out.aux_loss is not None:
-                        loss = loss + out.aux_loss * scale / (world * len(batches))
-                    accelerator.backward(loss)
-                objective += contribution.detach().double().cpu()
-                s, c = losses.per_task_loss_sums(out.token_loss.detach().double(), token_task, len(task_names))
-                task_sums += s.cpu()
-                task_tokens += c.cpu()
-            lr_used = scheduler.get_last_lr()[0]  # the lr of this update (scheduler.step() moves to the next)
-            grad_norm = optimizer_step(accelerator, wrapper, optimizer, scheduler, cfg.max_grad_norm, deepspeed)
+    for epoch, group_index, group in [] if done else step_groups(plans, rank, cfg.grad_accum, state):
+        batches = [train_batch(rows) for rows in group]
+        counts = losses.all_reduce_counts(losses.group_counts(batches, len(task_names)))
+        reference = (focal_task_reference(wrapper, train_batch, group, len(task_names), device)
+                     if cfg.loss == "focal_task" else None)
+        # CoBa's weights hold for every micro-step of the step (changed only between steps)
+        step_weights = balancer.weights.float() if balancer is not None else loss_weights
+        mode = "case3" if balancer is not None else cfg.loss
+        objective = torch.zeros((), dtype=torch.float64)
+        task_sums = torch.zeros(len(task_names), dtype=torch.float64)
+        task_tokens = torch.zeros(len(task_names), dtype=torch.float64)
+        input_tokens = torch.tensor(float(sum(int((b["task_ids"] >= 0).sum()) for b in batches)), dtype=torch.float64)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            # The last micro-batch is the step's sync point: DDP and FSDP reduce gradients
+            # only there (no_sync before), and accelerate's backward steps DeepSpeed's engine
+            # wherever sync_gradients is set (left on, it stepped after every micro-batch).
+            accelerator.sync_gradients = last
+            with nullcontext() if last else accelerator.no_sync(wrapper):
+                # real_tokens: a mixture of experts balances its routers over samples, not padding
+                out = wrapper(batch["input_ids"], batch["position_ids"], batch["labels"],
+                              real_tokens=batch["task_ids"] >= 0)
+                token_task = losses.trained_values(batch["task_ids"], batch["labels"])
+                token_sample = losses.trained_values(batch["sample_ids"], batch["labels"])
+                contribution = losses.mft_loss(mode, out.token_loss, token_task, token_sample, counts,
+                                               step_weights, gamma=cfg.focal_gamma, task_reference=reference)
+                # Gradients are averaged over ranks (x world) and DeepSpeed divides each
+                # micro-step by its accumulation steps (x grad_accum): undo both, so the step's
+                # gradient is that of the summed contributions, the global objective.
+                scale = world * (cfg.grad_accum if deepspeed else 1)
+                loss = contribution * scale
+                if out.aux_loss is not None:
+                    loss = loss + out.aux_loss * scale / (world * len(batches))
+                accelerator.backward(loss)
+            objective += contribution.detach().double().cpu()
+            s, c = losses.per_task_loss_sums(out.token_loss.detach().double(), token_task, len(task_names))
+            task_sums += s.cpu()
+            task_tokens += c.cpu()
+        lr_used = scheduler.get_last_lr()[0]  # the lr of this update (scheduler.step() moves to the next)
+        grad_norm = optimizer_step(accelerator, wrapper, optimizer, scheduler, cfg.max_grad_norm, deepspeed)
 
-            state["step"] += 1
-            state["epoch"], state["group"] = epoch, group_index + 1
-            if deepspeed and wrapper.global_steps != state["step"]:
-                raise RuntimeError(f"DeepSpeed's engine took {wrapper.global_steps} optimizer steps in {state['step']} "
-                                   "steps of this loop: its accumulation boundary is not the loop's")
-            objective = losses.all_reduce_sum(objective)
-            task_sums, task_tokens = losses.all_reduce_sum(task_sums), losses.all_reduce_sum(task_tokens)
-            step_tokens = int(task_tokens.sum().item())
-            input_tokens = int(losses.all_reduce_sum(input_tokens).item())
-            state["trained_tokens"] += step_tokens
-            now = time.perf_counter()
-            metrics.write({
-                "step": state["step"], "epoch": epoch, "lr": lr_used,
-                "loss": objective.item(),
-                "grad_norm": grad_norm,  # before clipping
-                "task_loss": {n: (task_sums[k] / task_tokens[k]).item() for k, n in enumerate(task_names) if task_tokens[k] > 0},
-                "task_tokens": {n: int(task_tokens[k].item()) for k, n in enumerate(task_names)},
-                "trained_tokens_per_s": step_tokens / max(now - tick, 1e-9),
-                "tokens": input_tokens,  # non-padding tokens that went through the model
-                "tokens_per_s": input_tokens / max(now - tick, 1e-9),
-                "step_seconds": now - tick,
-                "peak_rss_mb": peak_rss_mb(),
-                **({"cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20} if on_gpu else {}),
-                **({"task_weight": dict(zip(task_names, step_weights.tolist()))} if balancer is not None else {}),
-            })
-            if balancer is not None and balancer.should_update(state["step"]):
-                balancer.update(state["step"], coba_measure())
-            if is_main:  # the stage turns it into the live line (step, loss, tokens/s, time left)
-                print(f"progress step={state['step']} total={total_steps} loss={objective.item():.6g} "
-                      f"tokens_per_s={input_tokens / max(now - tick, 1e-9):.1f}", flush=True)
+        state["step"] += 1
+        state["epoch"], state["group"] = epoch, group_index + 1
+        if deepspeed and wrapper.global_steps != state["step"]:
+            raise RuntimeError(f"DeepSpeed's engine took {wrapper.global_steps} optimizer steps in {state['step']} "
+                               "steps of this loop: its accumulation boundary is not the loop's")
+        objective = losses.all_reduce_sum(objective)
+        task_sums, task_tokens = losses.all_reduce_sum(task_sums), losses.all_reduce_sum(task_tokens)
+        step_tokens = int(task_tokens.sum().item())
+        input_tokens = int(losses.all_reduce_sum(input_tokens).item())
+        state["trained_tokens"] += step_tokens
+        now = time.perf_counter()
+        metrics.write({
+            "step": state["step"], "epoch": epoch, "lr": lr_used,
+            "loss": objective.item(),
+            "grad_norm": grad_norm,  # before clipping
+            "task_loss": {n: (task_sums[k] / task_tokens[k]).item() for k, n in enumerate(task_names) if task_tokens[k] > 0},
+            "task_tokens": {n: int(task_tokens[k].item()) for k, n in enumerate(task_names)},
+            "trained_tokens_per_s": step_tokens / max(now - tick, 1e-9),
+            "tokens": input_tokens,  # non-padding tokens that went through the model
+            "tokens_per_s": input_tokens / max(now - tick, 1e-9),
+            "step_seconds": now - tick,
+            "peak_rss_mb": peak_rss_mb(),
+            **({"cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20} if on_gpu else {}),
+            **({"task_weight": dict(zip(task_names, step_weights.tolist()))} if balancer is not None else {}),
+        })
+        if balancer is not None and balancer.should_update(state["step"]):
+            balancer.update(state["step"], coba_measure())
+        if is_main:  # the stage turns it into the live line (step, loss, tokens/s, time left)
+            print(f"progress step={state['step']} total={total_steps} loss={objective.item():.6g} "
+                  f"tokens_per_s={input_tokens / max(now - tick, 1e-9):.1f}", flush=True)
 
-            last_step = state["step"] >= total_steps
-            if valid_batches is not None and (state["step"] % cfg.eval_every == 0 or last_step):
-                per_task = evaluate()
-                score = weighted(per_task)
-                improved = state["best_loss"] is None or score < state["best_loss"]
-                if improved:
-                    state["best_loss"], state["best_step"] = score, state["step"]
-                    state["evals_without_improvement"] = 0
-                    save_weights(accelerator, wrapper, work_dir / "best-model")
-                else:
-                    state["evals_without_improvement"] += 1
-                metrics.write({"step": state["step"], "valid_loss": score, "valid_task_loss": per_task})
-                patience = cfg.early_stopping_patience
-                if patience and state["evals_without_improvement"] >= patience:
-                    log.info("early stopping at step %d: no better validation loss in %d evaluations", state["step"], patience)
-                    stop = True
-            if state["step"] % cfg.checkpoint_every == 0 or last_step or stop:
-                if balancer is not None:
-                    state["coba"] = tensors_to_json(balancer.state_dict())
-                ckpt.save_checkpoint(accelerator, work_dir, state["step"], state, cfg.keep_checkpoints,
-                                     protect=state["best_step"], deepspeed=deepspeed)
-            tick = time.perf_counter()
-            if last_step or stop:
+        last_step = state["step"] >= total_steps
+        if valid_batches is not None and (state["step"] % cfg.eval_every == 0 or last_step):
+            per_task = evaluate()
+            score = weighted(per_task)
+            improved = state["best_loss"] is None or score < state["best_loss"]
+            if improved:
+                state["best_loss"], state["best_step"] = score, state["step"]
+                state["evals_without_improvement"] = 0
+                save_weights(accelerator, wrapper, work_dir / "best-model")
+            else:
+                state["evals_without_improvement"] += 1
+            metrics.write({"step": state["step"], "valid_loss": score, "valid_task_loss": per_task})
+            patience = cfg.early_stopping_patience
+            if patience and state["evals_without_improvement"] >= patience:
+                log.info("early stopping at step %d: no better validation loss in %d evaluations", state["step"], patience)
                 stop = True
-                break
-        state["group"] = 0
+        if state["step"] % cfg.checkpoint_every == 0 or last_step or stop:
+            if balancer is not None:
+                state["coba"] = tensors_to_json(balancer.state_dict())
+            ckpt.save_checkpoint(accelerator, work_dir, state["step"], state, cfg.keep_checkpoints,
+                                 protect=state["best_step"], deepspeed=deepspeed)
+        tick = time.perf_counter()
+        if last_step or stop:
+            break
 
     # ------------------------------------------------------------------------- save
 

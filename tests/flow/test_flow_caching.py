@@ -180,6 +180,6 @@ def test_align_joins_the_chain_and_shares_what_it_does_not_change(prefect_api, p
     from flows.mft_pipeline import mft_pipeline
 
     state = mft_pipeline(config=str(config), stages=["align"], overrides={"align.enabled": False}, return_state=True)
-    assert state.is_failed()  # a config with a preference task must enable align: it says so
-    with pytest.raises(Exception, match="only the align stage trains"):
+    assert state.is_failed()  # align asked for while the config has it off: it says how to turn it on
+    with pytest.raises(Exception, match="is off in this config"):
         state.result()

@@ -6,11 +6,6 @@ the rejected one with "no" (the rest is the same), so a model can learn the pref
 and a validation accuracy says whether it did."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +14,8 @@ from safetensors.torch import load_file
 
 from mft_core.config import ConfigError, load_config
 from mft_core.stages import run_stage, stage_chain
+from tests.unit.train.test_train_stage import stage_until_killed
 
-REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.slow
 
 
@@ -159,13 +154,7 @@ def test_align_loads_one_model_and_the_reference_is_it_with_the_adapter_disabled
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counted))
     monkeypatch.setenv("MFT_TRAIN_THREADS", "1")
-    from accelerate.state import AcceleratorState, GradientState
-
-    try:
-        recipe.main(work)
-    finally:  # accelerate's state is process-wide: the next in-process run starts clean
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    recipe.main(work)  # (tests/conftest.py resets accelerate's process-wide state afterwards)
     hyper = json.loads((work / "hyperparameters.json").read_text())
     adapters = [load_file(folder / "adapter_model.safetensors")
                 for folder in (work / "align-adapter", cfg.runs_root / hyper["sft_dir"] / "model")]
@@ -174,29 +163,13 @@ def test_align_loads_one_model_and_the_reference_is_it_with_the_adapter_disabled
     assert hyper["reference"] == recipe.REFERENCE
 
 
-def align_until_killed(cfg_path: Path, runs_root: Path, checkpoint_glob: str, overrides: list[str]) -> Path | None:
-    proc = subprocess.Popen([sys.executable, "-m", "mft_core.cli", "align", "--config", str(cfg_path),
-                             *[arg for o in overrides for arg in ("--set", o)]],
-                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial, deadline = None, time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        hits = list((runs_root / "align").glob(f"*.partial/checkpoints/{checkpoint_glob}"))
-        if hits:
-            partial = next(p for p in hits[0].parents if p.name.endswith(".partial"))
-            break
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return partial
-
-
 @pytest.mark.parametrize("parameters", ["lora", "full"])
 def test_align_killed_after_a_checkpoint_then_resumed_equals_uninterrupted(project, parameters):
     """LoRA, and full-parameter align, whose resumed run must read the reference log-probs it
     computed before its first step (its model is no longer the reference)."""
     overrides = ["align.seed=11", f"align.parameters={parameters}"]
     cfg = load_config(project, {"align.seed": 11, "align.parameters": parameters})
-    partial = align_until_killed(project, cfg.runs_root, "step-0000004/COMPLETE", overrides)
+    partial = stage_until_killed(project, cfg.runs_root, "step-0000004/COMPLETE", "align", tuple(overrides))
     assert partial is not None, "the run ended before its step-4 checkpoint"
     assert not (partial / "checkpoints" / "step-0000008").exists()  # the kill left steps 5-8 to do
     resumed = run_stage(cfg, "align")
@@ -220,16 +193,14 @@ def test_without_align_merge_takes_the_fine_tuned_model(project):
     """align off: the chain skips it and merge's upstream is train (its key then names train's
     output); on: merge reads align's, and the two merged models differ."""
     on = load_config(project)
-    off = load_config(project, {"align.enabled": False, "data.tasks": [{"path": "alpha"}]})
+    off = load_config(project, {"align.enabled": False})
     assert stage_chain(on) == ["ingest", "tokenize", "train", "align", "merge", "evaluate"]
     assert stage_chain(off) == ["ingest", "tokenize", "train", "merge", "evaluate"]
     with pytest.raises(ValueError, match="align.enabled: true"):
         run_stage(off, "align")
 
 
-def test_a_preference_task_needs_align_enabled_and_align_needs_one(project):
-    with pytest.raises(ConfigError, match="only the align stage trains"):
-        load_config(project, {"align.enabled": False})
+def test_align_needs_a_preference_task_and_refuses_qlora(project):
     with pytest.raises(ConfigError, match="needs preference data"):
         load_config(project, {"data.tasks": [{"path": "alpha"}]})
     with pytest.raises(ConfigError, match="qlora"):
@@ -269,3 +240,25 @@ def test_lora_align_after_full_fine_tuning_saves_the_merged_full_model(tmp_path,
     saved = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     ids = [1, 40, 41, 42, 200, 17, 9, 300, 2]
     assert (logits(aligned, ids) - logits(saved, ids)).abs().max().item() < 1e-4
+
+
+def test_evaluate_adds_the_fine_tuned_model_before_align_when_a_run_without_align_evaluated_it(project):
+    """A run without align (its preference task only ingested and tokenized) merges and evaluates
+    the SFT model; the run with align then reports base, that model and the aligned one, the
+    middle row read from the first run's evaluation (the same train output: nothing retrains)."""
+    evaluate = {"evaluate": {"languages": ["python"], "limit": 1, "max_new_tokens": 16, "evaluate_base": False}}
+    flat = lambda section: {f"evaluate.{k}": v for k, v in section["evaluate"].items()}
+    without = load_config(project, {"align.enabled": False, **flat(evaluate)})
+    with_align = load_config(project, flat(evaluate))
+    assert run_stage(without, "train").directory == run_stage(with_align, "train").directory
+    run_stage(without, "merge")
+    sft_eval = run_stage(without, "evaluate").directory
+    run_stage(with_align, "align")
+    run_stage(with_align, "merge")
+    out = run_stage(with_align, "evaluate").directory
+    models = json.loads((out / "summary.json").read_text())["models"]
+    before = json.loads((sft_eval / "summary.json").read_text())["models"]["finetuned"]
+    assert list(models) == ["sft", "finetuned"]
+    assert models["sft"]["pass_at_k"] == before["pass_at_k"] and models["sft"]["evaluation_output"].endswith(sft_eval.name)
+    rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in rows} == {"sft", "finetuned"}

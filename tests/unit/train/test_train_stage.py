@@ -59,17 +59,25 @@ def metrics(directory: Path) -> list[dict]:
 
 
 def train_until_killed(cfg_path: Path, runs_root: Path, checkpoint_glob: str) -> Path | None:
-    """Ingests and tokenizes, then trains in a subprocess and SIGKILLs it (with its whole process
-    group) as soon as a path matching runs/train/*.partial/checkpoints/<checkpoint_glob> appears;
-    returns that run's .partial folder, or None when it never appeared (the run ended first)."""
+    """Ingests and tokenizes, then `stage_until_killed` the training."""
     cfg = load_config(cfg_path)
     run_stage(cfg, "ingest")
     run_stage(cfg, "tokenize")
-    proc = subprocess.Popen([sys.executable, "-m", "mft_core.cli", "train", "--config", str(cfg_path)],
+    return stage_until_killed(cfg_path, runs_root, checkpoint_glob)
+
+
+def stage_until_killed(cfg_path: Path, runs_root: Path, checkpoint_glob: str, stage: str = "train",
+                       overrides: tuple[str, ...] = ()) -> Path | None:
+    """Runs `mft <stage>` (train or align; --set each override) in a subprocess and SIGKILLs it,
+    with its whole process group, as soon as a path matching
+    runs/<stage>/*.partial/checkpoints/<checkpoint_glob> appears; returns that run's .partial
+    folder, or None when it never appeared (the run ended first)."""
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    proc = subprocess.Popen([sys.executable, "-m", "mft_core.cli", stage, "--config", str(cfg_path), *sets],
                             cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial, deadline = None, time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        hits = list((runs_root / "train").glob(f"*.partial/checkpoints/{checkpoint_glob}"))
+        hits = list((runs_root / stage).glob(f"*.partial/checkpoints/{checkpoint_glob}"))
         if hits:
             partial = next(p for p in hits[0].parents if p.name.endswith(".partial"))
             break
