@@ -29,10 +29,8 @@ train_summary.json, loss_curves.png) and:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -59,6 +57,8 @@ from mft_core.train.recipe import (
     batch_maker,
     optimizer_step,
     prepare_training,
+    publish_folder,
+    run_from_command_line,
     save_weights,
     start_run,
     step_groups,
@@ -84,8 +84,8 @@ def micro_batch_pairs(wrapper, accelerator, batch, sample_task: torch.Tensor, al
     reference = None
     if align.method in NEEDS_REFERENCE and reference_table is not None:
         rows = reference_table[torch.tensor(pair_ids, dtype=torch.long)].to(device=accelerator.device)
-        reference = PairLogps(rows[:, 0], rows[:, 1], torch.ones(len(pair_ids)), torch.ones(len(pair_ids)),
-                              sample_task[0::2])
+        ones = torch.ones(len(pair_ids))  # a reference's token counts: no loss uses them
+        reference = PairLogps(rows[:, 0], rows[:, 1], ones, ones, sample_task[0::2])
     elif align.method in NEEDS_REFERENCE:
         unwrapped = accelerator.unwrap_model(wrapper)
         training = unwrapped.training
@@ -180,7 +180,7 @@ def main(work_dir: Path) -> None:
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     is_main = accelerator.is_main_process
     precision, on_gpu = run.precision, run.on_gpu
-    preference_ids = trained_task_ids(job, "preference") or [t["id"] for t in job["tasks"]]
+    preference_ids = trained_task_ids(job, "preference")
     train_pairs = PairSplit(TokenizedSplit(tokenize_dir, "train"), preference_ids)
     valid_pairs = PairSplit(TokenizedSplit(tokenize_dir, "valid"), preference_ids)
     # Plans and micro-batches hold rows of pair indices; a batch expands them into the pairs' samples.
@@ -196,7 +196,7 @@ def main(work_dir: Path) -> None:
     total_steps = total_optimizer_steps([p.num_optimizer_steps for p in plans], cfg.max_steps)
     # The fine-tuning tasks' validation data: what alignment does to them (before and after).
     sft_valid = TokenizedSplit(tokenize_dir, "valid")
-    sft_valid.keep_tasks(trained_task_ids(job, "sft") or [])
+    sft_valid.keep_tasks(trained_task_ids(job, "sft"))
     sft_valid_batches = (validation_plan(sft_valid, seq_length=seq_length, rows_per_micro_batch=cfg.rows_per_micro_batch,
                                          world_size=world)[rank] if len(sft_valid) else None)
     pair_plan = lambda pairs: validation_plan(pairs, seq_length=seq_length, rows_per_micro_batch=cfg.rows_per_micro_batch,
@@ -382,31 +382,22 @@ def write_stacked_adapter(sft_adapter: Path, align_adapter: Path, out: Path) -> 
             b_parts.append(b.float() * scale if b is not None else torch.zeros(out_features, r))
         stacked[f"{module}.lora_A.weight"] = torch.cat(a_parts, dim=0).contiguous()
         stacked[f"{module}.lora_B.weight"] = torch.cat(b_parts, dim=1).contiguous()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    targets = sorted(set().union(*({m.rsplit(".", 1)[-1] for m in modules},)))
     config = {**configs[0], "r": sum(ranks), "lora_alpha": sum(ranks), "use_rslora": False, "rank_pattern": {},
-              "alpha_pattern": {}, "target_modules": targets, "lora_dropout": 0.0}
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
-    save_file(stacked, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+              "alpha_pattern": {}, "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}), "lora_dropout": 0.0}
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
+        save_file(stacked, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    publish_folder(out, write)
 
 
 def save_merged_full_model(peft_model, out: Path) -> None:
     """After full fine-tuning: the fine-tuned model with the align adapter merged, as a full model."""
     merged = peft_model.merge_and_unload()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    publish_folder(out, lambda tmp: merged.save_pretrained(tmp, safe_serialization=True))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="mft-pipeline preference aligner (started by the align stage)")
-    parser.add_argument("--work-dir", required=True, type=Path)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(args.work_dir)
+    run_from_command_line(main, "mft-pipeline preference aligner (started by the align stage)")

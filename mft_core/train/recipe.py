@@ -211,9 +211,8 @@ def main(work_dir: Path) -> None:
     valid_split = TokenizedSplit(tokenize_dir, "valid")
     # The fine-tuning tasks (train.tasks, else all but preference tasks); ids and names stay those of the output
     selected = trained_task_ids(job, "sft", cfg.tasks)
-    if selected is not None:
-        train_split.keep_tasks(selected)
-        valid_split.keep_tasks(selected)
+    train_split.keep_tasks(selected)
+    valid_split.keep_tasks(selected)
     train_batch = batch_maker(train_split, seq_length, pad_id, device)
     valid_batch = batch_maker(valid_split, seq_length, pad_id, device)
     task_names = [t["name"] for t in job["tasks"]]
@@ -446,19 +445,29 @@ def save_weights(accelerator, wrapper, out: Path) -> None:
         model = accelerator.unwrap_model(wrapper).model
         prefix = "model."
         inner = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         # Only the trained adapter: a frozen one under it (align's) is an input, not an output.
         selected = {"selected_adapters": ["default"]} if len(getattr(model, "peft_config", {})) > 1 else {}
-        model.save_pretrained(tmp, state_dict=inner, safe_serialization=True, **selected)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        publish_folder(out, lambda tmp: model.save_pretrained(tmp, state_dict=inner, safe_serialization=True, **selected))
     accelerator.wait_for_everyone()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="mft-pipeline trainer (started by the train stage)")
+def publish_folder(out: Path, write) -> None:
+    """write(tmp) into a fresh out.tmp, then put it in out's place: out is never half written."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def run_from_command_line(recipe_main, description: str) -> None:
+    """`python -m <recipe> --work-dir DIR`, as the stages start a recipe (launch.trainer_command)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--work-dir", required=True, type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(args.work_dir)
+    recipe_main(args.work_dir)
+
+
+if __name__ == "__main__":
+    run_from_command_line(main, "mft-pipeline trainer (started by the train stage)")

@@ -207,9 +207,6 @@ def _tokenized_tasks(tokenize_dir: Path) -> list[dict[str, Any]]:
     return [seen[i] for i in sorted(seen)]
 
 
-def trained_task_ids(job: dict[str, Any], kind: str, names: list[str] | None = None) -> list[int] | None:
-    """The ids of the tasks of `kind` (sft: train's; preference: align's), among `names` when
-    given; None when that is every task of the tokenize output (nothing to leave out)."""
-    ids = [t["id"] for t in job["tasks"]
-           if t.get("kind", "sft") == kind and (names is None or t["name"] in names)]
-    return None if len(ids) == len(job["tasks"]) else ids
+def trained_task_ids(job: dict[str, Any], kind: str, names: list[str] | None = None) -> list[int]:
+    """The ids of the tasks of `kind` (sft: train's; preference: align's), among `names` when given."""
+    return [t["id"] for t in job["tasks"] if t.get("kind", "sft") == kind and (names is None or t["name"] in names)]
