@@ -394,6 +394,34 @@ class EvaluateConfig(_Strict):
         return self
 
 
+class ClusterConfig(_Strict):
+    """Run the stages' heavy work on a Ray cluster (the optional extra `ray`): training under Ray
+    Train, tokenization and ingest as Ray tasks, sandboxed execution on every node. The outputs
+    are those of a local run, so the section is in no stage key. Every node needs the project
+    installed at the same versions and runs_root on storage they all mount at the same path."""
+
+    engine: Literal["ray"] = Field(default="ray", description="The compute engine (Ray).")
+    address: str = Field(
+        default="auto",
+        description="The Ray cluster: host:port of its head (`ray start --head` prints it), ray://host:10001 "
+        "(Ray Client), or auto ($RAY_ADDRESS, else the cluster this machine is a node of).",
+    )
+    storage: Path | None = Field(
+        default=None,
+        description="Shared folder every node mounts at the same path where Ray Train keeps its run state "
+        "(default: <runs_root>/.ray). Checkpoints stay in the stage's work folder under runs_root.",
+    )
+    gpus_per_worker: float = Field(default=0, ge=0,
+                                   description="GPUs of each training worker (train.launch.num_processes workers in all).")
+    cpus_per_worker: float = Field(default=1, gt=0, description="CPUs reserved by each training worker.")
+    placement: Literal["spread", "pack"] = Field(
+        default="spread", description="Training workers on as many nodes as possible (spread) or as few (pack).")
+    cpus_per_task: float = Field(default=1, gt=0,
+                                 description="CPUs of each ingest or tokenize task (one chunk of input each).")
+    max_retries: int = Field(default=3, ge=0,
+                             description="Times a data or evaluation task lost with its node is run again elsewhere.")
+
+
 class PipelineConfig(_Strict):
     """The whole pipeline. Cross-section rules are checked in `_cross_checks`."""
 
@@ -412,6 +440,8 @@ class PipelineConfig(_Strict):
     align: AlignConfig = AlignConfig()
     merge: MergeConfig = MergeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    cluster: ClusterConfig | None = Field(
+        default=None, description="Run on a Ray cluster (see ClusterConfig); absent: everything runs on this machine.")
 
     # Where the config was loaded from (for messages) and the directory relative paths are
     # resolved against; neither is part of any stage key.
@@ -433,6 +463,9 @@ class PipelineConfig(_Strict):
         if self.align.launch is not None and any(getattr(self.align.launch, k) != getattr(self.train.launch, k) for k in machines):
             raise ValueError("align.launch must name the machines train.launch names (num_machines, machine_rank, "
                              "main_process_ip): both stages run on the same machines")
+        if self.cluster is not None and self.train.launch.num_machines > 1:
+            raise ValueError("cluster: Ray places the training workers on the nodes: set train.launch.num_processes to the "
+                             "number of workers in all and leave train.launch.num_machines at 1")
         if self.align.enabled and self.tokenize.packing == "concatenated":
             raise ValueError("align needs tokenize.packing isolated: preference pairs are rendered with the chat template")
         if self.train.tasks is not None:

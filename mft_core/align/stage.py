@@ -31,7 +31,7 @@ from mft_core.config import PipelineConfig, TrainConfig
 from mft_core.console import announce
 from mft_core.modeling import resolve_model
 from mft_core.store import FileHashCache
-from mft_core.train.launch import run_trainer, trainer_command
+from mft_core.train.launch import start_trainer
 from mft_core.train.stage import (
     _LAUNCH_NOT_IN_KEY,
     _NOT_IN_KEY,
@@ -111,14 +111,14 @@ def write_align_job(cfg: PipelineConfig, train_dir: Path, work_dir: Path) -> dic
 def run_align(cfg: PipelineConfig, train_dir: Path, work_dir: Path,
               on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     precision = write_align_job(cfg, train_dir, work_dir)["precision"]
-    argv, env = trainer_command(align_train_config(cfg), work_dir, precision == "bf16", recipe_module=RECIPE)
     announce(log, "align", "start: " + describe_alignment(cfg, precision))
-    run_trainer(argv, env, work_dir / "align.log", step_reporter(on_progress, "align"))
+    start_trainer(cfg.cluster, align_train_config(cfg), work_dir, precision == "bf16", work_dir / "align.log",
+                  step_reporter(on_progress, "align"), recipe_module=RECIPE)
     for required in ("model", "train_summary.json", "metrics.jsonl"):
         if not (work_dir / required).exists():
             raise RuntimeError(f"the align recipe exited 0 but wrote no {required} in {work_dir}")
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
-    for launch_file in ("align.log", "deepspeed.json", "accelerate.yaml"):
+    for launch_file in ("align.log", "accelerate.yaml"):
         (work_dir / launch_file).unlink(missing_ok=True)
     return json.loads((work_dir / "train_summary.json").read_text())
 

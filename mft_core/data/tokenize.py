@@ -273,6 +273,34 @@ def _tokenize_pairs(chunk: Chunk) -> str:
     return shard.write(w["out_dir"], chunk)
 
 
+def tokenize_chunk_task(init_args: tuple, chunk: Chunk) -> tuple[str, int]:
+    """One chunk as a Ray task on any node: (shard name, the worker's peak memory in bytes). A Ray
+    worker process runs many tasks: its tokenizer is loaded by the first one with these settings."""
+    from mft_core.cluster import peak_memory_bytes
+
+    if _WORKER.get("init_args") != init_args:
+        _init_worker(*init_args)
+        _WORKER["init_args"] = init_args
+    return _tokenize_chunk(chunk), peak_memory_bytes()
+
+
+def _tokenize_on_cluster(cfg: PipelineConfig, init_args: tuple, pending: list[Chunk]) -> None:
+    """The chunks as Ray tasks (cluster: section): each writes its shard into the work folder on
+    shared storage, atomically, so a task run again after its node was lost writes the same bytes."""
+    from mft_core.cluster import check_nodes, run_tasks
+
+    check_nodes(cfg)
+    peak = finished = 0
+
+    def done(index: int, result: tuple[str, int]) -> None:
+        nonlocal peak, finished
+        peak, finished = max(peak, result[1]), finished + 1
+        log.info("tokenized %s (%d/%d) on the cluster", result[0], finished, len(pending))
+
+    run_tasks(cfg.cluster, tokenize_chunk_task, [(init_args, chunk) for chunk in pending], on_done=done)
+    log.info("tokenize: peak memory of a Ray worker %.0f MB", peak / 1e6)
+
+
 def _write_shard(out: Path, arrays: list[pa.Array], stats: dict[str, Any]) -> None:
     """out.arrow, then out.stats.json, each published atomically: the stats file, written last,
     means the shard is complete."""
@@ -421,12 +449,19 @@ def run_tokenize(cfg: PipelineConfig, ingest_dir: Path, out_dir: Path) -> dict[s
     if len(pending) < len(chunks):
         log.info("resuming: %d of %d shards are already done", len(chunks) - len(pending), len(chunks))
     workers = min(settings.num_workers or os.cpu_count() or 1, max(1, len(pending)))
+    where = f"{workers} worker(s)"
+    if cfg.cluster is not None:
+        from mft_core.cluster import driver_description
+
+        where = f"Ray tasks on the {driver_description(cfg.cluster)}"
     rendering = "concatenated windows, no markers" if concatenated else f"template {template_name}"
-    announce(log, "tokenize", f"start: {len(pending)} shard(s) with {workers} worker(s), {rendering}, "
+    announce(log, "tokenize", f"start: {len(pending)} shard(s) with {where}, {rendering}, "
                               f"seq_length {settings.seq_length}")
     init_args = (str(tok_dir), template_name, markers, eos_id, settings.seq_length,
                  settings.overlength, str(ingest_dir), str(out_dir), cfg.model.trust_remote_code, settings.packing)
-    if workers == 1:
+    if cfg.cluster is not None:
+        _tokenize_on_cluster(cfg, init_args, pending)
+    elif workers == 1:
         _init_worker(*init_args)
         for done, chunk in enumerate(pending, 1):
             _tokenize_chunk(chunk)

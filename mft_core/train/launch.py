@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from mft_core.config import TrainConfig
+from mft_core.config import ClusterConfig, TrainConfig
 
 log = logging.getLogger("mft.train")
 
@@ -119,7 +119,7 @@ def allocator_env(choice: str, env: dict[str, str]) -> dict[str, str]:
 def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool, launch_dir: Path | None = None,
                     recipe_module: str = "mft_core.train.recipe") -> tuple[list[str], dict[str, str]]:
     """argv and environment of the trainer (`recipe_module`: the fine-tuning recipe, or align's)
-    for this config. The launch's own files (accelerate.yaml, deepspeed.json) go to `launch_dir`
+    for this config. The launch's own file (accelerate.yaml) goes to `launch_dir`
     (default: the work directory).
 
     Nothing of the user's own accelerate setup takes part: `accelerate launch` would merge
@@ -164,25 +164,42 @@ def trainer_command(cfg: TrainConfig, work_dir: Path, bf16: bool, launch_dir: Pa
         argv += [f"--{key}", str(settings[key])]
     if launch.main_process_ip:
         argv += ["--main_process_ip", launch.main_process_ip]
+    # DeepSpeed and FSDP themselves are set up by the recipe from train_job.json (recipe.make_accelerator),
+    # as under every launcher; the flags below choose how `accelerate launch` starts the processes.
     if launch.backend == "deepspeed":
-        ds_path = launch_dir / "deepspeed.json"
-        ds_path.write_text(json.dumps(deepspeed_config(cfg, bf16), indent=1) + "\n")
-        argv += ["--use_deepspeed", "--deepspeed_config_file", str(ds_path)]
+        argv += ["--use_deepspeed"]
         if launch.num_machines > 1:
             # accelerate's default for several machines is DeepSpeed's pdsh launcher, which starts every
             # machine's processes over ssh from machine 0; `standard` runs this machine's processes
             # here, like the other backends, each machine running the same command.
             argv += ["--deepspeed_multinode_launcher", "standard"]
     elif launch.backend == "fsdp":
-        # The recipe shards every decoder layer itself (model.shard_decoder_layers); checkpoints
-        # are saved sharded, each rank its own part.
-        argv += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "NO_WRAP",
-                 "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_reshard_after_forward", "true"]
+        argv += ["--use_fsdp"]
     else:
         argv += ["--multi_gpu"]
         if not on_gpu:
             env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo
     return [*argv, *recipe], env
+
+
+class TrainerOutput:
+    """The trainer's output, line by line: into the run's log (our own code's warnings at their
+    level), its progress reports to `on_progress`; the last lines are kept for an error message."""
+
+    def __init__(self, on_progress: Callable[[StepReport], None] | None):
+        self.on_progress = on_progress
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+
+    def line(self, line: str) -> None:
+        self.tail.append(line)
+        problem = OWN_PROBLEM.match(line)
+        log.log(logging.getLevelName(problem.group(1)) if problem else logging.INFO, "[trainer] %s", line)
+        report = parse_progress(line)
+        if report is not None and self.on_progress is not None:
+            self.on_progress(report)
+
+    def last_lines(self) -> str:
+        return "\n".join(self.tail)
 
 
 def run_trainer(argv: list[str], env: dict[str, str], log_path: Path,
@@ -191,7 +208,7 @@ def run_trainer(argv: list[str], env: dict[str, str], log_path: Path,
     progress reports into `on_progress`; a non-zero exit raises TrainerFailed with the tail of the
     output."""
     log.info("launching trainer: %s", " ".join(argv))
-    tail: collections.deque[str] = collections.deque(maxlen=40)
+    output = TrainerOutput(on_progress)
     # Not a new session: cancelling the flow run kills the worker's process group, trainer included.
     with open(log_path, "a", encoding="utf-8", buffering=1) as log_file, subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
@@ -200,15 +217,24 @@ def run_trainer(argv: list[str], env: dict[str, str], log_path: Path,
             for line in proc.stdout:
                 line = line.rstrip("\n")
                 log_file.write(line + "\n")
-                tail.append(line)
-                problem = OWN_PROBLEM.match(line)
-                log.log(logging.getLevelName(problem.group(1)) if problem else logging.INFO, "[trainer] %s", line)
-                report = parse_progress(line)
-                if report is not None and on_progress is not None:
-                    on_progress(report)
+                output.line(line)
         except BaseException:
             proc.kill()
             raise
         code = proc.wait()
     if code != 0:
-        raise TrainerFailed(f"trainer exited with code {code}; last lines:\n" + "\n".join(tail))
+        raise TrainerFailed(f"trainer exited with code {code}; last lines:\n" + output.last_lines())
+
+
+def start_trainer(cluster: ClusterConfig | None, cfg: TrainConfig, work_dir: Path, bf16: bool, log_path: Path,
+                  on_progress: Callable[[StepReport], None] | None = None,
+                  recipe_module: str = "mft_core.train.recipe") -> None:
+    """Run a recipe on the work directory to the end: on this machine (`trainer_command`), or as
+    Ray Train workers on the cluster of the `cluster:` section (train.on_ray)."""
+    if cluster is not None:
+        from mft_core.train.on_ray import run_on_ray
+
+        run_on_ray(cluster, cfg, work_dir, bf16, log_path, on_progress, recipe_module)
+        return
+    argv, env = trainer_command(cfg, work_dir, bf16, recipe_module=recipe_module)
+    run_trainer(argv, env, log_path, on_progress)

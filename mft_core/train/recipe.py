@@ -37,7 +37,7 @@ from mft_core.train import checkpoint as ckpt
 from mft_core.train import losses
 from mft_core.train.coba import CoBa, measurement_batches
 from mft_core.train.data import TokenizedSplit, collate, epoch_plan, to_device, validation_plan
-from mft_core.train.launch import cuda_available
+from mft_core.train.launch import cuda_available, deepspeed_config
 from mft_core.train.metrics import MetricsLog, peak_rss_mb, plot_loss_curves
 from mft_core.train.model import TokenLossModel, load_model, resolve_attention, shard_decoder_layers
 from mft_core.train.optim import make_scheduler, param_groups, total_optimizer_steps
@@ -49,21 +49,32 @@ log = logging.getLogger("mft.train")
 # ----------------------------------------------------------------------------- setup
 
 
-def make_accelerator(precision: str):
+def make_accelerator(precision: str, cfg: TrainConfig):
+    """The accelerator of every launcher (`accelerate launch`, Ray Train's workers, one plain
+    process): DeepSpeed and FSDP are set up here from train_job.json's settings, never from a
+    launcher's files or flags, so every launcher trains the same way."""
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
 
     handlers = []
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Without it, DeepSpeed on CPU runs every rank as its own world of one (silently).
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    plugins = {}
+    if cfg.launch.backend == "deepspeed":
+        plugins["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, precision == "bf16"))
+    elif cfg.launch.backend == "fsdp":
+        # The recipe shards every decoder layer itself (model.shard_decoder_layers); checkpoints
+        # are saved sharded, each rank its own part.
+        plugins["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="NO_WRAP", state_dict_type="SHARDED_STATE_DICT", reshard_after_forward=True)
     # step_scheduler_with_optimizer=False: otherwise accelerate steps a prepared scheduler once per
     # process at every step, and the schedule ends after 1/N of training (MFTCoder's LR defect).
     # Accumulation is the loop's own (below); an explicit plugin of 1 step also keeps a stray
     # ACCELERATE_GRADIENT_ACCUMULATION_STEPS from dividing every loss.
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", kwargs_handlers=handlers,
                        step_scheduler_with_optimizer=False,
-                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1))
+                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1), **plugins)
 
 
 def check_world(accelerator, cfg: TrainConfig) -> None:
@@ -167,7 +178,7 @@ def start_run(work_dir: Path) -> RecipeRun:
     torch.set_num_threads(int(os.environ.get("MFT_TRAIN_THREADS", os.cpu_count() or 1)))
     on_gpu = cuda_available()
     attention = resolve_attention(cfg.attention, on_gpu, job["precision"])
-    accelerator = make_accelerator(job["precision"])
+    accelerator = make_accelerator(job["precision"], cfg)
     check_world(accelerator, cfg)
     from accelerate.utils import DistributedType, set_seed
 

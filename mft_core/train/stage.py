@@ -22,7 +22,7 @@ from mft_core.console import TrainingProgress, announce
 from mft_core.hub import snapshot_of
 from mft_core.modeling import resolve_model
 from mft_core.store import FileHashCache
-from mft_core.train.launch import StepReport, cuda_available, run_trainer, trainer_command
+from mft_core.train.launch import StepReport, cuda_available, run_trainer, start_trainer, trainer_command
 
 log = logging.getLogger("mft.train")
 
@@ -135,15 +135,13 @@ def step_reporter(on_progress: Callable[[int, int, str], None] | None, stage: st
 def run_train(cfg: PipelineConfig, tokenize_dir: Path, work_dir: Path,
               on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     precision = write_train_job(cfg, tokenize_dir, work_dir)["precision"]
-    argv, env = trainer_command(cfg.train, work_dir, precision == "bf16")
     announce(log, "train", "start: " + describe_training(cfg, precision))
-    run_trainer(argv, env, work_dir / "train.log", step_reporter(on_progress))
+    start_trainer(cfg.cluster, cfg.train, work_dir, precision == "bf16", work_dir / "train.log", step_reporter(on_progress))
     for required in ("model", "train_summary.json", "metrics.jsonl"):
         if not (work_dir / required).exists():
             raise RuntimeError(f"the trainer exited 0 but wrote no {required} in {work_dir}")
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
     (work_dir / "train.log").unlink(missing_ok=True)  # streamed into the run's log already
-    (work_dir / "deepspeed.json").unlink(missing_ok=True)
     (work_dir / "accelerate.yaml").unlink(missing_ok=True)
     return json.loads((work_dir / "train_summary.json").read_text())
 
