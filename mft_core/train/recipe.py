@@ -182,6 +182,9 @@ def start_run(work_dir: Path) -> RecipeRun:
     check_world(accelerator, cfg)
     from accelerate.utils import DistributedType, set_seed
 
+    log.info("accelerator: %s over %d process(es), %s", accelerator.distributed_type.value, accelerator.num_processes,
+             accelerator.device)
+
     set_seed(cfg.seed)  # the same initial weights (LoRA init) on every rank
     tokenize_dir = job_path(job["tokenize_dir"], work_dir)
     template = json.loads((tokenize_dir / "template.json").read_text())
@@ -207,7 +210,9 @@ def prepare_training(run: RecipeRun, model, total_steps: int):
     wrapper, optimizer, scheduler = accelerator.prepare(wrapper, optimizer, scheduler)
     if not run.deepspeed:
         ckpt.install_trainable_only_hooks(accelerator)
-    return wrapper, optimizer, scheduler, ckpt.trainable_names(wrapper)
+    # Named as checkpoints name them: without the "module." of DDP's wrapper (a DDP run's resume
+    # found every saved weight "unexpected" and stopped).
+    return wrapper, optimizer, scheduler, ckpt.trainable_names(accelerator.unwrap_model(wrapper))
 
 
 def main(work_dir: Path) -> None:

@@ -48,3 +48,35 @@ def test_two_workers_on_two_nodes_train_like_two_local_processes(ray_cluster, tm
     assert json.loads((out / "hyperparameters.json").read_text())["world_size"] == 2
     assert "progress step=3 total=3" in result.stdout + result.stderr
     assert_same_training(reference, out)
+
+
+def test_a_worker_lost_mid_run_fails_the_run_and_the_next_run_resumes(ray_cluster, tmp_path, tiny_llama_dir):
+    """Rank 1's process is killed as soon as checkpoint 2 of 6 is complete: the run fails saying
+    why (Ray restarts nothing), the checkpoints stay, and the next run resumes from the newest and
+    ends where an uninterrupted run ends."""
+    settings = {**COMMON, "max_steps": 6, "checkpoint_every": 2}
+    reference = train(make_project(tmp_path / "local", tiny_llama_dir, **settings)).directory
+    path = on_cluster(make_project(tmp_path / "ray", tiny_llama_dir, **settings), ray_cluster)
+    mft(ray_cluster, "run", "--config", str(path), "--stages", "ingest,tokenize")
+    runs = tmp_path / "ray" / "runs" / "train"
+    with open(tmp_path / "first.log", "w") as output:
+        first = ray_cluster.popen([sys.executable, "-m", "mft_core.cli", "train", "--config", str(path)],
+                                  stdout=output, stderr=output)
+        killed, deadline = None, time.time() + 300
+        while killed is None and time.time() < deadline and first.poll() is None:
+            if list(runs.glob("*.partial/checkpoints/step-0000002/COMPLETE")):
+                workers = [json.loads(line) for line in next(runs.glob("*.partial/ray-workers.jsonl")).read_text().splitlines()]
+                killed = next(w for w in workers if w["rank"] == 1)
+                os.kill(killed["pid"], signal.SIGKILL)
+            time.sleep(0.005)
+        code = first.wait(timeout=300)
+    log = (tmp_path / "first.log").read_text()
+    assert killed is not None, "checkpoint 2 never appeared:\n" + log[-3000:]
+    assert code != 0, "the run ended before the worker was killed:\n" + log[-3000:]
+    assert "training on the Ray cluster failed" in log and "the next run resumes from the newest" in log, log[-3000:]
+    partial = next(runs.glob("*.partial"))
+    assert (partial / "checkpoints" / "step-0000002" / "COMPLETE").exists() and not (partial / "model").exists()
+
+    resumed = mft(ray_cluster, "train", "--config", str(path))
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert_same_training(reference, published(tmp_path / "ray"), step_count=6)

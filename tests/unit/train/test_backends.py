@@ -19,7 +19,8 @@ import torch
 from mft_core.config import load_config
 from mft_core.stages import run_stage
 from mft_core.train.launch import free_port
-from tests.unit.train.test_train_stage import REPO, adapter, make_project, metrics, train, train_as_machines
+from tests.unit.train.test_train_stage import (REPO, adapter, make_project, metrics, train, train_as_machines,
+                                              train_until_killed)
 
 pytestmark = pytest.mark.slow
 
@@ -55,10 +56,10 @@ def steps(directory):
     return [m for m in metrics(directory) if "loss" in m]
 
 
-def assert_same_training(reference, candidate):
+def assert_same_training(reference, candidate, step_count=3):
     """Pre-clip grad norms and losses of every step, and the final weights."""
     expected, got = steps(reference), steps(candidate)
-    assert [m["step"] for m in got] == [m["step"] for m in expected] == [1, 2, 3]
+    assert [m["step"] for m in got] == [m["step"] for m in expected] == list(range(1, step_count + 1))
     for a, b in zip(expected, got):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), f"step {a['step']}: grad norm"
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), f"step {a['step']}: loss"
@@ -138,6 +139,20 @@ def test_deepspeed_killed_then_resumed_equals_uninterrupted(trained, tmp_path, t
 
     resumed = run_stage(cfg, "train").directory
     assert json.loads((resumed / "train_summary.json").read_text())["deepspeed_global_steps"] == 3
+    assert_same_training(reference, resumed)
+
+
+def test_ddp_killed_then_resumed_equals_uninterrupted(trained, tmp_path, tiny_llama_dir):
+    """Before: a DDP checkpoint names its weights as the unwrapped model does, and the resume
+    compared them with the names under DDP's wrapper ("module."): every resumed run of more than
+    one DDP process stopped with "does not match the model's trainable weights"."""
+    reference = trained("ddp-2x2")
+    path = make_project(tmp_path, tiny_llama_dir, **{**COMMON, **RUNS["ddp-2x2"], "checkpoint_every": 2})
+    partial = train_until_killed(path, tmp_path / "runs", "step-0000002/COMPLETE")
+    assert partial is not None, "the trainer never completed checkpoint 2"
+    complete = sorted(p.name for p in (partial / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
+    assert complete == ["step-0000002"], "killed too late: step 3 was checkpointed, nothing left to resume"
+    resumed = run_stage(load_config(path), "train").directory
     assert_same_training(reference, resumed)
 
 
