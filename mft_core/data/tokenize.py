@@ -298,7 +298,7 @@ def _tokenize_on_cluster(cfg: PipelineConfig, init_args: tuple, pending: list[Ch
         log.info("tokenized %s (%d/%d) on the cluster", result[0], finished, len(pending))
 
     run_tasks(cfg.cluster, tokenize_chunk_task, [(init_args, chunk) for chunk in pending], on_done=done)
-    log.info("tokenize: peak memory of a Ray worker %.0f MB", peak / 1e6)
+    announce(log, "tokenize", f"{len(pending)} shard(s) done on the cluster; peak memory of a Ray worker {peak / 1e6:.0f} MB")
 
 
 def _write_shard(out: Path, arrays: list[pa.Array], stats: dict[str, Any]) -> None:

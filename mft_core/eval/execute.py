@@ -835,13 +835,14 @@ def execute_samples(samples: Iterable[dict], results_path: str | Path, *,
                     problems: list[Problem] | None = None,
                     humaneval_dir: str | Path | None = None,
                     config: ExecutionConfig | None = None, truncate: bool = True,
-                    on_result: Callable[[dict], None] | None = None) -> list[dict]:
+                    on_result: Callable[[dict], None] | None = None, cluster=None) -> list[dict]:
     """Execute generations and append one result line per sample to `results_path`.
 
     `samples`: dicts with task_id and generation (or completion), optional sample_index.
     Samples already recorded in `results_path` are skipped, so a crashed run is resumed by
     calling this again with the same arguments. Returns the results of all given samples
-    (recorded earlier or now), in the order given.
+    (recorded earlier or now), in the order given. `cluster` (the config's ClusterConfig): the
+    samples run in the sandboxes of every node of that Ray cluster (`_on_cluster`).
     """
     config = config or ExecutionConfig()
     results_path = Path(results_path)
@@ -870,7 +871,7 @@ def execute_samples(samples: Iterable[dict], results_path: str | Path, *,
             todo = [s for s in pending if by_id[s.task_id].language == language]
             if todo:
                 _execute_language(language, todo, by_id, config, truncate, results_file,
-                                  done, on_result)
+                                  done, on_result, cluster)
         results_file.flush()
         os.fsync(results_file.fileno())
     return [done[s.key] for s in wanted]
@@ -886,38 +887,52 @@ def _completed_or_cancel(futures):
         raise
 
 
-def _execute_language(language: str, todo: list[Sample], by_id: dict[str, Problem],
-                      config: ExecutionConfig, truncate: bool, results_file, done: dict,
-                      on_result) -> None:
-    """Run one language's pending samples in parallel; results are written by this thread."""
+def execute_one(runner: "ProgramRunner", problem: Problem, sample: Sample, truncate: bool) -> dict:
+    """One sample's verdict record, in a runner prepared for its language."""
+    try:
+        program = assemble_program(problem, sample.completion, truncate)
+        return runner.run(program, sample.key)
+    except (ToolchainMissing, SandboxError):
+        raise  # the machine is not set up: stop, do not record thousands of failures
+    except Exception as error:  # never a pass; recorded so the run can go on
+        log.exception("executor error on %s #%d", *sample.key)
+        return _result(sample.key, problem.language, "failed",
+                       error=f"executor error: {type(error).__name__}: {error}")
+
+
+def _on_this_machine(language: str, todo: list[Sample], by_id: dict[str, Problem],
+                     config: ExecutionConfig, truncate: bool) -> Iterable[dict]:
+    """The samples' records as they finish, from `workers_for(language)` sandboxes here."""
     workers = min(config.workers_for(language), len(todo))
-    passed = finished = 0
-    started = time.perf_counter()
     with ProgramRunner(config, workers=workers) as runner:
         runner.prepare(language)
-
-        def work(sample: Sample) -> dict:
-            try:
-                program = assemble_program(by_id[sample.task_id], sample.completion, truncate)
-                return runner.run(program, sample.key)
-            except (ToolchainMissing, SandboxError):
-                raise  # the machine is not set up: stop, do not record thousands of failures
-            except Exception as error:  # never a pass; recorded so the run can go on
-                log.exception("executor error on %s #%d", *sample.key)
-                return _result(sample.key, language, "failed",
-                               error=f"executor error: {type(error).__name__}: {error}")
-
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"eval-{language}") as pool:
-            futures = [pool.submit(work, sample) for sample in todo]
+            futures = [pool.submit(execute_one, runner, by_id[sample.task_id], sample, truncate) for sample in todo]
             for future in _completed_or_cancel(futures):
-                record = future.result()
-                results_file.write(json.dumps(record) + "\n")
-                results_file.flush()  # a crash loses at most the samples still running
-                done[(record["task_id"], record["sample_index"])] = record
-                finished += 1
-                passed += record["passed"]
-                if on_result:
-                    on_result(record)
-                if finished % 50 == 0 or finished == len(todo):
-                    log.info("%s: %d/%d executed, %d passed (%.0f s)", language, finished,
-                             len(todo), passed, time.perf_counter() - started)
+                yield future.result()
+
+
+def _execute_language(language: str, todo: list[Sample], by_id: dict[str, Problem],
+                      config: ExecutionConfig, truncate: bool, results_file, done: dict,
+                      on_result, cluster=None) -> None:
+    """Run one language's pending samples in parallel, here or on the cluster; results are
+    written by this thread."""
+    passed = finished = 0
+    started = time.perf_counter()
+    if cluster is not None:
+        from mft_core.eval.on_ray import on_cluster
+
+        records = on_cluster(cluster, language, todo, by_id, config, truncate)
+    else:
+        records = _on_this_machine(language, todo, by_id, config, truncate)
+    for record in records:
+        results_file.write(json.dumps(record) + "\n")
+        results_file.flush()  # a crash loses at most the samples still running
+        done[(record["task_id"], record["sample_index"])] = record
+        finished += 1
+        passed += record["passed"]
+        if on_result:
+            on_result(record)
+        if finished % 50 == 0 or finished == len(todo):
+            log.info("%s: %d/%d executed, %d passed (%.0f s)", language, finished,
+                     len(todo), passed, time.perf_counter() - started)

@@ -244,7 +244,12 @@ def run_evaluate(cfg: PipelineConfig, merge_dir: Path, out_dir: Path, progress: 
     out_dir = Path(out_dir)
     problems = select_evaluation_problems(cfg)
     languages = [language for language in LANGUAGES if any(p.language == language for p in problems)]
-    require_toolchains(languages)
+    if cfg.cluster is None:
+        require_toolchains(languages)
+    else:  # the programs run on the cluster's nodes: each must have the toolchains
+        from mft_core.cluster import check_nodes
+
+        check_nodes(cfg, languages)
 
     finetuned_folder = merged_model_folder(merge_dir)
     template, eos_id = training_template(merge_dir, finetuned_folder)
@@ -366,7 +371,7 @@ def _evaluate_model(cfg: PipelineConfig, tag: str, folder: Path, mode: str, prob
     # The stored generation is already truncated (truncation is idempotent, but say what is meant).
     results = execute_samples(run.records, results_path, problems=problems,
                               config=execution_config(settings, cfg.runs_root), truncate=False,
-                              on_result=lambda record: counter.add([record]))
+                              on_result=lambda record: counter.add([record]), cluster=cfg.cluster)
     log.info("%s: %s", MODEL_LABELS[tag], _average_line(pass_at_k_table(results, settings.ks), settings.ks))
     return {"folder": folder, "mode": mode, "generation": run.stats, "results": results,
             "generate_wall_s": round(generated_s, 3), "execute_wall_s": round(time.perf_counter() - started, 3)}
