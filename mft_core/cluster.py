@@ -14,6 +14,7 @@ import logging
 import platform
 import resource
 import secrets
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,18 +37,34 @@ def ray_module():
     return ray
 
 
+START_CLUSTER = ("start one (`ray start --head` on the head, `ray start --address HEAD:6379` on every other node) "
+                 "or fix cluster.address")
+
+
+def probe_address(address: str) -> None:
+    """Fail in seconds when nothing listens at the cluster's address: ray.init itself retries an
+    unanswered address for minutes."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as error:
+        raise ClusterError(f"cluster.address {address!r}: no Ray cluster answers there ({error}); {START_CLUSTER}") from None
+
+
 def connect(cluster: ClusterConfig):
     """The `ray` module, connected to the cluster (once per process)."""
     ray = ray_module()
     if ray.is_initialized():
         return ray
+    probe_address(cluster.address)
     try:
         # configure_logging=False: our log format stays; the workers' output reaches this log.
         ray.init(address=cluster.address, configure_logging=False, log_to_driver=True)
     except ConnectionError as error:
-        raise ClusterError(f"cluster.address {cluster.address!r}: no Ray cluster answers there ({error}). Start one "
-                           "(`ray start --head` on the head, `ray start --address HEAD:6379` on every other node) "
-                           "or fix cluster.address") from None
+        raise ClusterError(f"cluster.address {cluster.address!r}: no Ray cluster answers there ({error}); "
+                           f"{START_CLUSTER}") from None
     return ray
 
 

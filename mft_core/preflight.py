@@ -13,6 +13,8 @@ What is checked:
     (mft_core/benchmark.py), with its notice when only Python HumanEval can be had;
   - evaluate's toolchains, for the configured languages the benchmark has, and the sandbox
     (its launcher builds, its isolation is detected, the toolchain folder is usable);
+  - with a `cluster:` section, the Ray cluster: it answers, and every node sees runs_root, runs
+    the same Python, torch and mft-pipeline, and has evaluate's toolchains;
   - free disk under the runs root against an estimate from the config: the model's size (fp32)
     times what the building stages write (a converted GGUF, checkpoints kept, the merged model)
     plus the data's shards, with a margin.
@@ -85,6 +87,8 @@ def preflight(cfg: PipelineConfig, selected: list[str], forced: list[str] | None
     if {"ingest", "evaluate"} & set(building):
         _check_benchmark(cfg, building, check)
     _check_disk(cfg, building, params, check)
+    if cfg.cluster is not None:
+        _check_cluster(cfg, building, check)
     if check.problems:
         raise PreflightError(
             f"{cfg.source}: this run cannot finish ({', '.join(building)} would run); nothing was started:\n"
@@ -191,7 +195,8 @@ def _check_benchmark(cfg: PipelineConfig, building: list[str], check: Preflight)
         check.problem(f"no benchmark data for evaluate.languages {list(cfg.evaluate.languages)} "
                       f"({benchmark.describe()})", f"{FETCH_COMMAND} (with network)")
         return
-    _check_toolchains(languages, check)
+    if cfg.cluster is None:  # else on every node of the cluster (_check_cluster)
+        _check_toolchains(languages, check)
 
 
 def _check_toolchains(languages: list[str], check: Preflight) -> None:
@@ -210,6 +215,27 @@ def _check_toolchains(languages: list[str], check: Preflight) -> None:
         check.problem(f"the evaluation sandbox cannot run here: {error}", INSTALL_TOOLCHAINS)
         return
     check.notes.append(f"toolchains for {', '.join(languages)}, sandbox isolation {isolation.value}")
+
+
+def _check_cluster(cfg: PipelineConfig, building: list[str], check: Preflight) -> None:
+    """The Ray cluster answers, and every node sees runs_root, runs our versions and (evaluate)
+    has the toolchains (mft_core.cluster.check_nodes)."""
+    from mft_core.cluster import ClusterError, check_nodes
+
+    languages: list[str] = []
+    if "evaluate" in building:
+        from mft_core.eval.stage import evaluation_languages
+
+        try:
+            languages = evaluation_languages(cfg)[0]
+        except Exception:  # noqa: BLE001 - the benchmark check above says why
+            languages = []
+    try:
+        nodes = check_nodes(cfg, languages)
+    except ClusterError as error:
+        check.problem(str(error), "see README, More than one machine")
+        return
+    check.notes.append(f"Ray cluster {cfg.cluster.address}: {len(nodes)} node(s) ready")
 
 
 # ----------------------------------------------------------------------------- disk
