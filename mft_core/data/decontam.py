@@ -17,10 +17,12 @@ After identifier splitting 13 words is about one docstring sentence or two lines
 long enough that ordinary code idioms (``for i in range(len(numbers)):``) do not trigger it,
 short enough that a copied problem statement or solution always does.
 
-Speed: the benchmark's n-grams are hashed once into a dict. A record's words are first mapped
-to benchmark vocabulary ids; a word the benchmark never uses cannot be part of a shared
-n-gram, so only runs of known words are hashed at all. Hashes are of integer tuples, which
-Python does not randomize, so results are the same in every process.
+Speed: every benchmark word gets one character as its code, and a text becomes a string of codes
+in which each word the benchmark never uses is a break (it cannot be part of a shared n-gram).
+An n-gram is then an n-character substring of a run between breaks, and matching is string
+slicing and dict lookups, exact (no hash collisions). The text is cut into letter-digit tokens by
+bytes.translate + bytes.split, which run in C; a token's codes are computed once (normalize_words
+of the token) and then looked up, as most tokens of code repeat.
 """
 
 from __future__ import annotations
@@ -38,7 +40,17 @@ DEFAULT_NGRAM = 13
 # lowercase words, digit runs. Everything else separates words.
 _WORD_RE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 
-_UNKNOWN = -1
+# The code of a word the benchmark never uses: it ends a run of known words.
+_BREAK = "\x00"
+
+# Bytes that are not ASCII letters or digits become spaces, so that bytes.split() cuts a text
+# into the letter-digit tokens that words come from. A non-ASCII character is a separator too,
+# and every byte of its UTF-8 form is >= 0x80.
+_TOKEN_BYTES = bytes(byte if bytes([byte]).isalnum() else ord(" ") for byte in range(256))
+
+# Bound on the token-code cache (about 150 bytes per entry): the frequent tokens come early and
+# stay; a token seen after the cache is full is coded again each time.
+_MAX_CACHED_TOKENS = 200_000
 
 # Header lines every benchmark item of a language shares (C++ #include block, Java's
 # "import java.util.*; import java.lang.*; class Solution {", Go and Python imports). They say
@@ -82,11 +94,43 @@ def load_benchmark_items(humaneval_dir: Path | None = None) -> list[tuple[str, s
     return items
 
 
+def _tokens(text: str) -> list[bytes]:
+    """The letter-digit tokens of text in order (bytes.translate and bytes.split run in C)."""
+    # surrogatepass: a lone surrogate is non-ASCII, a separator like any other
+    return text.encode("utf-8", "surrogatepass").translate(_TOKEN_BYTES).split()
+
+
+def _token_words(token: bytes) -> list[str]:
+    """normalize_words of one token. Most tokens are one word (lowercase, Capitalized, ALLCAPS or
+    digits), which the regex returns whole: they skip it."""
+    if token.isdigit() or token.isalpha() and (token.islower() or token.isupper() or token.istitle()):
+        return [token.decode("ascii").lower()]
+    return normalize_words(token.decode("ascii"))
+
+
+class _TokenCodes(dict):
+    """Token -> the codes of its words, computed on first use. The regex never matches across a
+    separator, and a token ends where the text has a separator, so a text's word stream is its
+    tokens' words in order."""
+
+    def __init__(self, word_codes: dict[str, str]) -> None:
+        super().__init__()
+        self.word_codes = word_codes
+
+    def __missing__(self, token: bytes) -> str:
+        word_codes = self.word_codes
+        codes = "".join([word_codes.get(word, _BREAK) for word in _token_words(token)])
+        if len(self) < _MAX_CACHED_TOKENS:
+            self[token] = codes
+        return codes
+
+
 class Decontaminator:
     """Flags texts that share an n-gram of normalized words with any benchmark text.
 
     ``names`` label the benchmark texts in ``matches`` (default "benchmark[i]"). Texts shorter
     than n words have no n-gram and can match nothing (no HumanEval-X item is that short).
+    Plain data, so it pickles: a worker process can check its share of the records.
     """
 
     def __init__(
@@ -106,13 +150,20 @@ class Decontaminator:
         self.names = list(names) if names is not None else [
             f"benchmark[{index}]" for index in range(len(benchmark_texts))
         ]
-        self._vocab: dict[str, int] = {}
-        # n-gram hash -> indices of the benchmark texts that contain it
-        self._ngram_items: dict[int, list[int]] = {}
+        # benchmark word -> its one-character code (never _BREAK)
+        word_codes: dict[str, str] = {}
+        # n-gram (n codes) -> indices of the benchmark texts that contain it
+        self._ngram_items: dict[str, list[int]] = {}
         for index, text in enumerate(benchmark_texts):
-            ids = [self._vocab.setdefault(word, len(self._vocab)) for word in normalize_words(text)]
-            for key in set(self._hash_ngrams(ids)):
-                self._ngram_items.setdefault(key, []).append(index)
+            words = normalize_words(text)
+            for word in words:
+                if word not in word_codes:
+                    word_codes[word] = chr(len(word_codes) + 1)
+            codes = "".join(map(word_codes.__getitem__, words))
+            for ngram in {codes[start:start + n] for start in range(len(codes) - n + 1)}:
+                self._ngram_items.setdefault(ngram, []).append(index)
+        self._token_codes = _TokenCodes(word_codes)
+        self._long_run = re.compile(f"[^{_BREAK}]{{{n},}}")  # n or more known words in a row
 
     @classmethod
     def from_humaneval(
@@ -128,29 +179,25 @@ class Decontaminator:
     def ngram_count(self) -> int:
         return len(self._ngram_items)
 
-    def _hash_ngrams(self, ids: list[int]) -> Iterator[int]:
-        """Hashes of every n-gram of ids that holds no unknown word."""
+    def _ngrams(self, text: str) -> Iterator[str]:
+        """The n-grams of text made only of benchmark words, as code strings."""
         n = self.n
-        run_start = 0
-        for position in range(len(ids) + 1):
-            if position == len(ids) or ids[position] == _UNKNOWN:
-                for start in range(run_start, position - n + 1):
-                    yield hash(tuple(ids[start:start + n]))
-                run_start = position + 1
-
-    def _text_ngrams(self, text: str) -> Iterator[int]:
-        vocab = self._vocab
-        ids = [vocab.get(word, _UNKNOWN) for word in normalize_words(text)]
-        return self._hash_ngrams(ids)
+        codes = "".join(map(self._token_codes.__getitem__, _tokens(text)))
+        # Most texts have no run of n known words: one regex scan finds the runs that do.
+        for run in self._long_run.findall(codes):
+            for start in range(len(run) - n + 1):
+                yield run[start:start + n]
 
     def contaminated(self, text: str) -> bool:
         """True when text shares at least one n-gram with a benchmark text."""
         table = self._ngram_items
-        return any(key in table for key in self._text_ngrams(text))
+        return any(ngram in table for ngram in self._ngrams(text))
 
     def matches(self, text: str) -> list[str]:
-        """Names of the benchmark texts that text overlaps, in benchmark order."""
+        """Names of the benchmark texts that text overlaps, in benchmark order ([] when none)."""
+        table = self._ngram_items
         hit: set[int] = set()
-        for key in self._text_ngrams(text):
-            hit.update(self._ngram_items.get(key, ()))
+        for ngram in self._ngrams(text):
+            if ngram in table:
+                hit.update(table[ngram])
         return [self.names[index] for index in sorted(hit)]

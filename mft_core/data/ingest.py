@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,6 +53,9 @@ from mft_core.data.records import (
     record_text,
 )
 from mft_core.store import FileHashCache
+
+if TYPE_CHECKING:
+    from mft_core.data.decontam import Decontaminator
 
 log = logging.getLogger("mft.ingest")
 
@@ -199,6 +202,32 @@ def _parse_row(row: dict[str, Any] | RecordError, normalize=normalize_record) ->
     if isinstance(row, RecordError):
         raise row
     return normalize(row)
+
+
+class CheckedRecord(NamedTuple):
+    """What check_record finds about one line or Parquet row."""
+
+    record: dict[str, Any] | None  # the canonical record (records.py), None when invalid
+    error: RecordError | None  # why it is not a valid record
+    fingerprint: bytes | None  # records.record_fingerprint: the dedup and split key
+    overlaps: list[str]  # the benchmark items it shares an n-gram with ([] when clean or not checked)
+
+
+def check_record(
+    item: bytes | dict[str, Any] | RecordError, normalize=normalize_record, decontaminator: Decontaminator | None = None
+) -> CheckedRecord:
+    """The work on one record that needs no other record: a JSON Lines line (bytes, from
+    read_lines) or a Parquet row (from read_parquet_rows) -> canonical record and fingerprint, or
+    the RecordError; and the benchmark items it overlaps. Its arguments pickle (normalize is a
+    module-level function), so worker processes can run it over slices of the files; what depends
+    on earlier records (dedup: the first occurrence in task, file and line order wins), the split
+    and the writing stay with run_ingest."""
+    try:
+        record = parse_line(item, normalize) if isinstance(item, bytes) else _parse_row(item, normalize)
+    except RecordError as err:
+        return CheckedRecord(None, err, None, [])
+    overlaps = decontaminator.matches(record_text(record)) if decontaminator is not None else []
+    return CheckedRecord(record, None, record_fingerprint(record), overlaps)
 
 
 def _json_array(err: RecordError, raw: bytes) -> RecordError | None:
@@ -409,7 +438,7 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
                 try:
                     for number, item in read_parquet_rows(path) if unit else read_lines(path):
                         stats.lines += 1
-                        location, source = f"{path}:{unit}{number}", f"{shown}:{unit}{number}"
+                        source = f"{shown}:{unit}{number}"
                         if isinstance(item, bytes) and not item.strip():
                             stats.blank_lines += 1
                             continue
@@ -417,40 +446,37 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
                         # unexpected error is not skipped, even with on_error=skip: it may be a bug
                         # of ingest rather than bad data, and skipping could drop good records unseen.
                         try:
-                            try:
-                                record = (parse_line(item, normalize) if isinstance(item, bytes)
-                                          else _parse_row(item, normalize))
-                            except RecordError as err:
-                                array = _json_array(err, item) if first else None
+                            checked = check_record(item, normalize, decontaminator)
+                            if checked.error is not None:
+                                array = _json_array(checked.error, item) if first else None
                                 first = False
-                                invalid(stats, location, source, array or err, item)
-                                if array and err.reason == "bad_json":
+                                invalid(stats, f"{path}:{unit}{number}", source, array or checked.error, item)
+                                if array and checked.error.reason == "bad_json":
                                     break  # a pretty-printed array: the other lines are the rest of it
                                 continue
                             first = False
-                            fingerprint = record_fingerprint(record)
                             if settings.dedup:
-                                short = int.from_bytes(fingerprint[:8], "little")
+                                short = int.from_bytes(checked.fingerprint[:8], "little")
                                 if short in seen:
                                     stats.duplicates += 1
                                     detail = "exact duplicate of an earlier record"
                                     reject(stats, source, "duplicate", detail, item, "filtered")
                                     continue
                                 seen.add(short)
-                            if decontaminator is not None and decontaminator.contaminated(record_text(record)):
+                            if checked.overlaps:
                                 stats.contaminated += 1
-                                problems = ", ".join(decontaminator.matches(record_text(record))[:5])
-                                detail = f"overlaps HumanEval-X {problems}"
+                                detail = f"overlaps HumanEval-X {', '.join(checked.overlaps[:5])}"
                                 reject(stats, source, "contaminated", detail, item, "filtered")
                                 continue
                         except IngestError:
                             raise
                         except Exception as err:
                             raise IngestError(
-                                f"{location}: unexpected {type(err).__name__} while ingesting this record: {err}. "
-                                "Ingest does not handle this input (a bug): please report it with the record; "
+                                f"{path}:{unit}{number}: unexpected {type(err).__name__} while ingesting this record: "
+                                f"{err}. Ingest does not handle this input (a bug): please report it with the record; "
                                 "remove the record to go on."
                             ) from err
+                        record, fingerprint = checked.record, checked.fingerprint
                         stats.accepted += 1
                         row = {
                             "task": name,

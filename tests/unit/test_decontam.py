@@ -5,12 +5,15 @@ from __future__ import annotations
 import gzip
 import inspect
 import json
+import pickle
+import random
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from mft_core.benchmark import BenchmarkError
+from mft_core.data import decontam
 from mft_core.data.decontam import (
     DEFAULT_NGRAM,
     Decontaminator,
@@ -118,3 +121,83 @@ def test_malformed_row_names_file_and_line(tmp_path: Path):
 def test_default_ngram_is_13():
     assert DEFAULT_NGRAM == 13
     assert Decontaminator(["x"]).n == 13
+
+
+def _reference_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = normalize_words(text)
+    return {tuple(words[start:start + n]) for start in range(len(words) - n + 1)}
+
+
+def _reference_matches(benchmark_ngrams: list[set[tuple[str, ...]]], text: str, n: int) -> list[int]:
+    """The definition, the slow obvious way: the benchmark texts sharing an n-gram of
+    normalize_words with text."""
+    mine = _reference_ngrams(text, n)
+    return [index for index, theirs in enumerate(benchmark_ngrams) if not mine.isdisjoint(theirs)]
+
+
+def _restyled(words: list[str], rng: random.Random) -> str:
+    """words written the ways normalization must see through: identifier styles, case, and any
+    separator (punctuation, non-ASCII, DEL, NUL, a lone surrogate)."""
+    style = rng.randrange(6)
+    if style == 0:
+        return "_".join(words)
+    if style == 1:
+        return words[0] + "".join(word.capitalize() for word in words[1:])  # camelCase
+    if style == 2:
+        return "".join(word.capitalize() for word in words)  # PascalCase
+    if style == 3:
+        return " ".join(word.upper() for word in words)
+    separators = [" ", "\n", "\t", ", ", "(", ") ", ".", "::", "->", "é", "—", "中", "😀", "\x7f", "\x00", "\ud800"]
+    return "".join(word + rng.choice(separators) for word in words)
+
+
+def _random_texts(benchmark: list[str], count: int, seed: int) -> list[str]:
+    """Texts around the n-gram threshold: windows of 1 to 16 benchmark words (restyled, cut
+    into pieces, between unknown words, digits and letter-digit tokens such as x1 or HTTPServer)."""
+    rng = random.Random(seed)
+    noise = ["zebra", "quux", "x1", "1x", "HTTPServer", "getHTTPResponse", "ABCdef", "a1b2", "42", "Ünïcode", "  "]
+    texts = []
+    for _ in range(count):
+        pieces = []
+        for _ in range(rng.randrange(1, 4)):
+            words = normalize_words(rng.choice(benchmark))
+            start = rng.randrange(max(1, len(words)))
+            pieces.append(_restyled(words[start:start + rng.randrange(1, 17)] or ["empty"], rng))
+            pieces.append(" ".join(rng.choice(noise) for _ in range(rng.randrange(0, 3))))
+        texts.append(rng.choice([" ", "\n", ""]).join(pieces))
+    return texts
+
+
+@pytest.mark.parametrize("n", [13, 4, 1])
+def test_fast_matching_equals_the_reference_definition(n):
+    """Decontaminator (token codes, cached, runs found by regex) against _reference_matches on
+    texts built from the benchmark the evaluate stage uses (HumanEval-X where found)."""
+    benchmark = [text for _, text in load_benchmark_items()]
+    decontaminator = Decontaminator(benchmark, n=n)
+    benchmark_ngrams = [_reference_ngrams(text, n) for text in benchmark]
+    texts = _random_texts(benchmark, 1500, seed=n) + benchmark[:50] + ["", "x", "\ud800\x7f"]
+    found = 0
+    for text in texts:
+        expected = [f"benchmark[{index}]" for index in _reference_matches(benchmark_ngrams, text, n)]
+        assert decontaminator.matches(text) == expected, text
+        assert decontaminator.contaminated(text) == bool(expected), text
+        found += bool(expected)
+    assert 0 < found < len(texts)  # both verdicts occur
+    if n == DEFAULT_NGRAM:
+        assert 0.2 * len(texts) < found < 0.8 * len(texts), found
+
+
+def test_a_pickled_decontaminator_and_an_uncached_one_give_the_same_verdicts(monkeypatch):
+    """A worker process gets the decontaminator pickled; past its cache bound, tokens are coded
+    on every use. Both must decide as the original does."""
+    benchmark = [text for _, text in load_benchmark_items()]
+    texts = _random_texts(benchmark, 300, seed=7)
+    original = Decontaminator(benchmark)
+    expected = [original.matches(text) for text in texts]
+    assert any(expected)
+    copy = pickle.loads(pickle.dumps(original))
+    assert [copy.matches(text) for text in texts] == expected
+    monkeypatch.setattr(decontam, "_MAX_CACHED_TOKENS", 0)
+    uncached = Decontaminator(benchmark)
+    assert [uncached.matches(text) for text in texts] == expected
+    assert len(uncached._token_codes) == 0

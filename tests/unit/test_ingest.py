@@ -4,6 +4,8 @@ import gzip
 import hashlib
 import json
 import logging
+import pickle
+import random
 import zlib
 from pathlib import Path
 
@@ -13,7 +15,10 @@ import pytest
 
 from mft_core.config import ConfigError, config_from_dict
 from mft_core.data import ingest as ingest_module
-from mft_core.data.ingest import IngestError, read_tasks, run_ingest
+from mft_core.data import records as records_module
+from mft_core.data.decontam import Decontaminator
+from mft_core.data.ingest import IngestError, check_record, read_tasks, run_ingest
+from mft_core.data.records import normalize_record, record_fingerprint
 from mft_core.eval.problems import load_problems
 from mft_core.stages import run_stage
 
@@ -456,3 +461,63 @@ def test_an_unexpected_error_while_reading_names_the_file(tmp_path, monkeypatch)
     cfg = make_cfg(tmp_path, [{"path": "t"}], min_valid=0, on_error="skip")
     with pytest.raises(IngestError, match=r"x\.jsonl: cannot read the file past line 1: OSError: Input/output error"):
         ingest(tmp_path, cfg)
+
+
+def _random_string(rng: random.Random) -> str:
+    """Text with everything JSON escapes or might: quotes, backslashes, control characters, DEL,
+    non-ASCII, an astral character, a lone surrogate's neighbours."""
+    alphabet = ['"', "\\", "\n", "\r", "\t", "\b", "\f", "\x00", "\x01", "\x1f", "\x7f", "\x80", "é", "\u2028", "😀",
+                "/", "<", "'", " ", "a", "Z", "0"]
+    return "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 30))) + rng.choice(["", "x"])
+
+
+def test_record_fingerprint_is_the_sha256_of_the_canonical_json():
+    """record_fingerprint writes the canonical JSON itself (for speed); it must hash exactly what
+    json.dumps writes, or every record hash and the whole train/valid split would move."""
+    rng = random.Random(0)
+    for _ in range(3000):
+        messages = [{"role": rng.choice(["system", "user", "assistant"]), "content": _random_string(rng)}
+                    for _ in range(rng.randrange(0, 4))]
+        shape = rng.choice(["chat", "pair", "text", "preference"])
+        record = {"shape": shape, "messages": messages, "text": _random_string(rng) if shape == "text" else None}
+        content = [record["messages"], record["text"]]
+        if shape == "preference":
+            record.update(chosen=_random_string(rng), rejected=_random_string(rng))
+            content += [record["chosen"], record["rejected"]]
+        canonical = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        assert record_fingerprint(record) == hashlib.sha256(canonical).digest(), record
+
+
+def test_parse_line_reads_json_exactly_as_json_loads():
+    """parse_line calls json's scanner directly (for speed): same values, and for every line it
+    does not take whole, json.loads's own result or error message."""
+    lines = ['{"text": "a"}', ' {"text": "a"}', '{"text": "a"} ', '{"text": "a"}\t', "\ufeff{}", '{"a": 1} {"b": 2}',
+             '{"a": 1}x', "{", "", "  ", "[1, 2]", "3", '"s"', "null", '{"a": NaN}', '{"a": "\\ud83d\\ude00"}',
+             '{"a": "tab\there"}', '{"a": 1,}', '{"a": [1, {"b": null}]}', "{'a': 1}"]
+    rng = random.Random(1)
+    lines += [json.dumps({"text": _random_string(rng)}, ensure_ascii=rng.random() < 0.5) for _ in range(500)]
+    for line in lines:
+        try:
+            expected = ("value", json.loads(line))
+        except json.JSONDecodeError as err:
+            expected = ("error", str(err))
+        try:
+            got = ("value", records_module._json_value(line))
+        except json.JSONDecodeError as err:
+            got = ("error", str(err))
+        assert got == expected, line
+
+
+def test_check_record_pickles_for_worker_processes():
+    """The per-record work runs in other processes later (fan-out over file slices): the function
+    and its arguments pickle, and the copy decides as the original does."""
+    decontaminator = Decontaminator(["def has_close_elements(numbers, threshold): return any(abs(a - b) "
+                                     "< threshold for a in numbers for b in numbers if a is not b)"], n=8)
+    lines = [json.dumps(chat("Write has_close_elements", "return any(abs(a - b) < threshold for a in numbers "
+                                                          "for b in numbers if a is not b)")).encode(),
+             json.dumps(chat("hello", "world")).encode(), b"{not json"]
+    expected = [check_record(line, normalize_record, decontaminator) for line in lines]
+    assert expected[0].overlaps == ["benchmark[0]"] and expected[1].overlaps == [] and expected[2].error.reason == "bad_json"
+    function, normalize, copy = pickle.loads(pickle.dumps((check_record, normalize_record, decontaminator)))
+    got = [function(line, normalize, copy) for line in lines]
+    assert [(r.record, r.fingerprint, r.overlaps) for r in got] == [(r.record, r.fingerprint, r.overlaps) for r in expected]
