@@ -4,9 +4,11 @@ cleanly and the next run resumes from the newest checkpoint."""
 
 import json
 import os
+import re
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -37,10 +39,19 @@ def published(root, stage="train"):
     return done[0]
 
 
-def test_two_workers_on_two_nodes_train_like_two_local_processes(ray_cluster, tmp_path, tiny_llama_dir):
+def test_the_whole_flow_on_the_cluster_trains_two_workers_on_two_nodes_like_two_local_processes(
+        ray_cluster, tmp_path, tiny_llama_dir):
+    """`mft run` (the Prefect flow) of every stage with a cluster: section; training on two Ray
+    Train workers on two nodes equals two local processes; evaluate runs on the nodes."""
     reference = train(make_project(tmp_path / "local", tiny_llama_dir, **COMMON)).directory
     path = on_cluster(make_project(tmp_path / "ray", tiny_llama_dir, **COMMON), ray_cluster)
-    result = mft(ray_cluster, "run", "--config", str(path), "--stages", "ingest,tokenize,train")
+    config = yaml.safe_load(path.read_text())
+    config["evaluate"] = {"languages": ["python"], "limit": 2, "max_new_tokens": 16, "evaluate_base": False}
+    path.write_text(yaml.safe_dump(config))
+    result = mft(ray_cluster, "run", "--config", str(path))
+    run_log = Path(re.search(r"full log: (\S+)", result.stdout + result.stderr).group(1)).read_text()
+    assert "python: 2 sample(s) on 3 node(s)" in run_log
+    assert (published(tmp_path / "ray", "evaluate") / "summary.json").is_file()
     out = published(tmp_path / "ray")
     workers = [json.loads(line) for line in (out / "ray-workers.jsonl").read_text().splitlines()]
     assert sorted(w["rank"] for w in workers) == [0, 1]
