@@ -418,6 +418,9 @@ class ClusterConfig(_Strict):
         default="spread", description="Training workers on as many nodes as possible (spread) or as few (pack).")
     cpus_per_task: float = Field(default=1, gt=0,
                                  description="CPUs of each ingest or tokenize task (one chunk of input each).")
+    ingest_piece_mb: float = Field(default=16, gt=0,
+                                   description="Ingest checks plain JSON Lines files in pieces of about this size, a Ray "
+                                   "task each (.jsonl.gz and Parquet files are read by the driver).")
     max_retries: int = Field(default=3, ge=0,
                              description="Times a data or evaluation task lost with its node is run again elsewhere.")
 

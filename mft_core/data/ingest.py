@@ -230,6 +230,18 @@ def check_record(
     return CheckedRecord(record, None, record_fingerprint(record), overlaps)
 
 
+def _items(path: Path, unit: str, cluster_checks: dict[Path, list]) -> Iterator[tuple[int, Any, Any]]:
+    """(number, line or row, its check_record result when the cluster has made it, else None) of
+    one file, in order."""
+    if path in cluster_checks:
+        from mft_core.data.ingest_on_ray import checked_lines
+
+        yield from checked_lines(cluster_checks[path])
+        return
+    for number, item in read_parquet_rows(path) if unit else read_lines(path):
+        yield number, item, None
+
+
 def _json_array(err: RecordError, raw: bytes) -> RecordError | None:
     """The first non-blank line of a file failed: when it opens a JSON array, the file was saved as
     one JSON array (`[{...}, {...}]`, on one line or pretty-printed), not as JSON Lines."""
@@ -382,6 +394,13 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
     announce(log, "ingest", f"start: {len(cfg.data.tasks)} task(s) ({', '.join(t.task_name for t in cfg.data.tasks)}), "
                             f"decontamination {'on' if settings.decontaminate.enabled else 'off'}")
     decontaminator = _load_decontaminator(cfg)
+    cluster_checks: dict[Path, list] = {}
+    if cfg.cluster is not None:
+        from mft_core.data.ingest_on_ray import submit_checks
+
+        cluster_checks = submit_checks(cfg, decontaminator)
+        pieces = sum(len(refs) for refs in cluster_checks.values())
+        announce(log, "ingest", f"{len(cluster_checks)} JSON Lines file(s) checked on the cluster in {pieces} piece(s)")
     seen: set[int] = set()
     all_stats: dict[str, TaskStats] = {}
     tasks_meta: list[dict[str, Any]] = []
@@ -436,7 +455,7 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
                 first = not unit  # the first non-blank line tells a JSON array saved as .jsonl apart
                 number = 0
                 try:
-                    for number, item in read_parquet_rows(path) if unit else read_lines(path):
+                    for number, item, checked in _items(path, unit, cluster_checks):
                         stats.lines += 1
                         source = f"{shown}:{unit}{number}"
                         if isinstance(item, bytes) and not item.strip():
@@ -446,7 +465,10 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
                         # unexpected error is not skipped, even with on_error=skip: it may be a bug
                         # of ingest rather than bad data, and skipping could drop good records unseen.
                         try:
-                            checked = check_record(item, normalize, decontaminator)
+                            if checked is None:  # not checked on the cluster: here
+                                checked = check_record(item, normalize, decontaminator)
+                            elif isinstance(checked, Exception):
+                                raise checked
                             if checked.error is not None:
                                 array = _json_array(checked.error, item) if first else None
                                 first = False

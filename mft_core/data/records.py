@@ -89,6 +89,11 @@ class RecordError(ValueError):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self):
+        # Pickled as its two arguments (the default pickles the one message given to ValueError):
+        # ingest's checks come back from Ray workers.
+        return (RecordError, (self.reason, self.detail))
+
 
 def json_type(value: Any) -> str:
     """The JSON name of a parsed value's type: messages speak JSON, not Python."""

@@ -33,6 +33,11 @@ def mft(cluster, *args, check=True):
     return cluster.run([sys.executable, "-m", "mft_core.cli", *args], check=check)
 
 
+def run_log(result):
+    """The whole log of an `mft` command (the console shows only part of it)."""
+    return Path(re.search(r"full log: (\S+)", result.stdout + result.stderr).group(1)).read_text()
+
+
 def published(root, stage="train"):
     done = [p.parent for p in (root / "runs" / stage).glob("*/_SUCCESS")]
     assert len(done) == 1, done
@@ -49,8 +54,7 @@ def test_the_whole_flow_on_the_cluster_trains_two_workers_on_two_nodes_like_two_
     config["evaluate"] = {"languages": ["python"], "limit": 2, "max_new_tokens": 16, "evaluate_base": False}
     path.write_text(yaml.safe_dump(config))
     result = mft(ray_cluster, "run", "--config", str(path))
-    run_log = Path(re.search(r"full log: (\S+)", result.stdout + result.stderr).group(1)).read_text()
-    assert "python: 2 sample(s) on 3 node(s)" in run_log
+    assert "python: 2 sample(s) on 3 node(s)" in run_log(result)
     assert (published(tmp_path / "ray", "evaluate") / "summary.json").is_file()
     out = published(tmp_path / "ray")
     workers = [json.loads(line) for line in (out / "ray-workers.jsonl").read_text().splitlines()]

@@ -508,7 +508,7 @@ def test_parse_line_reads_json_exactly_as_json_loads():
         assert got == expected, line
 
 
-def test_check_record_pickles_for_worker_processes():
+def test_check_record_and_its_results_pickle_for_worker_processes():
     """The per-record work runs in other processes later (fan-out over file slices): the function
     and its arguments pickle, and the copy decides as the original does."""
     decontaminator = Decontaminator(["def has_close_elements(numbers, threshold): return any(abs(a - b) "
@@ -521,3 +521,6 @@ def test_check_record_pickles_for_worker_processes():
     function, normalize, copy = pickle.loads(pickle.dumps((check_record, normalize_record, decontaminator)))
     got = [function(line, normalize, copy) for line in lines]
     assert [(r.record, r.fingerprint, r.overlaps) for r in got] == [(r.record, r.fingerprint, r.overlaps) for r in expected]
+    # and the results pickle back (a RecordError did not: its message was pickled as its only argument)
+    back = pickle.loads(pickle.dumps(got))
+    assert (back[2].error.reason, back[2].error.detail) == (got[2].error.reason, got[2].error.detail)
