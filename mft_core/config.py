@@ -118,6 +118,8 @@ class IngestConfig(_Strict):
     min_valid: int = Field(default=8, ge=0, description="At least this many validation records per task.")
     split_seed: int = Field(default=0, description="Seed of the hash-based train/valid split.")
     row_group_size: int = Field(default=8192, ge=64, description="Records per Parquet row group (memory bound).")
+    piece_mb: float = Field(default=1.0, gt=0, description="With a cluster: section, JSON Lines files are checked in "
+                            "pieces of about this size, a Ray task each (.jsonl.gz and Parquet files: by the driver).")
 
 
 class ModelConfig(_Strict):
@@ -418,9 +420,6 @@ class ClusterConfig(_Strict):
         default="spread", description="Training workers on as many nodes as possible (spread) or as few (pack).")
     cpus_per_task: float = Field(default=1, gt=0,
                                  description="CPUs of each ingest or tokenize task (one chunk of input each).")
-    ingest_piece_mb: float = Field(default=16, gt=0,
-                                   description="Ingest checks plain JSON Lines files in pieces of about this size, a Ray "
-                                   "task each (.jsonl.gz and Parquet files are read by the driver).")
     max_retries: int = Field(default=3, ge=0,
                              description="Times a data or evaluation task lost with its node is run again elsewhere.")
 

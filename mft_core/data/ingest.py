@@ -230,13 +230,11 @@ def check_record(
     return CheckedRecord(record, None, record_fingerprint(record), overlaps)
 
 
-def _items(path: Path, unit: str, cluster_checks: dict[Path, list]) -> Iterator[tuple[int, Any, Any]]:
-    """(number, line or row, its check_record result when the cluster has made it, else None) of
+def _items(path: Path, unit: str, checks) -> Iterator[tuple[int, Any, Any]]:
+    """(number, line or row, its check_record result when other processes made it, else None) of
     one file, in order."""
-    if path in cluster_checks:
-        from mft_core.data.ingest_on_ray import checked_lines
-
-        yield from checked_lines(cluster_checks[path])
+    if checks is not None and checks.handles(path):
+        yield from checks.lines(path)
         return
     for number, item in read_parquet_rows(path) if unit else read_lines(path):
         yield number, item, None
@@ -358,7 +356,8 @@ def ingest_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[s
     """(config part, input content digests) of the ingest stage key. Paths enter only relative to
     their task, so moving the project does not change the key; file content always does."""
     section = cfg.stage_section("ingest")
-    section.pop("row_group_size")  # how the Parquet files are cut, not what they hold
+    for layout_only in ("row_group_size", "piece_mb"):  # how the work is cut, not what it gives
+        section.pop(layout_only)
     config = {"ingest": section, "tasks": [t.task_name for t in cfg.data.tasks]}
     preference = [t.task_name for t in cfg.data.tasks if t.kind == "preference"]
     if preference:  # only then: the keys of configs without preference data stay as they were
@@ -390,17 +389,18 @@ def _excerpt(item: bytes | dict[str, Any] | RecordError) -> str:
 
 def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
     """Build the ingest output into `out_dir` (an empty work directory). Returns stats.json's content."""
-    settings = cfg.ingest
-    announce(log, "ingest", f"start: {len(cfg.data.tasks)} task(s) ({', '.join(t.task_name for t in cfg.data.tasks)}), "
-                            f"decontamination {'on' if settings.decontaminate.enabled else 'off'}")
-    decontaminator = _load_decontaminator(cfg)
-    cluster_checks: dict[Path, list] = {}
-    if cfg.cluster is not None:
-        from mft_core.data.ingest_on_ray import submit_checks
+    from mft_core.data.ingest_pieces import piece_checks
 
-        cluster_checks = submit_checks(cfg, decontaminator)
-        pieces = sum(len(refs) for refs in cluster_checks.values())
-        announce(log, "ingest", f"{len(cluster_checks)} JSON Lines file(s) checked on the cluster in {pieces} piece(s)")
+    decontaminator = _load_decontaminator(cfg)
+    checks = piece_checks(cfg, decontaminator)
+    announce(log, "ingest", f"start: {len(cfg.data.tasks)} task(s) ({', '.join(t.task_name for t in cfg.data.tasks)}), "
+                            f"decontamination {'on' if cfg.ingest.decontaminate.enabled else 'off'}"
+                            + (f", JSON Lines checked by {checks.where}" if checks is not None else ""))
+    return _ingest(cfg, out_dir, decontaminator, checks)
+
+
+def _ingest(cfg: PipelineConfig, out_dir: Path, decontaminator, checks) -> dict[str, Any]:
+    settings = cfg.ingest
     seen: set[int] = set()
     all_stats: dict[str, TaskStats] = {}
     tasks_meta: list[dict[str, Any]] = []
@@ -455,7 +455,7 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
                 first = not unit  # the first non-blank line tells a JSON array saved as .jsonl apart
                 number = 0
                 try:
-                    for number, item, checked in _items(path, unit, cluster_checks):
+                    for number, item, checked in _items(path, unit, checks):
                         stats.lines += 1
                         source = f"{shown}:{unit}{number}"
                         if isinstance(item, bytes) and not item.strip():
@@ -499,6 +499,8 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
                                 "remove the record to go on."
                             ) from err
                         record, fingerprint = checked.record, checked.fingerprint
+                        if record is None:  # checked by a worker, which sends no record back (ingest_pieces)
+                            record = parse_line(item, normalize)
                         stats.accepted += 1
                         row = {
                             "task": name,

@@ -2,7 +2,6 @@
 tokenize chunks as Ray tasks give the local run's bytes, also when a worker node dies mid-run;
 sandboxed execution fanned out to every node gives the local verdicts."""
 
-import hashlib
 import json
 import re
 import sys
@@ -16,20 +15,10 @@ from mft_core.eval.execute import ExecutionConfig, execute_samples
 from mft_core.eval.problems import select_problems
 from mft_core.stages import run_stage
 from tests.cluster.test_ray_training import mft, on_cluster, published, run_log
+from tests.unit.test_ingest import messy_project, tree_digest
 from tests.unit.train.test_train_stage import make_project
 
 pytestmark = pytest.mark.slow
-
-
-# The store's records of how the output was made (the whole config, cluster: section included; the
-# time it was published), not the stage's data.
-RUN_RECORDS = ("config.json", "_SUCCESS")
-
-
-def tree_digest(folder):
-    """Every file of the stage's data below `folder`: relative path -> sha256."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in RUN_RECORDS}
 
 
 def bigger_project(root, model_dir, records):
@@ -130,49 +119,16 @@ def test_execution_fanned_out_to_every_node_gives_the_local_verdicts(ray_cluster
     assert sorted({v[0] for v in verdicts.values()}) == ["failed", "passed", "timeout"]
 
 
-def messy_project(root):
-    """Tasks that exercise every path of ingest: duplicates within and across files and pieces,
-    invalid lines, blank lines, CRLF endings, a BOM, a record copying a HumanEval problem, a
-    preference task, a .jsonl.gz file and a Parquet file."""
-    import gzip
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    problem = select_problems(languages=["python"])[0]
-    (root / "mixed").mkdir(parents=True)
-    lines = []
-    for i in range(300):
-        lines.append(json.dumps({"prompt": f"task {i % 250}: " + "word " * (i % 11), "answer": f"return {i % 250}"}))
-        if i % 37 == 0:
-            lines += ["{not json", "", json.dumps({"prompt": 1})]
-        if i == 150:
-            lines.append(json.dumps({"prompt": problem.prompt, "answer": problem.canonical_solution}))
-    (root / "mixed" / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
-    (root / "mixed" / "b.jsonl").write_text("\n".join(lines[::-1]))  # no newline at the end
-    # mtime=0: the same bytes in both projects (gzip's header keeps the time of writing)
-    with gzip.GzipFile(root / "mixed" / "c.jsonl.gz", "wb", mtime=0) as fh:
-        fh.write(("\n".join(lines[:50]) + "\n").encode())
-    pq.write_table(pa.Table.from_pylist([json.loads(l) for l in lines[:40] if l.startswith('{"prompt": "')]),
-                   root / "mixed" / "d.parquet")
-    (root / "pairs").mkdir()
-    with open(root / "pairs" / "p.jsonl", "w") as fh:
-        for i in range(120):
-            fh.write(json.dumps({"prompt": f"fix {i % 100}", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n")
-    config = {"data": {"tasks": [{"path": "mixed"}, {"path": "pairs", "kind": "preference"}]},
-              "model": {"path": "unused"},
-              "ingest": {"on_error": "skip", "max_reject_fraction": 0.5, "min_valid": 4,
-                         "decontaminate": {"enabled": True}}}
-    (root / "pipeline.yaml").write_text(json.dumps(config))
-    return root / "pipeline.yaml"
-
-
 def test_ingest_on_the_cluster_writes_the_local_bytes(ray_cluster, tmp_path):
     local = load_config(messy_project(tmp_path / "local"))
     out = run_stage(local, "ingest").directory
     stats = json.loads((out / "stats.json").read_text())["totals"]
     assert stats["duplicates"] > 0 and stats["rejected"] > 0 and stats["contaminated"] == 1  # every path is taken
-    path = on_cluster(messy_project(tmp_path / "ray"), ray_cluster, ingest_piece_mb=0.002)
+    path = messy_project(tmp_path / "ray")
+    config = json.loads(path.read_text())
+    config["ingest"]["piece_mb"] = 0.002
+    path.write_text(json.dumps(config))
+    path = on_cluster(path, ray_cluster)
     result = mft(ray_cluster, "ingest", "--config", str(path))
-    assert re.search(r"3 JSON Lines file\(s\) checked on the cluster in \d\d+ piece\(s\)", run_log(result))
+    assert "JSON Lines checked by Ray tasks on the cluster (3 at a time)" in run_log(result)
     assert tree_digest(published(tmp_path / "ray", "ingest")) == tree_digest(out)

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mft_core.config import ConfigError, config_from_dict
+from mft_core.config import ConfigError, config_from_dict, load_config
 from mft_core.data import ingest as ingest_module
 from mft_core.data import records as records_module
 from mft_core.data.decontam import Decontaminator
@@ -524,3 +524,73 @@ def test_check_record_and_its_results_pickle_for_worker_processes():
     # and the results pickle back (a RecordError did not: its message was pickled as its only argument)
     back = pickle.loads(pickle.dumps(got))
     assert (back[2].error.reason, back[2].error.detail) == (got[2].error.reason, got[2].error.detail)
+
+
+# The store's records of how the output was made (the whole config, cluster: section included; the
+# time it was published; the key's parts and the file list), not the stage's data.
+RUN_RECORDS = ("config.json", "_SUCCESS", "key_parts.json", "manifest.json")
+
+
+def tree_digest(folder):
+    """Every file of the stage's data below `folder`: relative path -> sha256."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in RUN_RECORDS}
+
+
+def messy_project(root):
+    """Tasks that exercise every path of ingest: duplicates within and across files and pieces,
+    invalid lines, blank lines, CRLF endings, a BOM, a record copying a HumanEval problem, a
+    preference task, a .jsonl.gz file and a Parquet file."""
+    from mft_core.eval.problems import select_problems
+
+    problem = select_problems(languages=["python"])[0]
+    (root / "mixed").mkdir(parents=True)
+    lines = []
+    for i in range(300):
+        lines.append(json.dumps({"prompt": f"task {i % 250}: " + "word " * (i % 11), "answer": f"return {i % 250}"}))
+        if i % 37 == 0:
+            lines += ["{not json", "", json.dumps({"prompt": 1})]
+        if i == 150:
+            lines.append(json.dumps({"prompt": problem.prompt, "answer": problem.canonical_solution}))
+    (root / "mixed" / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    (root / "mixed" / "b.jsonl").write_text("\n".join(lines[::-1]))  # no newline at the end
+    # mtime=0: the same bytes in both projects (gzip's header keeps the time of writing)
+    with gzip.GzipFile(root / "mixed" / "c.jsonl.gz", "wb", mtime=0) as fh:
+        fh.write(("\n".join(lines[:50]) + "\n").encode())
+    pq.write_table(pa.Table.from_pylist([json.loads(l) for l in lines[:40] if l.startswith('{"prompt": "')]),
+                   root / "mixed" / "d.parquet")
+    (root / "pairs").mkdir()
+    with open(root / "pairs" / "p.jsonl", "w") as fh:
+        for i in range(120):
+            fh.write(json.dumps({"prompt": f"fix {i % 100}", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n")
+    config = {"data": {"tasks": [{"path": "mixed"}, {"path": "pairs", "kind": "preference"}]},
+              "model": {"path": "unused"},
+              "ingest": {"on_error": "skip", "max_reject_fraction": 0.5, "min_valid": 4,
+                         "decontaminate": {"enabled": True}}}
+    (root / "pipeline.yaml").write_text(json.dumps(config))
+    return root / "pipeline.yaml"
+
+
+def test_records_checked_in_pieces_give_the_bytes_of_one_pass(tmp_path):
+    """The cluster's way (mft_core.data.ingest_pieces, tested on a real cluster in tests/cluster),
+    with its jobs run here: pieces of 2 kB, cut inside runs of duplicates, invalid and blank lines,
+    CRLF and a BOM, results taken back in order, give what one pass over the files gives."""
+    from mft_core.data.ingest import _ingest, _load_decontaminator
+    from mft_core.data.ingest_pieces import PieceChecks, check_piece
+
+    one_pass = run_stage(load_config(messy_project(tmp_path / "one-pass")), "ingest").directory
+    stats = json.loads((one_pass / "stats.json").read_text())["totals"]
+    assert stats["duplicates"] > 0 and stats["rejected"] > 0 and stats["contaminated"] == 1  # every path is taken
+    cfg = load_config(messy_project(tmp_path / "pieces"))
+    decontaminator = _load_decontaminator(cfg)
+    jobs = []
+
+    def here(path, start, stop, normalize):
+        jobs.append((path, start, stop))
+        return lambda: check_piece(path, start, stop, normalize, decontaminator)
+
+    out = tmp_path / "pieces-out"
+    out.mkdir()
+    _ingest(cfg, out, decontaminator, PieceChecks(cfg, here, 2, 2000, "here"))
+    assert len(jobs) > 20
+    assert tree_digest(out) == tree_digest(one_pass)
