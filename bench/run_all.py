@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-ORDER = ["ingest.py", "tokenize.py", "train.py", "eval_exec.py", "eval_generate.py"]
+ORDER = ["ingest.py", "tokenize.py", "train.py", "eval_exec.py", "eval_generate.py", "cluster.py"]
 
 
 def main() -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -421,7 +423,8 @@ class ClusterConfig(_Strict):
     cpus_per_task: float = Field(default=1, gt=0,
                                  description="CPUs of each ingest or tokenize task (one chunk of input each).")
     max_retries: int = Field(default=3, ge=0,
-                             description="Times a data or evaluation task lost with its node is run again elsewhere.")
+                             description="Times an ingest or tokenize task lost with its node is run again elsewhere "
+                             "(evaluation: a lost node's samples always go to the others).")
 
 
 class PipelineConfig(_Strict):
@@ -629,10 +632,24 @@ def config_to_yaml(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def reference_rows(model: type[BaseModel] = None, prefix: str = "") -> list[tuple[str, str, str]]:
+def _optional_model(annotation) -> type[BaseModel] | None:
+    """X for a field typed `X | None` where X is a config section."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], BaseModel):
+        return members[0]
+    return None
+
+
+def reference_rows(model: type[BaseModel] = None, prefix: str = "", seen: set | None = None) -> list[tuple[str, str, str]]:
     """(key path, default, description) of every config key, in schema order: the README's
-    configuration reference is generated from this (`mft config reference`), so it cannot drift."""
+    configuration reference is generated from this (`mft config reference`), so it cannot drift.
+    An optional section (default null) is a row, then its keys the first time its kind appears
+    (`cluster.*`; `align.launch` has train.launch's keys)."""
     model = model or PipelineConfig
+    seen = set() if seen is None else seen
+    seen.add(model)
     rows: list[tuple[str, str, str]] = []
     for name, field in model.model_fields.items():
         if field.exclude:
@@ -640,12 +657,18 @@ def reference_rows(model: type[BaseModel] = None, prefix: str = "") -> list[tupl
         path = f"{prefix}{name}"
         annotation = field.annotation
         nested = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        optional = _optional_model(annotation)
+        if optional is not None:
+            rows.append((path, json.dumps(field.default, default=str), field.description or ""))
+            if optional not in seen:
+                rows.extend(reference_rows(optional, f"{path}.", seen))
+            continue
         if annotation == list[TaskSpec]:
             rows.append((path, "(required)", "list of {path, name, weight, kind}: " + (field.description or "")))
             rows.extend(reference_rows(TaskSpec, f"{path}[]."))
             continue
         if nested is not None:
-            rows.extend(reference_rows(nested, f"{path}."))
+            rows.extend(reference_rows(nested, f"{path}.", seen))
             continue
         default = "(required)" if field.is_required() else json.dumps(field.default, default=str)
         rows.append((path, default, field.description or ""))
