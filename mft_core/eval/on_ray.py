@@ -1,4 +1,5 @@
-"""Sandboxed execution on every node of the Ray cluster (config section `cluster:`).
+"""Evaluation on the Ray cluster (config section `cluster:`): sandboxed execution on every node,
+and generation on the cluster's workers (GenerationOnCluster, below).
 
 One actor per alive node holds that node's sandboxes for a language (a ProgramRunner, as a local
 run has, with the same number of workers); its toolchain is checked when the actor starts, so a
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Iterator
+from pathlib import Path
 
 from mft_core.cluster import ClusterError, alive_nodes, connect, on_node
 from mft_core.config import ClusterConfig
@@ -90,3 +92,47 @@ def on_cluster(cluster: ClusterConfig, language: str, todo: list[Sample], by_id:
             except Exception:  # noqa: BLE001 - already gone with its node
                 pass
             ray.kill(executor)
+
+
+class GenerationOnCluster:
+    """A model's generation batches on the cluster's workers (generate.BatchesElsewhere): each
+    worker (gpus_per_worker GPUs, else cpus_per_worker CPUs) loads the model from its folder on
+    shared storage and generates every n-th batch; the batches are those a local run makes, so
+    the records are too. The driver only renders the prompts (tokenizer) and writes the records."""
+
+    def __init__(self, cluster: ClusterConfig, folder: Path, precision: str, eos_id: int | None,
+                 trust_remote_code: bool, mode: str, settings, stop_early: bool = True):
+        self.cluster, self.folder, self.precision, self.eos_id = cluster, Path(folder), precision, eos_id
+        self.trust_remote_code, self.mode, self.settings, self.stop_early = trust_remote_code, mode, settings, stop_early
+
+    def tokenizer(self):
+        from mft_core.modeling import load_tokenizer
+
+        return load_tokenizer(self.folder, self.trust_remote_code)  # as load_generation_model loads it
+
+    def run(self, batches: list) -> Iterator[list[dict]]:
+        from mft_core.eval.generate import generate_batches
+
+        ray = connect(self.cluster)
+        resources, cluster = ray.cluster_resources(), self.cluster
+        if cluster.gpus_per_worker > 0:
+            workers = int(resources.get("GPU", 0) // cluster.gpus_per_worker)
+        else:
+            workers = int(resources.get("CPU", 1) // cluster.cpus_per_worker)
+        workers = max(1, min(workers, len(batches)))
+        remote = ray.remote(generate_batches).options(
+            num_gpus=cluster.gpus_per_worker, num_cpus=cluster.cpus_per_worker, max_retries=cluster.max_retries,
+            scheduling_strategy="SPREAD")
+        threads = max(1, int(cluster.cpus_per_worker))
+        # Every n-th batch: the batches go longest prompts first, so each worker gets long and short ones.
+        pending = [remote.remote(str(self.folder.resolve()), self.precision, self.eos_id, self.trust_remote_code,
+                                 batches[worker::workers], self.mode, self.settings, self.stop_early, threads)
+                   for worker in range(workers)]
+        log.info("generating %d batch(es) on %d Ray worker(s)", len(batches), workers)
+        try:
+            while pending:
+                (ref,), pending = ray.wait(pending, num_returns=1)
+                yield from ray.get(ref)
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)

@@ -359,10 +359,17 @@ def _evaluate_model(cfg: PipelineConfig, tag: str, folder: Path, mode: str, prob
     settings = cfg.evaluate
     counter.begin(tag, "generated", [r for r in read_generations(work_dir / GENERATIONS) if r["model"] == tag])
     started = time.perf_counter()
+    elsewhere = None
+    if cfg.cluster is not None:  # the batches on the cluster's workers
+        from mft_core.eval.on_ray import GenerationOnCluster
+
+        elsewhere = GenerationOnCluster(cfg.cluster, folder, generation_precision(cfg), eos_id,
+                                        cfg.model.trust_remote_code, mode, generation_settings(settings))
     run = generate_to_file(
         work_dir / GENERATIONS, tag,
         lambda: load_generation_model(folder, generation_precision(cfg), eos_id, cfg.model.trust_remote_code),
-        problems, mode, generation_settings(settings), render, threads=cfg.train.threads, on_batch=counter.add)
+        problems, mode, generation_settings(settings), render, threads=cfg.train.threads, on_batch=counter.add,
+        elsewhere=elsewhere)
     generated_s = time.perf_counter() - started
     gc.collect()  # the model is gone; its memory goes to the executors
     results_path = work_dir / EXECUTION_DIR / f"{tag}.jsonl"

@@ -132,3 +132,42 @@ def test_ingest_on_the_cluster_writes_the_local_bytes(ray_cluster, tmp_path):
     result = mft(ray_cluster, "ingest", "--config", str(path))
     assert "JSON Lines checked by Ray tasks on the cluster (3 at a time)" in run_log(result)
     assert tree_digest(published(tmp_path / "ray", "ingest")) == tree_digest(out)
+
+
+GENERATE = textwrap.dedent("""
+    import json, logging, sys
+    logging.basicConfig(level=logging.INFO)
+    from mft_core.config import ClusterConfig
+    from mft_core.eval.generate import GenerationSettings, generate_to_file, render_prompt_for
+    from mft_core.eval.on_ray import GenerationOnCluster
+    from mft_core.eval.problems import select_problems
+    address, folder, out = sys.argv[1:4]
+    problems = select_problems(languages=["python"])[:7]
+    settings = GenerationSettings(max_new_tokens=12, batch_size=2)
+    render = lambda problem, tokenizer: render_prompt_for(problem, "completion", tokenizer)
+    cluster = GenerationOnCluster(ClusterConfig(address=address), folder, "fp32", None, False, "completion", settings)
+    generate_to_file(out, "tiny", None, problems, "completion", settings, render, elsewhere=cluster)
+""")
+
+
+def test_generation_on_the_cluster_workers_gives_the_local_records(ray_cluster, tmp_path, tiny_llama_dir):
+    """7 problems in batches of 2 (4 batches), spread over the three nodes' workers: the same
+    records (tokens, text, stop reason) as one local process generating them."""
+    from mft_core.eval.generate import GenerationSettings, generate_to_file, load_generation_model, render_prompt_for
+
+    problems = select_problems(languages=["python"])[:7]
+    settings = GenerationSettings(max_new_tokens=12, batch_size=2)
+    local = generate_to_file(tmp_path / "local.jsonl", "tiny", lambda: load_generation_model(tiny_llama_dir, "fp32"),
+                             problems, "completion", settings,
+                             lambda problem, tokenizer: render_prompt_for(problem, "completion", tokenizer)).records
+    result = ray_cluster.run([sys.executable, "-c", GENERATE, ray_cluster.address, str(tiny_llama_dir),
+                              str(tmp_path / "cluster.jsonl")])
+    assert "generating 4 batch(es) on 3 Ray worker(s)" in result.stdout + result.stderr
+    on_cluster_records = {(r["task_id"], r["sample_index"]): r for r in map(json.loads, open(tmp_path / "cluster.jsonl"))}
+    assert len(on_cluster_records) == 7
+
+    def decoded(record):
+        return {k: v for k, v in record.items() if k != "seconds"}  # all but the time it took
+
+    assert {(r["task_id"], r["sample_index"]): decoded(r) for r in local} == {k: decoded(r) for k, r in on_cluster_records.items()}
+    assert any(r["new_tokens"] > 0 for r in local)
