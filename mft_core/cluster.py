@@ -60,8 +60,10 @@ def connect(cluster: ClusterConfig):
         return ray
     probe_address(cluster.address)
     try:
-        # configure_logging=False: our log format stays; the workers' output reaches this log.
-        ray.init(address=cluster.address, configure_logging=False, log_to_driver=True)
+        # configure_logging=False: our log format stays. log_to_driver=False: the workers' output
+        # stays in Ray's logs on their nodes, not on this console; what the run needs comes back
+        # itself (rank 0's training output through the stage log, errors with their tracebacks).
+        ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
     except ConnectionError as error:
         raise ClusterError(f"cluster.address {cluster.address!r}: no Ray cluster answers there ({error}); "
                            f"{START_CLUSTER}") from None

@@ -82,6 +82,8 @@ def describe_training(cfg: PipelineConfig, precision: str) -> str:
         method = f"{'Q' if train.method == 'qlora' else ''}{'DoRA' if train.lora.dora else 'LoRA'} r{train.lora.r}"
     processes = launch.num_processes * launch.num_machines
     where = f"{processes} process{'es' if processes > 1 else ''}"
+    if cfg.cluster is not None:
+        where = f"{processes} Ray Train worker{'s' if processes > 1 else ''} on the cluster {cfg.cluster.address}"
     if launch.backend == "deepspeed":
         where += f" (DeepSpeed ZeRO-{launch.zero_stage})"
     elif launch.backend == "fsdp":
