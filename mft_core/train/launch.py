@@ -12,7 +12,6 @@ sees, so any other silent single-process mode fails loudly.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import re

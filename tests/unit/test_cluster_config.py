@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mft_core.config import ConfigError, config_from_dict
+from mft_core.config import ConfigError
 from mft_core.preflight import PreflightError, preflight
 from mft_core.stages import STAGE_ORDER, compute_key, run_stage
 from test_preflight import make_cfg
