@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import resource
 import secrets
 import socket
 from collections.abc import Callable, Sequence
@@ -151,11 +150,6 @@ def check_nodes(cfg: PipelineConfig, languages: Sequence[str] = ()) -> list[dict
 
 
 # ----------------------------------------------------------------------------- data work as Ray tasks
-
-
-def peak_memory_bytes() -> int:
-    """The peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_tasks(cluster: ClusterConfig, function: Callable, calls: Sequence[tuple], *,

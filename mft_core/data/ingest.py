@@ -230,6 +230,11 @@ def check_record(
     return CheckedRecord(record, None, record_fingerprint(record), overlaps)
 
 
+def normalizer(task):
+    """The function that turns one of the task's records into its canonical form."""
+    return normalize_preference if task.kind == "preference" else normalize_record
+
+
 def _items(path: Path, unit: str, checks) -> Iterator[tuple[int, Any, Any]]:
     """(number, line or row, its check_record result when other processes made it, else None) of
     one file, in order."""
@@ -438,7 +443,7 @@ def _ingest(cfg: PipelineConfig, out_dir: Path, decontaminator, checks) -> dict[
             files = task_files(task.path, warn_ignored=True)
             stats.files = len(files)
             preference = task.kind == "preference"
-            normalize = normalize_preference if preference else normalize_record
+            normalize = normalizer(task)
             schema = PREFERENCE_SCHEMA if preference else RECORD_SCHEMA
             sinks = {
                 split: _ParquetSink(out_dir / "data" / name / f"{split}.parquet", settings.row_group_size, schema)

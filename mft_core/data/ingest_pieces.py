@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mft_core.config import PipelineConfig
-from mft_core.data.ingest import _BOM, CheckedRecord, check_record, task_files
-from mft_core.data.records import normalize_preference, normalize_record
+from mft_core.data.ingest import _BOM, CheckedRecord, check_record, normalizer, task_files
 
 AHEAD_PER_WORKER = 2  # pieces submitted per worker before the driver takes the oldest result
 
@@ -76,13 +75,15 @@ class PieceChecks:
 
     def __init__(self, cfg: PipelineConfig, submit: Callable[[str, int, int, Any], Callable[[], list]], workers: int,
                  piece_bytes: int, where: str):
-        self.plan = iter([(path, start, stop, normalize_of(task)) for task in cfg.data.tasks
-                          for path in task_files(task.path) if path.name.endswith(".jsonl")
+        self.plan = iter([(path, start, stop, normalizer(task)) for task in cfg.data.tasks
+                          for path in task_files(task.path) if self.handles(path)
                           for start, stop in line_pieces(path, piece_bytes)])
         self.submit, self.ahead, self.where = submit, workers * AHEAD_PER_WORKER, where
         self.pending: collections.deque = collections.deque()  # (path, result getter), in plan order
 
-    def handles(self, path: Path) -> bool:
+    @staticmethod
+    def handles(path: Path) -> bool:
+        """Plain JSON Lines: the files that can be cut at byte offsets."""
         return path.name.endswith(".jsonl")
 
     def lines(self, path: Path) -> Iterator[tuple[int, bytes, Any]]:
@@ -98,10 +99,6 @@ class PieceChecks:
             for line, checked in self.pending.popleft()[1]():
                 number += 1
                 yield number, line, checked
-
-
-def normalize_of(task):
-    return normalize_preference if task.kind == "preference" else normalize_record
 
 
 def piece_checks(cfg: PipelineConfig, decontaminator) -> PieceChecks | None:

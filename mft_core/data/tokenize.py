@@ -273,32 +273,32 @@ def _tokenize_pairs(chunk: Chunk) -> str:
     return shard.write(w["out_dir"], chunk)
 
 
-def tokenize_chunk_task(init_args: tuple, chunk: Chunk) -> tuple[str, int]:
-    """One chunk as a Ray task on any node: (shard name, the worker's peak memory in bytes). A Ray
+def tokenize_chunk_task(init_args: tuple, chunk: Chunk) -> tuple[str, float]:
+    """One chunk as a Ray task on any node: (shard name, the worker's peak memory in MB). A Ray
     worker process runs many tasks: its tokenizer is loaded by the first one with these settings."""
-    from mft_core.cluster import peak_memory_bytes
+    from mft_core.train.metrics import peak_rss_mb
 
     if _WORKER.get("init_args") != init_args:
         _init_worker(*init_args)
         _WORKER["init_args"] = init_args
-    return _tokenize_chunk(chunk), peak_memory_bytes()
+    return _tokenize_chunk(chunk), peak_rss_mb()
 
 
 def _tokenize_on_cluster(cfg: PipelineConfig, init_args: tuple, pending: list[Chunk]) -> None:
     """The chunks as Ray tasks (cluster: section): each writes its shard into the work folder on
-    shared storage, atomically, so a task run again after its node was lost writes the same bytes."""
-    from mft_core.cluster import check_nodes, run_tasks
+    shared storage, atomically, so a task run again after its node was lost writes the same bytes.
+    The nodes were checked by the preflight (mft_core.cluster.check_nodes)."""
+    from mft_core.cluster import run_tasks
 
-    check_nodes(cfg)
     peak = finished = 0
 
-    def done(index: int, result: tuple[str, int]) -> None:
+    def done(index: int, result: tuple[str, float]) -> None:
         nonlocal peak, finished
         peak, finished = max(peak, result[1]), finished + 1
         log.info("tokenized %s (%d/%d) on the cluster", result[0], finished, len(pending))
 
     run_tasks(cfg.cluster, tokenize_chunk_task, [(init_args, chunk) for chunk in pending], on_done=done)
-    announce(log, "tokenize", f"{len(pending)} shard(s) done on the cluster; peak memory of a Ray worker {peak / 1e6:.0f} MB")
+    announce(log, "tokenize", f"{len(pending)} shard(s) done on the cluster; peak memory of a Ray worker {peak:.0f} MB")
 
 
 def _write_shard(out: Path, arrays: list[pa.Array], stats: dict[str, Any]) -> None:
