@@ -1,6 +1,7 @@
 """Ingest throughput on the demo data: our stage (validate, normalize, dedup, decontaminate,
 split, write Parquet) vs the floor of any JSONL reader, plain `json.loads` line by line over the
-same files, in the same run.
+same files, in the same run. "full" is the default, helper processes as ingest.num_workers
+chooses them on this machine; "one process" sets it to 0.
 
     .venv/bin/python bench/ingest.py [--repeat 3]
 
@@ -24,6 +25,7 @@ from bench.common import REPO, best_time, ensure_demo_data, save, table  # noqa:
 from mft_core.config import load_config  # noqa: E402
 from mft_core.data.decontam import Decontaminator  # noqa: E402
 from mft_core.data.ingest import run_ingest, task_files  # noqa: E402
+from mft_core.data.ingest_pieces import LOCAL_PIECE_BYTES, local_workers, piece_plan  # noqa: E402
 
 
 def json_loads_baseline(files: list[Path]) -> int:
@@ -57,9 +59,10 @@ def main() -> None:
 
     base_s, records = best_time(lambda: json_loads_baseline(files), args.repeat)
 
-    def ours(decontaminate: bool) -> float:
+    def ours(decontaminate: bool, num_workers: int | None = None) -> float:
         variant = cfg.model_copy(deep=True)
         variant.ingest.decontaminate.enabled = decontaminate
+        variant.ingest.num_workers = num_workers
 
         def once():
             out = Path(tempfile.mkdtemp(prefix="bench-ingest-out-"))
@@ -72,17 +75,23 @@ def main() -> None:
         return seconds
 
     full_s = ours(True)
+    one_process_s = ours(True, num_workers=0)
     no_decontam_s = ours(False)
+    helpers = local_workers(cfg, piece_plan(cfg, LOCAL_PIECE_BYTES))
     rows = []
-    for name, seconds in [("json.loads baseline", base_s), ("ingest (full)", full_s), ("ingest, no decontamination", no_decontam_s)]:
+    for name, seconds in [("json.loads baseline", base_s), (f"ingest (full: {helpers} helper process(es))", full_s),
+                          ("ingest (full), one process", one_process_s), ("ingest, no decontamination", no_decontam_s)]:
         rows.append([name, records / seconds, size_mb / seconds, base_s / seconds])
     print(f"{records} records, {size_mb:.1f} MB in {len(files)} files ({data})")
     print(f"decontaminating against {benchmark}")
     print(table(["what", "records/s", "MB/s", "speed vs baseline"], rows))
     path = save("ingest", {
         "records": records, "megabytes": size_mb, "baseline": "json.loads per line", "benchmark": benchmark,
-        "seconds": {"baseline": base_s, "ingest_full": full_s, "ingest_no_decontam": no_decontam_s},
-        "ratio_vs_baseline": {"ingest_full": base_s / full_s, "ingest_no_decontam": base_s / no_decontam_s},
+        "helper_processes": helpers,
+        "seconds": {"baseline": base_s, "ingest_full": full_s, "ingest_full_one_process": one_process_s,
+                    "ingest_no_decontam": no_decontam_s},
+        "ratio_vs_baseline": {"ingest_full": base_s / full_s, "ingest_full_one_process": base_s / one_process_s,
+                              "ingest_no_decontam": base_s / no_decontam_s},
     })
     print(f"written {path}")
 

@@ -122,6 +122,10 @@ class IngestConfig(_Strict):
     row_group_size: int = Field(default=8192, ge=64, description="Records per Parquet row group (memory bound).")
     piece_mb: float = Field(default=1.0, gt=0, description="With a cluster: section, JSON Lines files are checked in "
                             "pieces of about this size, a Ray task each (.jsonl.gz and Parquet files: by the driver).")
+    num_workers: int | None = Field(
+        default=None, ge=0, description="Helper processes that check JSON Lines records (parse, validate, hash, "
+        "decontaminate) beside the one that dedups, splits and writes (without a cluster: section); 0: none. Default: one per further core, at most "
+        "2, when decontaminating at least 2 MB of JSON Lines. The output does not depend on it.")
 
 
 class ModelConfig(_Strict):

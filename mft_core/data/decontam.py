@@ -31,8 +31,6 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from mft_core.benchmark import resolve_benchmark
-
 DEFAULT_NGRAM = 13
 
 
@@ -85,6 +83,7 @@ def load_benchmark_items(humaneval_dir: Path | None = None) -> list[tuple[str, s
     """(task_id, prompt + canonical_solution) of every problem of the benchmark the evaluate stage
     uses (mft_core/benchmark.py: all five HumanEval-X languages, or the Python fallback), with the
     language header lines removed (strip_boilerplate). [] when there is no benchmark at all."""
+    from mft_core.benchmark import resolve_benchmark
     from mft_core.eval.problems import load_problems
 
     items: list[tuple[str, str]] = []
@@ -100,14 +99,6 @@ def _tokens(text: str) -> list[bytes]:
     return text.encode("utf-8", "surrogatepass").translate(_TOKEN_BYTES).split()
 
 
-def _token_words(token: bytes) -> list[str]:
-    """normalize_words of one token. Most tokens are one word (lowercase, Capitalized, ALLCAPS or
-    digits), which the regex returns whole: they skip it."""
-    if token.isdigit() or token.isalpha() and (token.islower() or token.isupper() or token.istitle()):
-        return [token.decode("ascii").lower()]
-    return normalize_words(token.decode("ascii"))
-
-
 class _TokenCodes(dict):
     """Token -> the codes of its words, computed on first use. The regex never matches across a
     separator, and a token ends where the text has a separator, so a text's word stream is its
@@ -116,10 +107,16 @@ class _TokenCodes(dict):
     def __init__(self, word_codes: dict[str, str]) -> None:
         super().__init__()
         self.word_codes = word_codes
+        # the same, by the word's bytes (benchmark words are ASCII: _WORD_RE matches only ASCII)
+        self.byte_codes = {word.encode("ascii"): code for word, code in word_codes.items()}
 
     def __missing__(self, token: bytes) -> str:
-        word_codes = self.word_codes
-        codes = "".join([word_codes.get(word, _BREAK) for word in _token_words(token)])
+        # Most tokens are one word (lowercase, Capitalized, ALLCAPS or digits), which the regex
+        # would return whole: they skip it.
+        if token.isdigit() or token.isalpha() and (token.islower() or token.isupper() or token.istitle()):
+            codes = self.byte_codes.get(token.lower(), _BREAK)
+        else:
+            codes = "".join([self.word_codes.get(word, _BREAK) for word in normalize_words(token.decode("ascii"))])
         if len(self) < _MAX_CACHED_TOKENS:
             self[token] = codes
         return codes

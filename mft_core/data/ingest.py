@@ -36,32 +36,27 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mft_core.config import PipelineConfig
 from mft_core.console import announce
+from mft_core.data.record_checks import BOM, check_record
 from mft_core.data.records import (
     REJECT_FIXES,
     RecordError,
     normalize_preference,
     normalize_record,
     parse_line,
-    record_fingerprint,
-    record_text,
 )
 from mft_core.store import FileHashCache
-
-if TYPE_CHECKING:
-    from mft_core.data.decontam import Decontaminator
 
 log = logging.getLogger("mft.ingest")
 
 STAGE_VERSION = 2  # 2: the `shape` column (pair records tokenize as MFTCoder tokenizes pairs)
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
-_BOM = b"\xef\xbb\xbf"
 _GZIP_MAGIC = b"\x1f\x8b"
 _EXCERPT = 160
 _PARQUET_BATCH_ROWS = 1024  # rows turned into Python objects at a time
@@ -146,8 +141,8 @@ def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     try:
         with opener(path, "rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
-                if lineno == 1 and raw.startswith(_BOM):
-                    raw = raw[len(_BOM) :]
+                if lineno == 1 and raw.startswith(BOM):
+                    raw = raw[len(BOM) :]
                 yield lineno, raw.rstrip(b"\r\n")
     except EOFError:
         raise DamagedFile(lineno, "the gzip data is truncated: it ends before its end-of-stream marker") from None
@@ -195,39 +190,6 @@ def _row_group_batches(path: Path) -> Iterator[pa.RecordBatch]:
     with pq.ParquetFile(path) as parquet:
         for group in range(parquet.num_row_groups):
             yield from parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=[group])
-
-
-def _parse_row(row: dict[str, Any] | RecordError, normalize=normalize_record) -> dict[str, Any]:
-    """A Parquet row (from read_parquet_rows) -> canonical record, or raise RecordError."""
-    if isinstance(row, RecordError):
-        raise row
-    return normalize(row)
-
-
-class CheckedRecord(NamedTuple):
-    """What check_record finds about one line or Parquet row."""
-
-    record: dict[str, Any] | None  # the canonical record (records.py), None when invalid
-    error: RecordError | None  # why it is not a valid record
-    fingerprint: bytes | None  # records.record_fingerprint: the dedup and split key
-    overlaps: list[str]  # the benchmark items it shares an n-gram with ([] when clean or not checked)
-
-
-def check_record(
-    item: bytes | dict[str, Any] | RecordError, normalize=normalize_record, decontaminator: Decontaminator | None = None
-) -> CheckedRecord:
-    """The work on one record that needs no other record: a JSON Lines line (bytes, from
-    read_lines) or a Parquet row (from read_parquet_rows) -> canonical record and fingerprint, or
-    the RecordError; and the benchmark items it overlaps. Its arguments pickle (normalize is a
-    module-level function), so worker processes can run it over slices of the files; what depends
-    on earlier records (dedup: the first occurrence in task, file and line order wins), the split
-    and the writing stay with run_ingest."""
-    try:
-        record = parse_line(item, normalize) if isinstance(item, bytes) else _parse_row(item, normalize)
-    except RecordError as err:
-        return CheckedRecord(None, err, None, [])
-    overlaps = decontaminator.matches(record_text(record)) if decontaminator is not None else []
-    return CheckedRecord(record, None, record_fingerprint(record), overlaps)
 
 
 def normalizer(task):
@@ -361,7 +323,7 @@ def ingest_key_parts(cfg: PipelineConfig, hashes: FileHashCache) -> tuple[dict[s
     """(config part, input content digests) of the ingest stage key. Paths enter only relative to
     their task, so moving the project does not change the key; file content always does."""
     section = cfg.stage_section("ingest")
-    for layout_only in ("row_group_size", "piece_mb"):  # how the work is cut, not what it gives
+    for layout_only in ("row_group_size", "piece_mb", "num_workers"):  # how the work is cut, not what it gives
         section.pop(layout_only)
     config = {"ingest": section, "tasks": [t.task_name for t in cfg.data.tasks]}
     preference = [t.task_name for t in cfg.data.tasks if t.kind == "preference"]
@@ -396,12 +358,18 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
     """Build the ingest output into `out_dir` (an empty work directory). Returns stats.json's content."""
     from mft_core.data.ingest_pieces import piece_checks
 
-    decontaminator = _load_decontaminator(cfg)
-    checks = piece_checks(cfg, decontaminator)
-    announce(log, "ingest", f"start: {len(cfg.data.tasks)} task(s) ({', '.join(t.task_name for t in cfg.data.tasks)}), "
-                            f"decontamination {'on' if cfg.ingest.decontaminate.enabled else 'off'}"
-                            + (f", JSON Lines checked by {checks.where}" if checks is not None else ""))
-    return _ingest(cfg, out_dir, decontaminator, checks)
+    checks = piece_checks(cfg)  # helper processes start while the benchmark index is built
+    try:
+        decontaminator = _load_decontaminator(cfg)
+        if checks is not None:
+            checks.share(decontaminator)
+        announce(log, "ingest", f"start: {len(cfg.data.tasks)} task(s) ({', '.join(t.task_name for t in cfg.data.tasks)}), "
+                                f"decontamination {'on' if cfg.ingest.decontaminate.enabled else 'off'}"
+                                + (f", JSON Lines checked by {checks.where}" if checks is not None else ""))
+        return _ingest(cfg, out_dir, decontaminator, checks)
+    finally:
+        if checks is not None:
+            checks.close()  # helper processes stopped, whatever happened
 
 
 def _ingest(cfg: PipelineConfig, out_dir: Path, decontaminator, checks) -> dict[str, Any]:

@@ -576,7 +576,7 @@ def test_records_checked_in_pieces_give_the_bytes_of_one_pass(tmp_path):
     with its jobs run here: pieces of 2 kB, cut inside runs of duplicates, invalid and blank lines,
     CRLF and a BOM, results taken back in order, give what one pass over the files gives."""
     from mft_core.data.ingest import _ingest, _load_decontaminator
-    from mft_core.data.ingest_pieces import PieceChecks, check_piece
+    from mft_core.data.ingest_pieces import PieceChecks, check_piece, piece_plan
 
     one_pass = run_stage(load_config(messy_project(tmp_path / "one-pass")), "ingest").directory
     stats = json.loads((one_pass / "stats.json").read_text())["totals"]
@@ -585,12 +585,104 @@ def test_records_checked_in_pieces_give_the_bytes_of_one_pass(tmp_path):
     decontaminator = _load_decontaminator(cfg)
     jobs = []
 
-    def here(path, start, stop, normalize):
-        jobs.append((path, start, stop))
-        return lambda: check_piece(path, start, stop, normalize, decontaminator)
+    def here(index, piece):
+        path, start, stop, normalize = piece
+        jobs.append(index)
+        return lambda: check_piece(str(path), start, stop, normalize, decontaminator)
 
     out = tmp_path / "pieces-out"
     out.mkdir()
-    _ingest(cfg, out, decontaminator, PieceChecks(cfg, here, 2, 2000, "here"))
-    assert len(jobs) > 20
+    _ingest(cfg, out, decontaminator, PieceChecks(piece_plan(cfg, 2000), lambda index: None, here, 4, "here"))
+    assert len(jobs) > 20 and jobs == sorted(jobs)
     assert tree_digest(out) == tree_digest(one_pass)
+
+
+def big_messy_project(root, megabytes=3):
+    """messy_project with a plain JSON Lines file of about `megabytes` more, so that a helper
+    process (about 50 ms to start) checks pieces too: unique records, with invalid lines, blank
+    lines and duplicates all along, and near its end a copy of a HumanEval problem."""
+    from mft_core.eval.problems import select_problems
+
+    config = messy_project(root)
+    problem = select_problems(languages=["python"])[1]
+    rng = random.Random(0)
+    words = ["numbers", "threshold", "return", "for", "in", "range", "len", "def", "if", "else", "list", "sorted"]
+    lines = []
+    size = 0
+    while size < megabytes * 1e6:
+        body = " ".join(rng.choice(words) for _ in range(60))
+        lines.append(json.dumps(chat(f"question {len(lines)}: {body[:80]}", f"def f{len(lines)}(x):\n    {body}")))
+        if len(lines) % 500 == 0:
+            lines += ["{not json", "", lines[rng.randrange(len(lines))]]  # invalid, blank, a duplicate
+        size += len(lines[-1]) + 1
+    lines.insert(len(lines) - 50, json.dumps(chat(problem.prompt, problem.canonical_solution)))
+    (root / "mixed" / "e.jsonl").write_text("\n".join(lines) + "\n")
+    return config
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_helper_processes_give_the_bytes_of_one_pass(tmp_path, monkeypatch, caplog, workers):
+    """ingest.num_workers: helper processes check JSON Lines pieces beside run_ingest (claims,
+    results over pipes, the rest checked here); the output is that of one process, byte for byte,
+    and the helpers did check pieces (else this would test one process twice)."""
+    from mft_core.data import ingest_pieces
+
+    one = load_config(big_messy_project(tmp_path / "one"), {"ingest.num_workers": 0})
+    one_pass = run_stage(one, "ingest").directory
+    monkeypatch.setattr(ingest_pieces, "LOCAL_PIECE_BYTES", 64 * 1024)  # more pieces: more hand-overs between processes
+    cfg = load_config(big_messy_project(tmp_path / "helped"), {"ingest.num_workers": workers})
+    with caplog.at_level(logging.INFO, logger="mft.ingest"):
+        helped = run_stage(cfg, "ingest").directory
+    assert tree_digest(helped) == tree_digest(one_pass)
+    totals = json.loads((helped / "stats.json").read_text())["totals"]
+    assert totals["contaminated"] == 2 and totals["duplicates"] > 20 and totals["rejected"] > 20
+    [shared] = [r.getMessage() for r in caplog.records if "pieces checked by the helper" in r.getMessage()]
+    by_helpers, total = map(int, shared.split()[1:4:2])
+    assert total > 40 and 0 < by_helpers < total, shared
+    assert not any(r.levelno >= logging.WARNING for r in caplog.records if "helper" in r.getMessage())
+
+
+def test_a_helper_process_that_dies_costs_speed_not_output(tmp_path, monkeypatch, caplog):
+    """The helper is killed (SIGKILL) once its first result has come back: the pieces it had
+    claimed and not sent are checked here, with a warning, and the output is unchanged."""
+    from mft_core.data import ingest_pieces
+
+    one_pass = run_stage(load_config(big_messy_project(tmp_path / "one"), {"ingest.num_workers": 0}),
+                         "ingest").directory
+    receive = ingest_pieces.LocalHelpers._receive
+    killed = []
+
+    def receive_then_kill(self):
+        receive(self)
+        if self.done and not killed:
+            for process in self.helpers.values():
+                process.kill()
+                killed.append(process.pid)
+
+    monkeypatch.setattr(ingest_pieces.LocalHelpers, "_receive", receive_then_kill)
+    cfg = load_config(big_messy_project(tmp_path / "killed"), {"ingest.num_workers": 1})
+    with caplog.at_level(logging.INFO, logger="mft.ingest"):
+        out = run_stage(cfg, "ingest").directory
+    assert killed
+    assert tree_digest(out) == tree_digest(one_pass)
+    assert any("a helper process failed (exit code -9)" in r.getMessage() for r in caplog.records)
+
+
+def test_helper_processes_by_default_only_where_they_pay(tmp_path):
+    """Default ingest.num_workers: a helper per further core (at most 2) only when decontaminating
+    at least AUTO_MIN_BYTES of JSON Lines; a helper takes about 50 ms to start."""
+    import os
+
+    from mft_core.data.ingest_pieces import AUTO_MIN_BYTES, local_workers, piece_plan
+
+    cfg = load_config(big_messy_project(tmp_path / "big"))
+    plan = piece_plan(cfg, 256 * 1024)
+    assert sum(stop - start for _, start, stop, _ in plan) >= AUTO_MIN_BYTES
+    assert local_workers(cfg, plan) == min(2, len(os.sched_getaffinity(0)) - 1)
+    off = cfg.model_copy(deep=True)
+    off.ingest.decontaminate.enabled = False
+    assert local_workers(off, plan) == 0
+    small = load_config(messy_project(tmp_path / "small"))
+    assert local_workers(small, piece_plan(small, 256 * 1024)) == 0
+    chosen = load_config(messy_project(tmp_path / "chosen"), {"ingest.num_workers": 2})
+    assert local_workers(chosen, piece_plan(chosen, 256 * 1024)) == 2
