@@ -61,7 +61,9 @@ _BOILERPLATE_LINE_RE = re.compile(
 
 def normalize_words(text: str) -> list[str]:
     """The normalized word stream that n-grams are taken over (see the module docstring)."""
-    return [word.lower() for word in _WORD_RE.findall(text)]
+    words = _WORD_RE.findall(text)
+    # one lower() over all the words (they are ASCII and hold no newline), not one per word
+    return "\n".join(words).lower().split("\n") if words else []
 
 
 def strip_boilerplate(text: str) -> str:
@@ -149,16 +151,21 @@ class Decontaminator:
         ]
         # benchmark word -> its one-character code (never _BREAK)
         word_codes: dict[str, str] = {}
-        # n-gram (n codes) -> indices of the benchmark texts that contain it
-        self._ngram_items: dict[str, list[int]] = {}
+        # n-gram (n codes) -> indices of the benchmark texts that contain it (a tuple, shared by all
+        # the n-grams that only one text has: built, pickled and sent faster than a list each)
+        self._ngram_items: dict[str, tuple[int, ...]] = {}
+        table = self._ngram_items
         for index, text in enumerate(benchmark_texts):
             words = normalize_words(text)
-            for word in words:
+            for word in dict.fromkeys(words):
                 if word not in word_codes:
                     word_codes[word] = chr(len(word_codes) + 1)
             codes = "".join(map(word_codes.__getitem__, words))
-            for ngram in {codes[start:start + n] for start in range(len(codes) - n + 1)}:
-                self._ngram_items.setdefault(ngram, []).append(index)
+            ngrams = {codes[start:start + n] for start in range(len(codes) - n + 1)}
+            for ngram in [ngram for ngram in ngrams if ngram in table]:  # also in an earlier text
+                table[ngram] += (index,)
+            # set.difference(dict) looks each n-gram up (a keys view would be copied whole)
+            table.update(dict.fromkeys(ngrams.difference(table), (index,)))
         self._token_codes = _TokenCodes(word_codes)
         self._long_run = re.compile(f"[^{_BREAK}]{{{n},}}")  # n or more known words in a row
 

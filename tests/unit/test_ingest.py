@@ -15,6 +15,7 @@ import pytest
 
 from mft_core.config import ConfigError, config_from_dict, load_config
 from mft_core.data import ingest as ingest_module
+from mft_core.data import record_checks
 from mft_core.data import records as records_module
 from mft_core.data.decontam import Decontaminator
 from mft_core.data.ingest import IngestError, check_record, read_tasks, run_ingest
@@ -417,7 +418,7 @@ def test_an_unexpected_error_on_a_line_names_its_file_and_line(tmp_path, monkeyp
             raise KeyError("surprise")
         return hashlib.sha256(repr(record).encode()).digest()
 
-    monkeypatch.setattr(ingest_module, "record_fingerprint", fingerprint_failing_on_the_third)
+    monkeypatch.setattr(record_checks, "record_fingerprint", fingerprint_failing_on_the_third)
     for mode in ("fail", "skip"):  # not a data problem we know: never skipped
         calls.clear()
         cfg = make_cfg(tmp_path, [{"path": "t"}], min_valid=0, on_error=mode)
