@@ -125,7 +125,7 @@ class IngestConfig(_Strict):
     num_workers: int | None = Field(
         default=None, ge=0, description="Helper processes that check JSON Lines records (parse, validate, hash, "
         "decontaminate) beside the one that dedups, splits and writes (without a cluster: section); 0: none. Default: one per further core, at most "
-        "2, when decontaminating at least 2 MB of JSON Lines. The output does not depend on it.")
+        "2, for at least 2 MB of JSON Lines. The output does not depend on it.")
 
 
 class ModelConfig(_Strict):

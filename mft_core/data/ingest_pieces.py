@@ -203,10 +203,10 @@ def _helper_environment() -> dict[str, str]:
 
 def local_workers(cfg: PipelineConfig, plan: list[Piece]) -> int:
     """Helper processes for this run: ingest.num_workers, or by default one per further usable core
-    (at most MAX_AUTO_WORKERS) when decontaminating at least AUTO_MIN_BYTES of JSON Lines."""
+    (at most MAX_AUTO_WORKERS) for at least AUTO_MIN_BYTES of JSON Lines."""
     if cfg.ingest.num_workers is not None:
         return cfg.ingest.num_workers
-    if not cfg.ingest.decontaminate.enabled or sum(stop - start for _, start, stop, _ in plan) < AUTO_MIN_BYTES:
+    if sum(stop - start for _, start, stop, _ in plan) < AUTO_MIN_BYTES:
         return 0
     return min(MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)) - 1)
 

@@ -670,8 +670,9 @@ def test_a_helper_process_that_dies_costs_speed_not_output(tmp_path, monkeypatch
 
 
 def test_helper_processes_by_default_only_where_they_pay(tmp_path):
-    """Default ingest.num_workers: a helper per further core (at most 2) only when decontaminating
-    at least AUTO_MIN_BYTES of JSON Lines; a helper takes about 50 ms to start."""
+    """Default ingest.num_workers: a helper per further core (at most 2) only for at least
+    AUTO_MIN_BYTES of JSON Lines (a helper takes about 50 ms to start), with or without
+    decontamination."""
     import os
 
     from mft_core.data.ingest_pieces import AUTO_MIN_BYTES, local_workers, piece_plan
@@ -682,7 +683,7 @@ def test_helper_processes_by_default_only_where_they_pay(tmp_path):
     assert local_workers(cfg, plan) == min(2, len(os.sched_getaffinity(0)) - 1)
     off = cfg.model_copy(deep=True)
     off.ingest.decontaminate.enabled = False
-    assert local_workers(off, plan) == 0
+    assert local_workers(off, plan) == local_workers(cfg, plan)
     small = load_config(messy_project(tmp_path / "small"))
     assert local_workers(small, piece_plan(small, 256 * 1024)) == 0
     chosen = load_config(messy_project(tmp_path / "chosen"), {"ingest.num_workers": 2})
