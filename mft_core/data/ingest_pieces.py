@@ -75,17 +75,24 @@ class PieceChecks:
         self.plan = iter(enumerate(plan))
         self.share, self.submit, self.ahead, self.where, self.close = share, submit, ahead, where, close
         self.pending: collections.deque = collections.deque()  # (path, result getter), in plan order
+        self.file_order = {path: number for number, path in enumerate(dict.fromkeys(path for path, *_ in plan))}
 
     handles = staticmethod(handles)
 
     def lines(self, path: Path) -> Iterator[tuple[int, bytes, Any]]:
         """(1-based line number, line, check_record result, exception, or None for a blank line)."""
+        if path not in self.file_order:
+            return  # an empty file: no piece
         number = 0
         while True:
             for index, piece in self.plan:  # keep `ahead` pieces in flight
                 self.pending.append((piece[0], self.submit(index, piece)))
                 if len(self.pending) >= self.ahead:
                     break
+            if self.pending and self.file_order[self.pending[0][0]] < self.file_order[path]:
+                # run_ingest stopped reading that file (one JSON array: its first line says so)
+                self.pending.popleft()
+                continue
             if not self.pending or self.pending[0][0] != path:
                 return  # this file's pieces are all taken (or it is empty)
             for line, checked in self.pending.popleft()[1]():

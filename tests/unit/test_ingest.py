@@ -540,8 +540,9 @@ def tree_digest(folder):
 
 def messy_project(root):
     """Tasks that exercise every path of ingest: duplicates within and across files and pieces,
-    invalid lines, blank lines, CRLF endings, a BOM, a record copying a HumanEval problem, a
-    preference task, a .jsonl.gz file and a Parquet file."""
+    invalid lines, blank lines, CRLF endings, a BOM, a JSON array saved as .jsonl (over several
+    pieces), an empty file, a record copying a HumanEval problem, a preference task, a .jsonl.gz file and a
+    Parquet file."""
     from mft_core.eval.problems import select_problems
 
     problem = select_problems(languages=["python"])[0]
@@ -554,7 +555,14 @@ def messy_project(root):
         if i == 150:
             lines.append(json.dumps({"prompt": problem.prompt, "answer": problem.canonical_solution}))
     (root / "mixed" / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
-    (root / "mixed" / "b.jsonl").write_text("\n".join(lines[::-1]))  # no newline at the end
+    # A JSON array saved as .jsonl, one object per line, over several pieces: rejected whole. Its
+    # last line alone is a valid record, also in b.jsonl, where it is new: it must be kept there.
+    only_in_b = json.dumps({"prompt": "only in b.jsonl", "answer": "kept"})
+    (root / "mixed" / "array.jsonl").write_text(
+        "[\n" + "".join(json.dumps({"prompt": f"in an array {i}", "answer": "x" * 50}) + ",\n" for i in range(1200))
+        + only_in_b + "\n]\n")
+    (root / "mixed" / "b.jsonl").write_text("\n".join(lines[::-1] + [only_in_b]))  # no newline at the end
+    (root / "mixed" / "b0-empty.jsonl").write_bytes(b"")
     # mtime=0: the same bytes in both projects (gzip's header keeps the time of writing)
     with gzip.GzipFile(root / "mixed" / "c.jsonl.gz", "wb", mtime=0) as fh:
         fh.write(("\n".join(lines[:50]) + "\n").encode())
