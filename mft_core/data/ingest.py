@@ -21,7 +21,8 @@ Output directory:
                messages being the conversation they answer
 
 Memory stays bounded whatever the input size: records stream from file to Parquet row groups.
-The only state that grows is the dedup set (one 64-bit fingerprint per unique record).
+The only state that grows is the dedup set (one 64-bit fingerprint per unique record); on a Ray
+cluster it is spread over the nodes (mft_core/data/ingest_pieces.py).
 """
 
 from __future__ import annotations
@@ -43,13 +44,12 @@ import pyarrow.parquet as pq
 
 from mft_core.config import PipelineConfig
 from mft_core.console import announce
-from mft_core.data.record_checks import BOM, check_record
+from mft_core.data.record_checks import BOM, check_record, dedup_key
 from mft_core.data.records import (
     REJECT_FIXES,
     RecordError,
     normalize_preference,
     normalize_record,
-    parse_line,
 )
 from mft_core.store import FileHashCache
 
@@ -130,6 +130,9 @@ class DamagedFile(Exception):
         super().__init__(detail)
         self.last_good = last_good
         self.detail = detail
+
+    def __reduce__(self):  # it comes back from a Ray task
+        return DamagedFile, (self.last_good, self.detail)
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -365,7 +368,7 @@ def run_ingest(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
             checks.share(decontaminator)
         announce(log, "ingest", f"start: {len(cfg.data.tasks)} task(s) ({', '.join(t.task_name for t in cfg.data.tasks)}), "
                                 f"decontamination {'on' if cfg.ingest.decontaminate.enabled else 'off'}"
-                                + (f", JSON Lines checked by {checks.where}" if checks is not None else ""))
+                                + (f", {checks.where}" if checks is not None else ""))
         return _ingest(cfg, out_dir, decontaminator, checks)
     finally:
         if checks is not None:
@@ -451,13 +454,16 @@ def _ingest(cfg: PipelineConfig, out_dir: Path, decontaminator, checks) -> dict[
                                 continue
                             first = False
                             if settings.dedup:
-                                short = int.from_bytes(checked.fingerprint[:8], "little")
-                                if short in seen:
+                                first_seen = checked.first
+                                if first_seen is None:  # not decided by the cluster's dedup partitions: here
+                                    short = dedup_key(checked.fingerprint)
+                                    first_seen = short not in seen
+                                    seen.add(short)
+                                if not first_seen:
                                     stats.duplicates += 1
                                     detail = "exact duplicate of an earlier record"
                                     reject(stats, source, "duplicate", detail, item, "filtered")
                                     continue
-                                seen.add(short)
                             if checked.overlaps:
                                 stats.contaminated += 1
                                 detail = f"overlaps HumanEval-X {', '.join(checked.overlaps[:5])}"
@@ -472,8 +478,8 @@ def _ingest(cfg: PipelineConfig, out_dir: Path, decontaminator, checks) -> dict[
                                 "remove the record to go on."
                             ) from err
                         record, fingerprint = checked.record, checked.fingerprint
-                        if record is None:  # checked by a worker, which sends no record back (ingest_pieces)
-                            record = parse_line(item, normalize)
+                        if record is None:  # checked by a Ray task, which sends no record back (ingest_pieces)
+                            record = check_record(item, normalize).record
                         stats.accepted += 1
                         row = {
                             "task": name,

@@ -1,20 +1,26 @@
 """Ingest's per-record work in other processes: helper processes on this machine, or Ray tasks on
 the cluster of the `cluster:` section.
 
-Every plain JSON Lines file is cut into pieces at line boundaries; each piece's lines are checked
+The files are cut into pieces: plain JSON Lines files at line boundaries, and on a cluster each
+.jsonl.gz or Parquet file is one piece too. Each piece's lines (or rows) are checked
 (mft_core/data/record_checks.py: parse, normalize, fingerprint, decontaminate, the work that needs
 no other record). run_ingest takes the results in file-then-line order and does what depends on
-earlier records as a one-process run does (dedup: the first occurrence wins; the split; the
-writing), so the output is the same. .jsonl.gz and Parquet files are read by run_ingest itself.
+earlier records as a one-process run does (the split, the writing; dedup, where the first
+occurrence wins), so the output is the same.
 
 - On this machine (`ingest.num_workers`): helper processes go through the plan from the front,
   each checking the pieces it claims first, while run_ingest goes on with the rest of its work;
   when run_ingest reaches a piece nobody has claimed it checks that piece itself, and while it
   waits for a helper's piece it checks one further ahead. So the processes share the work whatever
   their speeds, a helper that starts late only does less, and one that dies costs speed, not
-  output: run_ingest checks the rest itself.
+  output: run_ingest checks the rest itself. .jsonl.gz and Parquet files are read by run_ingest.
 - On a cluster: each piece is a Ray task (ingest.piece_mb), a few per worker ahead of the one
   being consumed; the benchmark's n-gram index is built once and shared through the object store.
+  Exact dedup is hash-partitioned: one actor per node holds the fingerprints whose key falls in
+  its partition. run_ingest's process sends each piece's fingerprints, in file-then-line order,
+  to their partitions when it reaches the piece's first record, and each partition answers which
+  ones it has seen before; an actor runs one caller's calls in the order they were sent, so the
+  first occurrence wins as in one process, and the fingerprints are held across the nodes.
 """
 
 from __future__ import annotations
@@ -37,7 +43,16 @@ from typing import Any
 
 from mft_core.config import PipelineConfig
 from mft_core.data.ingest import normalizer, task_files
-from mft_core.data.record_checks import check_lines, check_piece, claim, line_pieces, piece_lines, receive_message
+from mft_core.data.record_checks import (
+    CheckedRecord,
+    check_items,
+    check_piece,
+    claim,
+    dedup_key,
+    line_pieces,
+    piece_lines,
+    receive_message,
+)
 
 log = logging.getLogger("mft.ingest")
 
@@ -57,32 +72,64 @@ def handles(path: Path) -> bool:
     return path.name.endswith(".jsonl")
 
 
-def piece_plan(cfg: PipelineConfig, piece_bytes: int) -> list[Piece]:
-    """The pieces of every task's plain JSON Lines files, in the order run_ingest reads them."""
-    return [(path, start, stop, normalizer(task)) for task in cfg.data.tasks for path in task_files(task.path)
-            if handles(path) for start, stop in line_pieces(path, piece_bytes)]
+def piece_plan(cfg: PipelineConfig, piece_bytes: int, whole_files: bool = False) -> list[Piece]:
+    """The pieces of every task's plain JSON Lines files, in the order run_ingest reads them; with
+    whole_files, every other data file as one piece (stop None) in its place."""
+    plan = []
+    for task in cfg.data.tasks:
+        normalize = normalizer(task)
+        for path in task_files(task.path):
+            if handles(path):
+                plan += [(path, start, stop, normalize) for start, stop in line_pieces(path, piece_bytes)]
+            elif whole_files:
+                plan.append((path, 0, None, normalize))
+    return plan
+
+
+def check_whole_file(path: str, normalize, decontaminator) -> list[tuple[Any, Any]]:
+    """(line or Parquet row, check_items result without the record) of a .jsonl.gz or Parquet
+    file, read as run_ingest reads it; a damaged file's readable part, then (None, DamagedFile)."""
+    from mft_core.data.ingest import DamagedFile, read_lines, read_parquet_rows
+
+    items, damage = [], []
+    try:
+        for _, item in read_parquet_rows(Path(path)) if path.endswith(".parquet") else read_lines(Path(path)):
+            items.append(item)
+    except DamagedFile as err:
+        damage.append((None, err))
+    return list(zip(items, check_items(items, normalize, decontaminator))) + damage
+
+
+def check_on_cluster(path: str, start: int, stop: int | None, normalize, decontaminator) -> list[tuple[Any, Any]]:
+    """A Ray task: one piece of the plan."""
+    if stop is None:
+        return check_whole_file(path, normalize, decontaminator)
+    return check_piece(path, start, stop, normalize, decontaminator)
 
 
 class PieceChecks:
     """The pieces' results in the order run_ingest reads the files; `lines(path)` gives one file's.
     `share(decontaminator)` hands the benchmark index to the processes that check (it is built
     while they start). `submit(index, piece)` starts piece `index` of the plan and returns a
-    function that waits for its [(line, check_lines result)]; it is called in plan order, `ahead`
+    function that waits for its [(line, check_items result)]; it is called in plan order, `ahead`
     pieces before their results are taken. `close()` stops what still runs."""
 
     def __init__(self, plan: list[Piece], share: Callable[[Any], None], submit: Callable[[int, Piece], Callable[[], list]],
-                 ahead: int, where: str, close: Callable[[], None] = lambda: None):
+                 ahead: int, where: str, close: Callable[[], None] = lambda: None,
+                 first_seen: Callable[[list[int]], list[bool]] | None = None):
         self.plan = iter(enumerate(plan))
         self.share, self.submit, self.ahead, self.where, self.close = share, submit, ahead, where, close
+        self.first_seen = first_seen  # the cluster's dedup: fingerprint keys, in order -> whether each is new
         self.pending: collections.deque = collections.deque()  # (path, result getter), in plan order
         self.file_order = {path: number for number, path in enumerate(dict.fromkeys(path for path, *_ in plan))}
 
-    handles = staticmethod(handles)
+    def handles(self, path: Path) -> bool:
+        """Whether the file's lines come from here (it has pieces)."""
+        return path in self.file_order
 
-    def lines(self, path: Path) -> Iterator[tuple[int, bytes, Any]]:
-        """(1-based line number, line, check_record result, exception, or None for a blank line)."""
-        if path not in self.file_order:
-            return  # an empty file: no piece
+    def lines(self, path: Path) -> Iterator[tuple[int, Any, Any]]:
+        """(1-based line or row number, the line or row, its check_items result); a damaged file
+        raises DamagedFile after its readable lines, as read_lines does."""
         number = 0
         while True:
             for index, piece in self.plan:  # keep `ahead` pieces in flight
@@ -94,10 +141,22 @@ class PieceChecks:
                 self.pending.popleft()
                 continue
             if not self.pending or self.pending[0][0] != path:
-                return  # this file's pieces are all taken (or it is empty)
-            for line, checked in self.pending.popleft()[1]():
+                return  # this file's pieces are all taken
+            results = self.pending.popleft()[1]()
+            verdicts = None
+            for item, checked in results:
+                if item is None:
+                    raise checked  # DamagedFile: the rest of the file cannot be read
+                valid = isinstance(checked, CheckedRecord) and checked.error is None
+                if valid and self.first_seen is not None:
+                    # Asked at the piece's first record, not before: run_ingest may have stopped
+                    # reading the file (a JSON array), and what it does not read must not count.
+                    if verdicts is None:
+                        verdicts = iter(self.first_seen([dedup_key(c.fingerprint) for _, c in results
+                                                         if isinstance(c, CheckedRecord) and c.error is None]))
+                    checked = checked._replace(first=next(verdicts))
                 number += 1
-                yield number, line, checked
+                yield number, item, checked
 
 
 class LocalHelpers:
@@ -155,7 +214,7 @@ class LocalHelpers:
     def _check_here(self, index: int) -> None:
         path, start, stop, normalize = self.plan[index]
         lines = piece_lines(path, start, stop)
-        self.done[index] = (True, list(zip(lines, check_lines(lines, normalize, self.decontaminator, keep_records=True))))
+        self.done[index] = (True, list(zip(lines, check_items(lines, normalize, self.decontaminator, keep_records=True))))
         self.pieces_here += 1
 
     def _check_ahead(self, index: int) -> bool:
@@ -229,16 +288,61 @@ def piece_checks(cfg: PipelineConfig) -> PieceChecks | None:
         return None
     helpers = LocalHelpers(plan, workers)
     return PieceChecks(plan, helpers.share, lambda index, piece: lambda: helpers.result(index), 1,
-                       f"{workers} helper process(es) beside this one", close=helpers.close)
+                       f"JSON Lines checked by {workers} helper process(es) beside this one", close=helpers.close)
+
+
+class SeenFingerprints:
+    """A Ray actor: the dedup keys of one partition seen so far."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def first_seen(self, keys: list[int]) -> list[bool]:
+        """For each key in order, whether it is new (then it is remembered)."""
+        seen, new = self.seen, []
+        for key in keys:
+            new.append(key not in seen)
+            seen.add(key)
+        return new
+
+
+class DedupPartitions:
+    """One SeenFingerprints actor per node. first_seen sends each key to partition key % count (the
+    calls of one piece together, in order) and gives the answers in the keys' order. A lost
+    partition cannot be rebuilt: the run fails with what to do."""
+
+    def __init__(self, ray, nodes: list[dict[str, Any]]):
+        from mft_core.cluster import on_node
+
+        self.ray = ray
+        actor = ray.remote(SeenFingerprints)
+        self.partitions = [actor.options(num_cpus=0, max_restarts=0, scheduling_strategy=on_node(ray, node["NodeID"]))
+                           .remote() for node in nodes]
+
+    def first_seen(self, keys: list[int]) -> list[bool]:
+        count = len(self.partitions)
+        parts: list[list[int]] = [[] for _ in range(count)]
+        for key in keys:
+            parts[key % count].append(key)
+        try:
+            answers = self.ray.get([partition.first_seen.remote(part) for partition, part in zip(self.partitions, parts)])
+        except self.ray.exceptions.RayActorError as err:
+            from mft_core.data.ingest import IngestError
+
+            raise IngestError(f"a dedup partition on the cluster was lost (its node or actor died: {err}); the "
+                              "fingerprints it held are gone, so ingest cannot tell duplicates apart. Run the stage "
+                              "again.") from None
+        answer_of = [iter(answer) for answer in answers]
+        return [next(answer_of[key % count]) for key in keys]
 
 
 def _on_ray(cfg: PipelineConfig) -> PieceChecks:
-    from mft_core.cluster import connect
+    from mft_core.cluster import alive_nodes, connect
 
     cluster = cfg.cluster
     ray = connect(cluster)
-    remote = ray.remote(check_piece).options(num_cpus=cluster.cpus_per_task, max_retries=cluster.max_retries,
-                                             scheduling_strategy="SPREAD")
+    remote = ray.remote(check_on_cluster).options(num_cpus=cluster.cpus_per_task, max_retries=cluster.max_retries,
+                                                  scheduling_strategy="SPREAD")
     workers = max(1, int(ray.cluster_resources().get("CPU", 1) // cluster.cpus_per_task))
     shared = {}
 
@@ -250,5 +354,9 @@ def _on_ray(cfg: PipelineConfig) -> PieceChecks:
         ref = remote.remote(os.fspath(path), start, stop, normalize, shared["index"])
         return lambda: ray.get(ref)
 
-    plan = piece_plan(cfg, max(1, int(cfg.ingest.piece_mb * 1e6)))
-    return PieceChecks(plan, share, on_ray, workers * AHEAD_PER_WORKER, f"Ray tasks on the cluster ({workers} at a time)")
+    nodes = alive_nodes(ray)
+    first_seen = DedupPartitions(ray, nodes).first_seen if cfg.ingest.dedup else None
+    plan = piece_plan(cfg, max(1, int(cfg.ingest.piece_mb * 1e6)), whole_files=True)
+    return PieceChecks(plan, share, on_ray, workers * AHEAD_PER_WORKER,
+                       f"files checked by Ray tasks on the cluster ({workers} at a time), dedup in {len(nodes)} partitions",
+                       first_seen=first_seen)

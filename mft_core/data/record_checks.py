@@ -39,6 +39,9 @@ class CheckedRecord(NamedTuple):
     error: RecordError | None  # why it is not a valid record
     fingerprint: bytes | None  # records.record_fingerprint: the dedup and split key
     overlaps: list[str]  # the benchmark items it shares an n-gram with ([] when clean or not checked)
+    # On a cluster: whether it is the first record of its content in task, file and line order
+    # (the cluster's dedup partitions decide); None: run_ingest's own set decides.
+    first: bool | None = None
 
 
 def check_record(
@@ -93,15 +96,17 @@ def piece_lines(path: str | Path, start: int, stop: int) -> list[bytes]:
     return [line.rstrip(b"\r") for line in lines]
 
 
-def check_lines(lines: list[bytes], normalize, decontaminator, keep_records: bool = False) -> list[Any]:
-    """check_record of every line: None for a blank line, or the exception check_record raised
-    (run_ingest reports it with the line's place). Without keep_records the results come without
-    the record: sending it to another process costs about what parsing the line again there does
-    (run_ingest re-parses the records it keeps), and it is the bulk of the data."""
+def check_items(items: list, normalize, decontaminator, keep_records: bool = False) -> list[Any]:
+    """check_record of every line (or Parquet row): None for a blank line, or the exception
+    check_record raised (run_ingest reports it with the line's place). Without keep_records the
+    results come without the record (run_ingest parses again the records it keeps): Ray's
+    transfer of a record costs the driver about what parsing its line does, and it is the bulk of
+    the data."""
     results = []
-    for line in lines:
+    for item in items:
         try:
-            checked = check_record(line, normalize, decontaminator) if line.strip() else None
+            blank = isinstance(item, bytes) and not item.strip()
+            checked = None if blank else check_record(item, normalize, decontaminator)
         except Exception as error:  # noqa: BLE001 - located and raised by run_ingest
             checked = error
         if not keep_records and isinstance(checked, CheckedRecord) and checked.record is not None:
@@ -110,10 +115,15 @@ def check_lines(lines: list[bytes], normalize, decontaminator, keep_records: boo
     return results
 
 
+def dedup_key(fingerprint: bytes) -> int:
+    """The 64 bits of a record's fingerprint that exact dedup compares."""
+    return int.from_bytes(fingerprint[:8], "little")
+
+
 def check_piece(path: str, start: int, stop: int, normalize, decontaminator) -> list[tuple[bytes, Any]]:
-    """(line, check_lines result without the record) of every line of the byte range: a Ray task."""
+    """(line, check_items result without the record) of every line of the byte range."""
     lines = piece_lines(path, start, stop)
-    return list(zip(lines, check_lines(lines, normalize, decontaminator)))
+    return list(zip(lines, check_items(lines, normalize, decontaminator)))
 
 
 def claim(claims: str | Path, index: int) -> bool:
@@ -158,8 +168,8 @@ def serve(claims: str, fd: int) -> None:
     plan, decontaminator = pickle.load(sys.stdin.buffer)
     for index, (path, start, stop, normalize) in enumerate(plan):
         if claim(claims, index):
-            send_message(fd, (index, check_lines(piece_lines(path, start, stop), normalize, decontaminator,
-                                                 keep_records=True)))
+            send_message(fd, (index, check_items(piece_lines(path, start, stop), normalize, decontaminator,
+                                                keep_records=True)))
     os.close(fd)
 
 

@@ -130,8 +130,52 @@ def test_ingest_on_the_cluster_writes_the_local_bytes(ray_cluster, tmp_path):
     path.write_text(json.dumps(config))
     path = on_cluster(path, ray_cluster)
     result = mft(ray_cluster, "ingest", "--config", str(path))
-    assert "JSON Lines checked by Ray tasks on the cluster (3 at a time)" in run_log(result)
+    assert "files checked by Ray tasks on the cluster (3 at a time), dedup in 3 partitions" in run_log(result)
     assert tree_digest(published(tmp_path / "ray", "ingest")) == tree_digest(out)
+
+
+DEDUP = textwrap.dedent("""
+    import random, sys, time
+    from mft_core.cluster import alive_nodes, connect
+    from mft_core.config import ClusterConfig
+    from mft_core.data.ingest import IngestError
+    from mft_core.data.ingest_pieces import DedupPartitions
+    ray = connect(ClusterConfig(address=sys.argv[1]))
+    dedup = DedupPartitions(ray, alive_nodes(ray))
+    rng = random.Random(0)
+    keys = [rng.getrandbits(64) for _ in range(3000)]
+    keys += rng.sample(keys, 1000)
+    rng.shuffle(keys)
+    seen, expected = set(), []
+    for key in keys:
+        expected.append(key not in seen)
+        seen.add(key)
+    got = [first for start in range(0, len(keys), 700) for first in dedup.first_seen(keys[start:start + 700])]
+    assert got == expected, "the partitions' answers are not those of one set"
+    count = len(dedup.partitions)
+    # each actor holds its share: a key of its partition is one it has seen
+    held = ray.get([p.first_seen.remote([next(k for k in keys if k % count == i)]) for i, p in enumerate(dedup.partitions)])
+    assert held == [[False]] * count, held
+    print("partitions", count)
+    ray.kill(dedup.partitions[1])
+    for _ in range(100):  # ray.kill returns before the actor is gone
+        try:
+            dedup.first_seen(keys[:10])
+        except IngestError as err:
+            print("lost:", err)
+            break
+        time.sleep(0.1)
+""")
+
+
+def test_dedup_partitions_answer_as_one_set_and_a_lost_one_fails_the_run(ray_cluster):
+    """The cluster's exact dedup: one actor per node, keys in batches as ingest sends a piece's,
+    with repeats across batches: the answers are those of one set. A partition's actor killed:
+    the next call fails with an IngestError that says to run the stage again."""
+    result = ray_cluster.run([sys.executable, "-c", DEDUP, ray_cluster.address])
+    output = result.stdout + result.stderr
+    assert "partitions 3" in output
+    assert "lost: a dedup partition on the cluster was lost" in output and "Run the stage again" in output
 
 
 GENERATE = textwrap.dedent("""

@@ -556,12 +556,14 @@ def messy_project(root):
             lines.append(json.dumps({"prompt": problem.prompt, "answer": problem.canonical_solution}))
     (root / "mixed" / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
     # A JSON array saved as .jsonl, one object per line, over several pieces: rejected whole. Its
-    # last line alone is a valid record, also in b.jsonl, where it is new: it must be kept there.
-    only_in_b = json.dumps({"prompt": "only in b.jsonl", "answer": "kept"})
+    # second and its last line alone are valid records, also in b.jsonl, where they are new: they
+    # must be kept there.
+    only_in_b = [json.dumps({"prompt": f"only in b.jsonl {i}", "answer": "kept"}) for i in range(2)]
     (root / "mixed" / "array.jsonl").write_text(
-        "[\n" + "".join(json.dumps({"prompt": f"in an array {i}", "answer": "x" * 50}) + ",\n" for i in range(1200))
-        + only_in_b + "\n]\n")
-    (root / "mixed" / "b.jsonl").write_text("\n".join(lines[::-1] + [only_in_b]))  # no newline at the end
+        "[\n" + only_in_b[0] + "\n"
+        + "".join(json.dumps({"prompt": f"in an array {i}", "answer": "x" * 50}) + ",\n" for i in range(1200))
+        + only_in_b[1] + "\n]\n")
+    (root / "mixed" / "b.jsonl").write_text("\n".join(lines[::-1] + only_in_b))  # no newline at the end
     (root / "mixed" / "b0-empty.jsonl").write_bytes(b"")
     # mtime=0: the same bytes in both projects (gzip's header keeps the time of writing)
     with gzip.GzipFile(root / "mixed" / "c.jsonl.gz", "wb", mtime=0) as fh:
@@ -583,26 +585,36 @@ def messy_project(root):
 def test_records_checked_in_pieces_give_the_bytes_of_one_pass(tmp_path):
     """The cluster's way (mft_core.data.ingest_pieces, tested on a real cluster in tests/cluster),
     with its jobs run here: pieces of 2 kB, cut inside runs of duplicates, invalid and blank lines,
-    CRLF and a BOM, results taken back in order, give what one pass over the files gives."""
+    CRLF and a BOM, the .gz and Parquet files as whole pieces, results taken back in order, and
+    dedup decided by three hash partitions (SeenFingerprints, here plain objects), give what one
+    pass over the files gives."""
     from mft_core.data.ingest import _ingest, _load_decontaminator
-    from mft_core.data.ingest_pieces import PieceChecks, check_piece, piece_plan
+    from mft_core.data.ingest_pieces import PieceChecks, SeenFingerprints, check_on_cluster, piece_plan
 
     one_pass = run_stage(load_config(messy_project(tmp_path / "one-pass")), "ingest").directory
     stats = json.loads((one_pass / "stats.json").read_text())["totals"]
     assert stats["duplicates"] > 0 and stats["rejected"] > 0 and stats["contaminated"] == 1  # every path is taken
     cfg = load_config(messy_project(tmp_path / "pieces"))
     decontaminator = _load_decontaminator(cfg)
-    jobs = []
+    jobs, asked = [], []
+    partitions = [SeenFingerprints() for _ in range(3)]
 
     def here(index, piece):
         path, start, stop, normalize = piece
-        jobs.append(index)
-        return lambda: check_piece(str(path), start, stop, normalize, decontaminator)
+        jobs.append((index, path.suffix))
+        return lambda: check_on_cluster(str(path), start, stop, normalize, decontaminator)
+
+    def first_seen(keys):
+        asked.extend(keys)
+        return [partitions[key % 3].first_seen([key])[0] for key in keys]
 
     out = tmp_path / "pieces-out"
     out.mkdir()
-    _ingest(cfg, out, decontaminator, PieceChecks(piece_plan(cfg, 2000), lambda index: None, here, 4, "here"))
-    assert len(jobs) > 20 and jobs == sorted(jobs)
+    plan = piece_plan(cfg, 2000, whole_files=True)
+    _ingest(cfg, out, decontaminator, PieceChecks(plan, lambda index: None, here, 4, "here", first_seen=first_seen))
+    assert len(jobs) > 20 and [index for index, _ in jobs] == sorted(index for index, _ in jobs)
+    assert {".gz", ".parquet"} <= {suffix for _, suffix in jobs}
+    assert all(partition.seen for partition in partitions) and len(asked) > len(set(asked))
     assert tree_digest(out) == tree_digest(one_pass)
 
 
