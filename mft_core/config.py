@@ -121,7 +121,7 @@ class IngestConfig(_Strict):
     split_seed: int = Field(default=0, description="Seed of the hash-based train/valid split.")
     row_group_size: int = Field(default=8192, ge=64, description="Records per Parquet row group (memory bound).")
     piece_mb: float = Field(default=1.0, gt=0, description="With a cluster: section, JSON Lines files are checked in "
-                            "pieces of about this size, a Ray task each (.jsonl.gz and Parquet files: by the driver).")
+                            "pieces of about this size, a Ray task each (a .jsonl.gz or Parquet file: one task).")
     num_workers: int | None = Field(
         default=None, ge=0, description="Helper processes that check JSON Lines records (parse, validate, hash, "
         "decontaminate) beside the one that dedups, splits and writes (without a cluster: section); 0: none. Default: one per further core, at most "
