@@ -58,6 +58,7 @@ log = logging.getLogger("mft.ingest")
 STAGE_VERSION = 2  # 2: the `shape` column (pair records tokenize as MFTCoder tokenizes pairs)
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 _GZIP_MAGIC = b"\x1f\x8b"
+DECONTAM_INDEX_FOLDER = ".decontam-index"  # below runs_root: the benchmark's n-gram index, saved (decontam.saved_index)
 _EXCERPT = 160
 _PARQUET_BATCH_ROWS = 1024  # rows turned into Python objects at a time
 
@@ -304,9 +305,12 @@ def _load_decontaminator(cfg: PipelineConfig):
     notice) when disabled or when there is no benchmark at all."""
     if not cfg.ingest.decontaminate.enabled:
         return None
-    from mft_core.data.decontam import Decontaminator
+    from mft_core.data.decontam import saved_index
 
-    decontaminator = Decontaminator.from_humaneval(cfg.humaneval_dir, n=cfg.ingest.decontaminate.ngram)
+    hashes = FileHashCache(cfg.runs_root)
+    decontaminator = saved_index(cfg.runs_root / DECONTAM_INDEX_FOLDER, cfg.humaneval_dir,
+                                 cfg.ingest.decontaminate.ngram, hashes.digest)
+    hashes.save()
     if decontaminator is None:
         log.warning("decontamination is on but there is no benchmark data (`mft data humaneval-x`); "
                     "records are NOT decontaminated")

@@ -187,7 +187,10 @@ class LocalHelpers:
         """Send the plan and the benchmark index to the helpers, from a thread: the pipe takes them
         only as fast as a helper that is still starting reads."""
         self.decontaminator = decontaminator
-        setup = pickle.dumps(([(os.fspath(path), *rest) for path, *rest in self.plan], decontaminator))
+        # A saved index goes as its path: each helper reads it in as fast as it would unpickle it,
+        # and this process does not pickle it.
+        index = decontaminator.saved_at if decontaminator is not None and decontaminator.saved_at else decontaminator
+        setup = pickle.dumps(([(os.fspath(path), *rest) for path, *rest in self.plan], index))
 
         def send(stdin) -> None:
             with contextlib.suppress(OSError):  # a helper that died: _receive sees it

@@ -6,7 +6,7 @@ Pieces are byte ranges of a plain JSON Lines file cut at line boundaries. Whatev
 cluster) sees its lines exactly as run_ingest's read_lines gives them, so the results are the same.
 
 A helper process (`python -m mft_core.data.record_checks CLAIMS FD`) reads the plan of pieces and
-the decontaminator from its stdin, then goes through the plan from the front and checks every
+the decontaminator (or the path of its saved index) from its stdin, then goes through the plan from the front and checks every
 piece it claims first; a claim is a file created with O_EXCL in the folder CLAIMS, so that of the
 processes that want a piece exactly one gets it. The results go back over the pipe FD as
 length-prefixed pickles (send_message, receive_message). This module imports only what checking
@@ -163,9 +163,11 @@ def serve(claims: str, fd: int) -> None:
     """A helper process: check the pieces of the plan this process claims first, in plan order,
     and send (index, results) for each."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: run_ingest stops the helpers
-    importlib.import_module("mft_core.data.decontam")  # while run_ingest builds the index this unpickles into
+    decontam = importlib.import_module("mft_core.data.decontam")  # while run_ingest builds or reads the index
 
     plan, decontaminator = pickle.load(sys.stdin.buffer)
+    if isinstance(decontaminator, Path):  # the index as saved_index saved it
+        decontaminator = decontam.Decontaminator.read(decontaminator)
     for index, (path, start, stop, normalize) in enumerate(plan):
         if claim(claims, index):
             send_message(fd, (index, check_items(piece_lines(path, start, stop), normalize, decontaminator,

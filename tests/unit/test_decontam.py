@@ -201,3 +201,32 @@ def test_a_pickled_decontaminator_and_an_uncached_one_give_the_same_verdicts(mon
     uncached = Decontaminator(benchmark)
     assert [uncached.matches(text) for text in texts] == expected
     assert len(uncached._token_codes) == 0
+
+
+def test_the_saved_index_decides_as_a_built_one_and_follows_the_benchmark(tmp_path, monkeypatch):
+    """decontam.saved_index: built and saved the first time, read back after (the builder is not
+    called), deciding as the built one; other benchmark contents (digest_of) or another n make a
+    new index; a damaged file is built again."""
+    built = []
+    from_humaneval = Decontaminator.from_humaneval.__func__
+
+    def counting(cls, humaneval_dir=None, n=DEFAULT_NGRAM):
+        built.append(n)
+        return from_humaneval(cls, humaneval_dir, n)
+
+    monkeypatch.setattr(Decontaminator, "from_humaneval", classmethod(counting))
+    folder = tmp_path / "index"
+    first = decontam.saved_index(folder, None, 13, lambda path: "contents-a")
+    again = decontam.saved_index(folder, None, 13, lambda path: "contents-a")
+    assert built == [13] and first.saved_at == again.saved_at and first.saved_at.parent == folder
+    benchmark = [text for _, text in load_benchmark_items()]
+    texts = _random_texts(benchmark, 300, seed=11)
+    assert [again.matches(text) for text in texts] == [first.matches(text) for text in texts]
+    assert any(first.matches(text) for text in texts) and again.names == first.names
+    decontam.saved_index(folder, None, 13, lambda path: "contents-b")  # the benchmark changed
+    decontam.saved_index(folder, None, 8, lambda path: "contents-a")  # another n
+    assert built == [13, 13, 8] and len(list(folder.glob("decontam-*.marshal"))) == 3
+    first.saved_at.write_bytes(first.saved_at.read_bytes()[:100])  # damaged
+    repaired = decontam.saved_index(folder, None, 13, lambda path: "contents-a")
+    assert built == [13, 13, 8, 13] and [repaired.matches(text) for text in texts[:50]] == [
+        first.matches(text) for text in texts[:50]]
