@@ -210,6 +210,8 @@ class LocalHelpers:
             elif not self._check_ahead(index):  # a helper has it: check a later piece meanwhile
                 self._receive()  # nothing left to check here: wait for the helpers
         here, results = self.done.pop(index)
+        for dropped in [earlier for earlier in self.done if earlier < index]:
+            del self.done[dropped]  # pieces of a file run_ingest stopped reading (one JSON array)
         if here:
             return results
         return list(zip(piece_lines(path, start, stop), results))

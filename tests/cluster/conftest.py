@@ -6,7 +6,9 @@ import pytest
 from bench.local_cluster import LocalRayCluster
 
 
-@pytest.fixture(scope="session")
+# One cluster per test module, not per session: an idle three-node cluster (raylets, log monitors,
+# the dashboard) would take CPU from the rest of the suite on a 2-core machine.
+@pytest.fixture(scope="module")
 def ray_cluster():
     cluster = LocalRayCluster(nodes=3)
     try:
