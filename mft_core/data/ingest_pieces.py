@@ -178,9 +178,15 @@ class LocalHelpers:
             # its result unsent, until this process is done with the piece it checks itself.
             with contextlib.suppress(OSError):
                 fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-            process = subprocess.Popen([sys.executable, "-S", "-m", "mft_core.data.record_checks", self.claims, str(write)],
-                                       stdin=subprocess.PIPE, pass_fds=(write,), env=_helper_environment())
-            os.close(write)
+            try:
+                process = subprocess.Popen([sys.executable, "-S", "-m", "mft_core.data.record_checks", self.claims,
+                                            str(write)], stdin=subprocess.PIPE, pass_fds=(write,), env=_helper_environment())
+            except OSError as err:  # no interpreter to start (an embedded Python): this process checks everything
+                log.warning("ingest: cannot start a helper process (%s); checking every record here", err)
+                os.close(read)
+                break
+            finally:
+                os.close(write)
             self.helpers[read] = process
 
     def share(self, decontaminator) -> None:

@@ -708,3 +708,19 @@ def test_helper_processes_by_default_only_where_they_pay(tmp_path):
     assert local_workers(small, piece_plan(small, 256 * 1024)) == 0
     chosen = load_config(messy_project(tmp_path / "chosen"), {"ingest.num_workers": 2})
     assert local_workers(chosen, piece_plan(chosen, 256 * 1024)) == 2
+
+
+def test_when_no_helper_can_start_this_process_checks_everything(tmp_path, monkeypatch, caplog):
+    """An interpreter that cannot be started (sys.executable missing, as in an embedded Python):
+    a warning, and the output of one process."""
+    from mft_core.data import ingest_pieces
+
+    one_pass = run_stage(load_config(big_messy_project(tmp_path / "one", megabytes=0.5), {"ingest.num_workers": 0}),
+                         "ingest").directory
+    monkeypatch.setattr(ingest_pieces.sys, "executable", str(tmp_path / "no-such-python"))
+    cfg = load_config(big_messy_project(tmp_path / "none", megabytes=0.5), {"ingest.num_workers": 1})
+    with caplog.at_level(logging.INFO, logger="mft.ingest"):
+        out = run_stage(cfg, "ingest").directory
+    assert tree_digest(out) == tree_digest(one_pass)
+    assert any("cannot start a helper process" in r.getMessage() for r in caplog.records)
+    assert any("0 of " in r.getMessage() and "pieces checked by the helper" in r.getMessage() for r in caplog.records)
