@@ -1,10 +1,10 @@
-"""Tokenize and sandboxed execution on a local Ray cluster of 1, 2 and 3 nodes (bench/local_cluster.py)
-against the same work run locally, in the same run.
+"""Ingest, tokenize and sandboxed execution on a local Ray cluster of 1, 2 and 3 nodes
+(bench/local_cluster.py) against the same work run locally, in the same run.
 
 The nodes share this machine's cores (one CPU each, two cores here): the table shows what the
 cluster path costs over a local run (scheduling, connecting, the object store), not a speed-up.
-Tokenize: the demo data with the demo model's tokenizer (`mft tokenize --force`, the whole command
-timed, start-up included, as a user waits for it). Execution: the canonical solutions of the first
+Ingest and tokenize: the demo data (`mft ingest --force`; `mft tokenize --force` with the demo
+model's tokenizer), the whole command timed, start-up included, as a user waits for it. Execution: the canonical solutions of the first
 40 Python HumanEval problems, executed in the sandbox (execute_samples).
 
     .venv/bin/python bench/cluster.py [--repeat 2]
@@ -68,8 +68,8 @@ def main() -> None:
         mft = [sys.executable, "-m", "mft_core.cli"]
         cluster.run([*mft, "run", "--config", str(local_cfg), "--stages", "ingest,tokenize"])  # the model, converted once
 
-        def tokenize(cfg: Path) -> float:
-            return min(timed(cluster, [*mft, "tokenize", "--config", str(cfg), "--force"]) for _ in range(args.repeat))
+        def stage(name: str, cfg: Path) -> float:
+            return min(timed(cluster, [*mft, name, "--config", str(cfg), "--force"]) for _ in range(args.repeat))
 
         def execute(address: str, label: str) -> float:
             best = float("inf")
@@ -80,20 +80,26 @@ def main() -> None:
                 best = min(best, report["seconds"])
             return best
 
-        local = {"tokenize_s": tokenize(local_cfg), "execute_s": execute("local", "local")}
-        rows.append(["local (no cluster)", f"{local['tokenize_s']:.1f}", "1", f"{local['execute_s']:.1f}", "1"])
+        local = {"ingest_s": stage("ingest", local_cfg), "tokenize_s": stage("tokenize", local_cfg),
+                 "execute_s": execute("local", "local")}
+        rows.append(["local (no cluster)", f"{local['ingest_s']:.1f}", "1", f"{local['tokenize_s']:.1f}", "1",
+                     f"{local['execute_s']:.1f}", "1"])
         for nodes in (1, 2, 3):
             if nodes > 1:
                 cluster.add_node()
                 cluster.wait_for_nodes(nodes)
-            measured = {"tokenize_s": tokenize(ray_cfg), "execute_s": execute(cluster.address, f"{nodes}-nodes")}
+            measured = {"ingest_s": stage("ingest", ray_cfg), "tokenize_s": stage("tokenize", ray_cfg),
+                        "execute_s": execute(cluster.address, f"{nodes}-nodes")}
             results[nodes] = measured
-            rows.append([f"Ray, {nodes} node(s)", f"{measured['tokenize_s']:.1f}", f"{local['tokenize_s'] / measured['tokenize_s']:.2f}",
-                         f"{measured['execute_s']:.1f}", f"{local['execute_s'] / measured['execute_s']:.2f}"])
+            row = [f"Ray, {nodes} node(s)"]
+            for what in ("ingest_s", "tokenize_s", "execute_s"):
+                row += [f"{measured[what]:.1f}", f"{local[what] / measured[what]:.2f}"]
+            rows.append(row)
     finally:
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
-    print(table(["where", "tokenize s", "speed vs local", "execute 40 s", "speed vs local"], rows))
+    print(table(["where", "ingest s", "speed vs local", "tokenize s", "speed vs local", "execute 40 s", "speed vs local"],
+                rows))
     path = save("cluster", {"local": local, "ray_nodes": results,
                             "note": "nodes share this machine's cores: correctness and overhead, not speed-up"})
     print(f"written {path}")

@@ -45,6 +45,7 @@ from mft_core.config import PipelineConfig
 from mft_core.data.ingest import normalizer, task_files
 from mft_core.data.record_checks import (
     CheckedRecord,
+    SeenFingerprints,
     check_items,
     check_piece,
     claim,
@@ -300,21 +301,6 @@ def piece_checks(cfg: PipelineConfig) -> PieceChecks | None:
     helpers = LocalHelpers(plan, workers)
     return PieceChecks(plan, helpers.share, lambda index, piece: lambda: helpers.result(index), 1,
                        f"JSON Lines checked by {workers} helper process(es) beside this one", close=helpers.close)
-
-
-class SeenFingerprints:
-    """A Ray actor: the dedup keys of one partition seen so far."""
-
-    def __init__(self) -> None:
-        self.seen: set[int] = set()
-
-    def first_seen(self, keys: list[int]) -> list[bool]:
-        """For each key in order, whether it is new (then it is remembered)."""
-        seen, new = self.seen, []
-        for key in keys:
-            new.append(key not in seen)
-            seen.add(key)
-        return new
 
 
 class DedupPartitions:

@@ -126,6 +126,23 @@ def check_piece(path: str, start: int, stop: int, normalize, decontaminator) -> 
     return list(zip(lines, check_items(lines, normalize, decontaminator)))
 
 
+class SeenFingerprints:
+    """A Ray actor (mft_core/data/ingest_pieces.py DedupPartitions): the dedup keys of one
+    partition seen so far. Here, in the light module, so that an actor starts without the
+    ingest stack (pyarrow, pydantic)."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def first_seen(self, keys: list[int]) -> list[bool]:
+        """For each key in order, whether it is new (then it is remembered)."""
+        seen, new = self.seen, []
+        for key in keys:
+            new.append(key not in seen)
+            seen.add(key)
+        return new
+
+
 def claim(claims: str | Path, index: int) -> bool:
     """True for the one process that asks first for piece `index` of the plan."""
     try:

@@ -589,7 +589,8 @@ def test_records_checked_in_pieces_give_the_bytes_of_one_pass(tmp_path):
     dedup decided by three hash partitions (SeenFingerprints, here plain objects), give what one
     pass over the files gives."""
     from mft_core.data.ingest import _ingest, _load_decontaminator
-    from mft_core.data.ingest_pieces import PieceChecks, SeenFingerprints, check_on_cluster, piece_plan
+    from mft_core.data.ingest_pieces import PieceChecks, check_on_cluster, piece_plan
+    from mft_core.data.record_checks import SeenFingerprints
 
     one_pass = run_stage(load_config(messy_project(tmp_path / "one-pass")), "ingest").directory
     stats = json.loads((one_pass / "stats.json").read_text())["totals"]
