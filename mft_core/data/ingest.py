@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from mft_core.config import PipelineConfig
 from mft_core.console import announce
-from mft_core.data.record_checks import BOM, check_record, dedup_key
+from mft_core.data.record_checks import BOM, check_record, dedup_key, parse_item
 from mft_core.data.records import (
     REJECT_FIXES,
     RecordError,
@@ -483,7 +483,7 @@ def _ingest(cfg: PipelineConfig, out_dir: Path, decontaminator, checks) -> dict[
                             ) from err
                         record, fingerprint = checked.record, checked.fingerprint
                         if record is None:  # checked by a Ray task, which sends no record back (ingest_pieces)
-                            record = check_record(item, normalize).record
+                            record = parse_item(item, normalize)
                         stats.accepted += 1
                         row = {
                             "task": name,

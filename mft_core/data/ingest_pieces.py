@@ -31,13 +31,13 @@ import fcntl
 import logging
 import os
 import pickle
+import select
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +212,7 @@ class LocalHelpers:
         while index not in self.done:
             if claim(self.claims, index) or not self.helpers:
                 self._check_here(index)  # nobody had it, or no helper is left to send it
-            elif wait(list(self.helpers), timeout=0):
+            elif select.select(list(self.helpers), [], [], 0)[0]:
                 self._receive()
             elif not self._check_ahead(index):  # a helper has it: check a later piece meanwhile
                 self._receive()  # nothing left to check here: wait for the helpers
@@ -241,7 +241,7 @@ class LocalHelpers:
         return False
 
     def _receive(self) -> None:
-        for fd in wait(list(self.helpers)):
+        for fd in select.select(list(self.helpers), [], [])[0]:
             try:
                 index, results = receive_message(fd)
             except EOFError:  # the helper has ended: after its last piece, or it failed
@@ -255,8 +255,9 @@ class LocalHelpers:
             self.done[index] = (False, results)
 
     def _stop_all(self) -> None:
-        """Helpers that lost one of their own: the rest is checked here (a piece a live helper had
-        claimed would otherwise be waited for: claims do not say whose they are)."""
+        """Stop every helper; the rest is checked here. After one helper fails the others stop too:
+        claims do not say whose they are, so a piece a live helper had claimed could not be told
+        from one the failed helper took with it."""
         for fd, process in self.helpers.items():
             process.kill()
             process.wait()

@@ -6,9 +6,9 @@ Pieces are byte ranges of a plain JSON Lines file cut at line boundaries. Whatev
 cluster) sees its lines exactly as run_ingest's read_lines gives them, so the results are the same.
 
 A helper process (`python -m mft_core.data.record_checks CLAIMS FD`) reads the plan of pieces and
-the decontaminator (or the path of its saved index) from its stdin, then goes through the plan from the front and checks every
-piece it claims first; a claim is a file created with O_EXCL in the folder CLAIMS, so that of the
-processes that want a piece exactly one gets it. The results go back over the pipe FD as
+the decontaminator (or the path of its saved index) from its stdin, then goes through the plan
+from the front and checks every piece it claims first; a claim is a file created with O_EXCL in
+the folder CLAIMS, so that of the processes that want a piece exactly one gets it. The results go back over the pipe FD as
 length-prefixed pickles (send_message, receive_message). This module imports only what checking
 needs (no pyarrow, no pydantic, no multiprocessing): a helper starts in about 40 ms.
 """
@@ -44,6 +44,15 @@ class CheckedRecord(NamedTuple):
     first: bool | None = None
 
 
+def parse_item(item: bytes | dict[str, Any] | RecordError, normalize=normalize_record) -> dict[str, Any]:
+    """A JSON Lines line or a Parquet row -> canonical record, or raise RecordError."""
+    if isinstance(item, bytes):
+        return parse_line(item, normalize)
+    if isinstance(item, RecordError):  # a Parquet row that could not be decoded
+        raise item
+    return normalize(item)
+
+
 def check_record(
     item: bytes | dict[str, Any] | RecordError, normalize=normalize_record, decontaminator: Decontaminator | None = None
 ) -> CheckedRecord:
@@ -53,12 +62,7 @@ def check_record(
     what depends on earlier records (dedup: the first occurrence in task, file and line order
     wins), the split and the writing stay with run_ingest."""
     try:
-        if isinstance(item, bytes):
-            record = parse_line(item, normalize)
-        elif isinstance(item, RecordError):  # a Parquet row that could not be decoded
-            raise item
-        else:
-            record = normalize(item)
+        record = parse_item(item, normalize)
     except RecordError as err:
         return CheckedRecord(None, err, None, [])
     overlaps = decontaminator.matches(record_text(record)) if decontaminator is not None else []
